@@ -1,0 +1,132 @@
+"""The adaptive batcher: the only place a micro-batch is sized.
+
+Each actor cuts the rows it receives, sorted by length, into micro-batches whose padded
+size (rows x longest row) fits a *token budget*, so short and long texts both fill the
+model well. On out-of-memory it halves the budget and retries the same rows: nothing is
+dropped or done twice. After ``grow_after`` clean batches it doubles back toward the
+ceiling. A row that fails alone at the floor gets an ``out_of_memory`` error instead of
+killing the job. The shape follows accelerate's ``find_executable_batch_size``.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "defaultcpuallocator",
+    "cublas_status_alloc_failed",
+    "cudnn_status_not_supported",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` means the batch did not fit in memory (CUDA or CPU)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError) and exc.args:
+        message = str(exc.args[0]).lower()
+        return any(m in message for m in OOM_MESSAGES)
+    return False
+
+
+@dataclass
+class TokenBudget:
+    """One actor's budget, in padded tokens per micro-batch."""
+
+    tokens: int  # current budget
+    ceiling: int  # never grow past this
+    floor: int = 1  # a budget this small still runs one row
+    grow_after: int = 8  # clean micro-batches before doubling
+    fixed: bool = False  # --batch-tokens: the user's number, never grown
+    history: list[int] = field(default_factory=list)  # every budget taken, in order
+    ooms: int = 0
+    _clean: int = 0
+
+    def __post_init__(self) -> None:
+        self.history.append(self.tokens)
+
+    def shrink(self) -> None:
+        self.ooms += 1
+        self._clean = 0
+        self._set(max(self.floor, self.tokens // 2))
+
+    def succeeded(self) -> None:
+        self._clean += 1
+        if not self.fixed and self._clean >= self.grow_after and self.tokens < self.ceiling:
+            self._clean = 0
+            self._set(min(self.ceiling, self.tokens * 2))
+
+    def _set(self, tokens: int) -> None:
+        if tokens != self.tokens:
+            self.tokens = tokens
+            self.history.append(tokens)
+
+
+def next_batch(lengths: np.ndarray, start: int, budget: int) -> int:
+    """End index of the micro-batch from ``start`` over ascending ``lengths``.
+
+    Rows are sorted ascending, so the padded size of rows[start:end] is
+    ``(end - start) * lengths[end - 1]``; at least one row is always taken.
+    """
+    end = start + 1
+    while end < len(lengths) and (end + 1 - start) * lengths[end] <= budget:
+        end += 1
+    return end
+
+
+def run_batched(
+    lengths: np.ndarray,
+    budget: TokenBudget,
+    step: Callable[[np.ndarray], T],
+    on_row_oom: Callable[[int], None],
+) -> Iterator[tuple[np.ndarray, T]]:
+    """Run ``step`` over every row, length-sorted, in budget-sized micro-batches.
+
+    Args:
+        lengths: token count of each row.
+        budget: this actor's budget; shrunk on OOM and grown after clean runs.
+        step: runs the model on the given row indices.
+        on_row_oom: called with a row index that does not fit even alone.
+
+    Yields:
+        (row indices, step's result) for each micro-batch that ran.
+    """
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    start = 0
+    while start < len(order):
+        end = next_batch(sorted_lengths, start, budget.tokens)
+        rows = order[start:end]
+        try:
+            result = step(rows)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled; the rest re-raise
+            if not is_oom(exc):
+                raise
+            del exc
+            _free_memory()
+            if end - start == 1 and budget.tokens <= max(budget.floor, sorted_lengths[start]):
+                on_row_oom(int(rows[0]))
+                start = end
+            else:
+                budget.shrink()
+            continue
+        budget.succeeded()
+        yield rows, result
+        start = end
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

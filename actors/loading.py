@@ -1,0 +1,180 @@
+"""``load_model``: the one place a model is loaded, for every task and precision.
+
+``inspect_model`` reads only configs, so that the driver can refuse a bad model
+directory, or a task the model cannot do, before any actor starts. ``load_model`` runs
+inside each actor. Weights are safetensors only unless the user allows pickles, and
+``trust_remote_code`` stays off unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from actors.errors import UserError
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+TASK_MODEL_CLASSES = {
+    "embed": AutoModel,
+    "score": AutoModelForCausalLM,
+    "generate": AutoModelForCausalLM,
+    "classify": AutoModelForSequenceClassification,
+}
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to hold a model: what the actor needs to call ``load_model``."""
+
+    path: str
+    task: str
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """Sentence embedding settings; sentence-transformers' own when the model has them."""
+
+    mode: str = "mean"  # mean | cls | max | lasttoken
+    normalize: bool = True
+    max_seq_length: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learns from configs alone."""
+
+    architectures: tuple[str, ...]
+    max_positions: int | None
+    pooling: Pooling
+    id2label: dict[int, str] = field(default_factory=dict)
+
+
+def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> ModelInfo:
+    """Check that ``path`` is a model directory fit for ``task``, from configs only.
+
+    Raises:
+        UserError: naming ``--model`` or ``--task``.
+    """
+    config = _config(path, trust_remote_code)
+    arch = tuple(config.architectures or ())
+    if task in ("score", "generate") and not any(a.endswith(CAUSAL_SUFFIXES) for a in arch):
+        raise UserError("--task", f"{task} needs a causal language model; {path} is {_name(arch)}")
+    if task == "classify" and not any(a.endswith("ForSequenceClassification") for a in arch):
+        raise UserError("--task", f"classify needs a sequence-classification model; {path} is {_name(arch)}")
+    _check_weights(Path(path), allow_pickle=False)
+    return ModelInfo(
+        architectures=arch,
+        max_positions=_max_positions(config),
+        pooling=sentence_pooling(Path(path)),
+        id2label={int(k): v for k, v in (config.id2label or {}).items()},
+    )
+
+
+def load_model(spec: ModelSpec) -> PreTrainedModel:
+    """Load ``spec.path`` for ``spec.task`` at ``spec.precision``, ready for inference."""
+    if spec.precision not in PRECISIONS:
+        raise UserError("--precision", f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}")
+    _check_weights(Path(spec.path), spec.allow_pickle)
+    model = TASK_MODEL_CLASSES[spec.task].from_pretrained(
+        spec.path,
+        dtype=PRECISIONS[spec.precision],
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=not spec.allow_pickle,
+    )
+    return model.eval()
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (GPT-2 style models have none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError("--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def sentence_pooling(path: Path) -> Pooling:
+    """Pooling, normalisation and max length from a sentence-transformers directory.
+
+    A plain transformers directory gets mean pooling, L2-normalised: what
+    sentence-transformers itself does for a model it does not know.
+    """
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    mode = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pooling_config = json.loads((path / m["path"] / "config.json").read_text())
+            mode = _pooling_mode(pooling_config)
+    st_file = path / "sentence_bert_config.json"
+    max_len = json.loads(st_file.read_text()).get("max_seq_length") if st_file.is_file() else None
+    return Pooling(mode=mode, normalize=normalize, max_seq_length=max_len)
+
+
+def _pooling_mode(config: dict) -> str:
+    if config.get("pooling_mode"):
+        return str(config["pooling_mode"])
+    for mode in ("cls_token", "max_tokens", "lasttoken", "mean_tokens"):
+        if config.get(f"pooling_mode_{mode}"):
+            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(mode, mode)
+    return "mean"
+
+
+def _config(path: str, trust_remote_code: bool) -> PretrainedConfig:
+    if not Path(path).is_dir():
+        raise UserError("--model", f"not a directory: {path}")
+    if not (Path(path) / "config.json").is_file():
+        raise UserError("--model", f"{path} is not a model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError("--model", f"cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if allow_pickle:
+            return
+        raise UserError("--model", f"{path} has only pickle weights (*.bin); pass --allow-pickle to trust them")
+    raise UserError("--model", f"{path} has no weights (*.safetensors)")
+
+
+def _max_positions(config: PretrainedConfig) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _name(arch: tuple[str, ...]) -> str:
+    return ", ".join(arch) if arch else "of unknown architecture (config.architectures is empty)"

@@ -1,0 +1,159 @@
+"""The callable class that Ray Data's actor pool runs: one model, many batches.
+
+``__init__`` loads the model once (``load_model``); ``__call__`` takes a batch of
+tokenized rows, lets the adaptive batcher cut it into micro-batches by token budget,
+runs the task head on each and returns an Arrow table with the task's columns, ``id``
+and ``error``: one output row for every input row, in input order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import torch
+
+from actors.batching import TokenBudget, run_batched
+from actors.loading import ModelInfo, ModelSpec, load_model, load_tokenizer
+from actors.tasks import Classify, Embed, Generate, Score, TaskHead
+
+DEFAULT_CPU_BATCH_TOKENS = 2048  # measured best on MiniLM, 2 cores (benchmarks/RESULTS.md)
+DEFAULT_GPU_BATCH_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Everything an actor needs, picklable, built once on the driver."""
+
+    model: ModelSpec
+    info: ModelInfo
+    threads: int = 1  # torch intra-op threads for this actor
+    batch_tokens: int | None = None  # fixed budget (--batch-tokens); None adapts
+    max_new_tokens: int = 32
+    stats: object | None = None  # a StatsSink actor handle, or None
+
+
+def make_head(config: PredictorConfig, tokenizer) -> TaskHead:
+    task = config.model.task
+    if task == "embed":
+        return Embed(config.info.pooling)
+    if task == "score":
+        return Score()
+    if task == "classify":
+        return Classify(config.info.id2label)
+    return Generate(config.max_new_tokens, tokenizer)
+
+
+class Predictor:
+    def __init__(self, config: PredictorConfig) -> None:
+        torch.set_num_threads(max(1, config.threads))
+        self.config = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(config.model).to(self.device)
+        self.tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+        self.head = make_head(config, self.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # Generation's padded size grows by the tokens it appends.
+        self.extra_tokens = config.max_new_tokens if config.model.task == "generate" else 0
+        default = DEFAULT_GPU_BATCH_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCH_TOKENS
+        tokens = config.batch_tokens or default
+        self.budget = TokenBudget(tokens=tokens, ceiling=tokens, fixed=config.batch_tokens is not None)
+        self.stats = ActorStats(actor=_actor_name(), device=str(self.device), threads=config.threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.perf_counter()
+        errors: list[str | None] = list(batch["_error"])
+        todo = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
+        ids = [batch["_ids"][i] for i in todo]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        columns = {name: [None] * len(errors) for name in self.head.schema.names}
+
+        def on_row_oom(row: int) -> None:
+            errors[todo[row]] = "out_of_memory: row does not fit even alone"
+
+        with torch.inference_mode():
+            for rows, result in run_batched(
+                lengths + self.extra_tokens, self.budget, lambda r: self._step(ids, r), on_row_oom
+            ):
+                self.stats.add_batch(len(rows), int(lengths[rows].sum()))
+                for name, values in result.items():
+                    for row, value in zip(rows, values):
+                        columns[name][todo[row]] = value
+        self.stats.finish_call(len(errors), time.perf_counter() - started, self.budget)
+        if self.config.stats is not None:
+            self.config.stats.report.remote(self.stats.snapshot())
+        return self._table(batch["_id"], columns, errors)
+
+    def _step(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
+        width = max(len(ids[r]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            n = len(ids[r])
+            span = slice(width - n, width) if self.head.padding_side == "left" else slice(0, n)
+            input_ids[j, span] = torch.from_numpy(ids[r].astype(np.int64))
+            mask[j, span] = 1
+        return self.head(self.model, input_ids.to(self.device), mask.to(self.device))
+
+    def _table(self, row_ids: np.ndarray, columns: dict[str, list], errors: list) -> pa.Table:
+        arrays = [pa.array(list(row_ids), pa.string())]
+        arrays += [pa.array(columns[f.name], f.type) for f in self.head.schema]
+        arrays.append(pa.array(errors, pa.string()))
+        schema = pa.schema([("id", pa.string()), *self.head.schema, ("error", pa.string())])
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@dataclass
+class ActorStats:
+    """What one actor did, for the job summary."""
+
+    actor: str
+    device: str
+    threads: int
+    rows: int = 0
+    tokens: int = 0
+    micro_batches: int = 0
+    busy_seconds: float = 0.0
+    min_rows: int = 0
+    max_rows: int = 0
+    budget_history: tuple[int, ...] = ()
+    ooms: int = 0
+    peak_memory_bytes: int = 0
+
+    def add_batch(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.micro_batches += 1
+        self.min_rows = rows if self.micro_batches == 1 else min(self.min_rows, rows)
+        self.max_rows = max(self.max_rows, rows)
+
+    def finish_call(self, rows: int, seconds: float, budget: TokenBudget) -> None:
+        self.rows += rows
+        self.busy_seconds += seconds
+        self.budget_history = tuple(budget.history)
+        self.ooms = budget.ooms
+        self.peak_memory_bytes = max(self.peak_memory_bytes, _peak_memory(self.device))
+
+    def snapshot(self) -> dict:
+        return dict(vars(self))
+
+
+def _peak_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    # ru_maxrss is in KiB on Linux; psutil's rss is only the current value.
+    import resource
+
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss)
+
+
+def _actor_name() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no actor id
+        return f"pid-{os.getpid()}"

@@ -1,0 +1,55 @@
+"""The tokenize stage: CPU ``map_batches`` tasks between the reader and the actors.
+
+Tokenizing apart from the model keeps the actors on matrix work and lets Ray run it in
+parallel on every free core. Rows that already carry an error pass through untouched;
+rows too long under ``--on-long error`` or too short for their task get one here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from transformers.utils import logging as hf_logging
+
+from actors.loading import load_tokenizer
+
+TOKEN_SCHEMA = pa.schema(
+    [("_id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """What the tokenize tasks need; small and picklable."""
+
+    model_path: str
+    max_length: int  # tokens, special tokens included
+    on_long: str = "truncate"  # truncate | error
+    min_tokens: int = 1  # score needs 2: one to condition on, one to predict
+    trust_remote_code: bool = False
+
+
+def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
+    """``_id``, ``_text``, ``_error`` -> ``_id``, ``_ids``, ``_error``."""
+    hf_logging.set_verbosity_error()  # the long-input warning is ours to report, per row
+    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+    errors = batch["_error"].to_pylist()
+    todo = [i for i, e in enumerate(errors) if e is None]
+    texts = pc.take(batch["_text"], pa.array(todo, pa.int64())).to_pylist()
+    truncate = config.on_long == "truncate"
+    encoded = tokenizer(texts, truncation=truncate, max_length=config.max_length if truncate else None)
+    ids: list[np.ndarray | None] = [None] * batch.num_rows
+    for row, tokens in zip(todo, encoded["input_ids"]):
+        if len(tokens) > config.max_length:
+            errors[row] = f"too_long: {len(tokens)} tokens > --max-length {config.max_length}"
+        elif len(tokens) < config.min_tokens:
+            errors[row] = f"too_short: {len(tokens)} tokens, this task needs {config.min_tokens}"
+        else:
+            ids[row] = np.asarray(tokens, dtype=np.int32)
+    return pa.table(
+        [batch["_id"], pa.array(ids, pa.list_(pa.int32())), pa.array(errors, pa.string())],
+        schema=TOKEN_SCHEMA,
+    )

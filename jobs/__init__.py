@@ -1,0 +1,1 @@
+"""What a user launches: the click CLI, job specs and the Ray drivers."""

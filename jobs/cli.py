@@ -1,0 +1,101 @@
+"""``lmbatch``: the click launcher.
+
+    lmbatch infer --model DIR --input PATH... --task embed --output DIR
+
+A user's mistake prints one line naming the flag, field or file, and exits 2 with
+nothing started; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+import click
+
+from actors.errors import UserError, find_user_error
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach a hub
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn a UserError, also one raised inside a Ray task, into a one-line click error."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only user errors are reworded
+            found = find_user_error(exc)
+            if found is None:
+                raise
+            raise click.ClickException(str(found)) from None
+
+    return wrapper
+
+
+def parse_actors(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected MIN or MIN,MAX, got {value!r}") from None
+    if len(parts) not in (1, 2):
+        raise click.BadParameter(f"expected MIN or MIN,MAX, got {value!r}")
+    return (parts[0], parts[-1])
+
+
+@click.group()
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Ray cluster to run on; default: a fresh embedded local Ray.")
+@click.pass_context
+def cli(ctx: click.Context, address: str | None) -> None:
+    """Make language models cheaper to run, then run them over large datasets."""
+    ctx.obj = {"address": address}
+
+
+@cli.command()
+@click.option("--model", required=True, help="Hugging Face model directory.")
+@click.option("--input", "inputs", required=True, multiple=True,
+              help="File, glob, directory or URI; more may follow it: --input a.csv b.csv")
+@click.argument("more_inputs", nargs=-1, metavar="")
+@click.option("--task", required=True, type=click.Choice(["embed", "score", "classify", "generate"]))
+@click.option("--output", required=True, help="Directory for the Parquet output and _summary.json.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default=None, help="Column of row ids; default <file>#<row>.")
+@click.option("--input-format", type=click.Choice(["parquet", "jsonl", "csv"]), default=None,
+              help="Default: from the file suffix.")
+@click.option("--max-length", type=int, default=None, help="Max input tokens; default the model's.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--actors", callback=parse_actors, default=None, metavar="MIN[,MAX]",
+              help="Actor pool size; default from the cluster's resources.")
+@click.option("--batch-rows", type=int, default=1024, show_default=True,
+              help="Rows handed to an actor per call.")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Fix the micro-batch token budget instead of adapting it.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
+@click.option("--on-long", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Run the model directory's own code.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) weights.")
+@click.pass_context
+@user_errors
+def infer(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], **flags) -> None:
+    """Run a model over a dataset; write Parquet with an id per input row."""
+    from jobs.infer import run_infer
+    from jobs.spec import InferSpec, prepare_infer
+
+    plan = prepare_infer(InferSpec(inputs=inputs + more_inputs, **flags))
+    summary = run_infer(plan, ctx.obj["address"])
+    click.echo("\n".join(summary.lines()))
+
+
+def main() -> None:
+    cli(prog_name="lmbatch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

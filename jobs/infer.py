@@ -1,0 +1,105 @@
+"""The offline inference driver.
+
+    files --read_datasource--> _id, _text, _error            (jobs/sources.py)
+          --map_batches(tokenize_batch), CPU tasks--> _id, _ids, _error
+          --map_batches(Predictor), actor pool--> id, <task columns>, error
+          --write_parquet--> OUTPUT/*.parquet + OUTPUT/_summary.json
+
+Usage: ``run_infer(prepare_infer(spec))``; the CLI does both (``lmbatch infer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import ray
+import ray.data
+
+from actors.loading import ModelSpec
+from actors.predictor import Predictor, PredictorConfig
+from actors.tokenize import TokenizeConfig, tokenize_batch
+from jobs.pool import PoolPlan, plan_pool
+from jobs.sources import read_rows
+from jobs.spec import InferPlan
+from jobs.summary import StatsSink, Summary, build_summary, write_summary
+
+log = logging.getLogger("lmbatch")
+MIN_ROWS_PER_FILE = 50_000
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Attach to ``address``, or start a fresh embedded Ray and stop it afterwards.
+
+    ``address="local"`` always starts a new one: a bare ``ray.init()`` would attach to
+    any cluster left running on this machine, even a dead one.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2),
+                 include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
+    """Run a validated job to the end and return its summary (also written and printed)."""
+    if plan.spec.overwrite:
+        plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
+    with ray_session(address):
+        pool = plan_pool(ray.cluster_resources(), plan.spec.actors)
+        sink = StatsSink.remote()
+        started = time.perf_counter()
+        build_dataset(plan, pool, sink).write_parquet(
+            plan.output_path, filesystem=plan.output_fs, min_rows_per_file=MIN_ROWS_PER_FILE
+        )
+        seconds = time.perf_counter() - started
+        summary = build_summary(plan.output_fs, plan.output_path, seconds, ray.get(sink.snapshot.remote()))
+    write_summary(plan.output_fs, plan.output_path, summary)
+    return summary
+
+
+def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
+    """The lazy pipeline: read -> tokenize -> predict. Nothing runs until it is consumed."""
+    spec = plan.spec
+    tokenize = TokenizeConfig(
+        model_path=spec.model,
+        max_length=plan.max_length,
+        on_long=spec.on_long,
+        min_tokens=2 if spec.task == "score" else 1,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    predictor = PredictorConfig(
+        model=ModelSpec(spec.model, spec.task, spec.precision, spec.trust_remote_code, spec.allow_pickle),
+        info=plan.model,
+        threads=pool.threads,
+        batch_tokens=spec.batch_tokens,
+        max_new_tokens=spec.max_new_tokens,
+        stats=sink,
+    )
+    ds = read_rows(plan.inputs, spec.text_column, spec.id_column)
+    ds = ds.map_batches(
+        tokenize_batch,
+        fn_kwargs={"config": tokenize},
+        batch_size=spec.batch_rows,
+        batch_format="pyarrow",
+    )
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"config": predictor},
+        batch_size=spec.batch_rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+    )

@@ -1,0 +1,118 @@
+"""Typed job specs, built from CLI flags and validated before Ray starts.
+
+The same spec object is what a cluster submission will carry, so validation that needs
+the files (``prepare_infer``) is kept apart from the plain data (``InferSpec``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from actors.errors import UserError
+from actors.loading import PRECISIONS, ModelInfo, inspect_model
+from jobs.inputs import ResolvedInputs, resolve_inputs
+
+TASKS = ("embed", "score", "classify", "generate")
+ON_LONG = ("truncate", "error")
+
+
+@dataclass(frozen=True)
+class InferSpec:
+    """One offline inference job, as the user asked for it."""
+
+    model: str  # a Hugging Face model directory
+    inputs: tuple[str, ...]  # files, globs, directories or URIs
+    task: str  # embed | score | classify | generate
+    output: str  # directory (or URI) for the Parquet dataset
+    text_column: str = "text"
+    id_column: str | None = None  # None: ids are <file>#<row>
+    input_format: str | None = None  # None: from the file suffix
+    max_length: int | None = None  # tokens; None: the model's own limit
+    max_new_tokens: int = 32  # generate only
+    actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
+    batch_rows: int = 1024  # rows handed to an actor per call
+    batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
+    precision: str = "fp32"
+    overwrite: bool = False
+    on_long: str = "truncate"  # truncate | error
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    """A validated spec with everything learnt while checking it."""
+
+    spec: InferSpec
+    inputs: ResolvedInputs
+    model: ModelInfo
+    max_length: int
+    output_fs: pafs.FileSystem
+    output_path: str
+
+
+def prepare_infer(spec: InferSpec) -> InferPlan:
+    """Check every flag against files and model; nothing is started or written.
+
+    Raises:
+        UserError: naming the flag at fault.
+    """
+    _check_choices(spec)
+    info = inspect_model(spec.model, spec.task, spec.trust_remote_code)
+    inputs = resolve_inputs(list(spec.inputs), spec.input_format, spec.text_column, spec.id_column)
+    max_length = _max_length(spec, info)
+    output_fs, output_path = check_output(spec.output, spec.overwrite)
+    return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
+
+
+def _check_choices(spec: InferSpec) -> None:
+    if spec.task not in TASKS:
+        raise UserError("--task", f"unknown task {spec.task!r}; use {', '.join(TASKS)}")
+    if spec.precision not in PRECISIONS:
+        raise UserError("--precision", f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}")
+    if spec.on_long not in ON_LONG:
+        raise UserError("--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}")
+    for flag, value in (("--batch-rows", spec.batch_rows), ("--max-new-tokens", spec.max_new_tokens),
+                        ("--batch-tokens", spec.batch_tokens), ("--max-length", spec.max_length)):
+        if value is not None and value < 1:
+            raise UserError(flag, f"must be at least 1, got {value}")
+    if spec.actors is not None and not 1 <= spec.actors[0] <= spec.actors[1]:
+        raise UserError("--actors", f"need 1 <= MIN <= MAX, got {spec.actors[0]},{spec.actors[1]}")
+
+
+def _max_length(spec: InferSpec, info: ModelInfo) -> int:
+    """The longest input in tokens: the user's, else sentence-transformers', else the model's."""
+    limit = info.max_positions
+    if spec.task == "generate" and limit is not None:
+        limit -= spec.max_new_tokens
+        if limit < 1:
+            raise UserError("--max-new-tokens", f"{spec.max_new_tokens} leaves no room for a prompt "
+                            f"in {info.max_positions} positions")
+    if spec.max_length is not None:
+        if limit is not None and spec.max_length > limit:
+            raise UserError("--max-length", f"{spec.max_length} is more than the model's {limit} positions")
+        return spec.max_length
+    if spec.task == "embed" and info.pooling.max_seq_length:
+        return min(info.pooling.max_seq_length, limit or info.pooling.max_seq_length)
+    return limit or 512
+
+
+def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
+    """Refuse an output directory that holds files, unless ``--overwrite``."""
+    fs, path = pafs.FileSystem.from_uri(output) if "://" in output else (
+        pafs.LocalFileSystem(), _abspath(output))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise UserError("--output", f"{output} is a file; give a directory")
+    if info.type == pafs.FileType.Directory and not overwrite:
+        if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            raise UserError("--output", f"{output} already holds files; pass --overwrite to replace them")
+    return fs, path
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    return os.path.abspath(path)

@@ -1,0 +1,87 @@
+"""The job summary: rows, tokens, speed, errors by kind and what each actor did.
+
+Actors report cumulative stats to one ``StatsSink`` actor after every batch (a
+fire-and-forget call); the driver reads it once at the end. Row and error counts come
+from the written Parquet itself, so the summary cannot disagree with the output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import ray
+
+SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output dir
+
+
+@ray.remote(num_cpus=0)
+class StatsSink:
+    """Latest stats of every actor, keyed by actor id."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, dict] = {}
+
+    def report(self, stats: dict) -> None:
+        self.actors[stats["actor"]] = stats
+
+    def snapshot(self) -> list[dict]:
+        return list(self.actors.values())
+
+
+@dataclass
+class Summary:
+    rows: int
+    tokens: int
+    seconds: float
+    rows_per_second: float
+    tokens_per_second: float
+    errors: dict[str, int]
+    actors: list[dict] = field(default_factory=list)
+    output: str = ""
+
+    def lines(self) -> list[str]:
+        out = [
+            f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
+            f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
+            "errors " + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
+        ]
+        for a in self.actors:
+            mean = a["rows"] / max(1, a["micro_batches"])
+            out.append(
+                f"actor {a['actor'][:12]} {a['device']} rows {a['rows']} micro-batches "
+                f"{a['micro_batches']} rows/batch {a['min_rows']}-{a['max_rows']} (mean {mean:.1f}) "
+                f"budget {list(a['budget_history'])} ooms {a['ooms']} "
+                f"peak {a['peak_memory_bytes'] / 2**20:.0f} MiB"
+            )
+        out.append(f"output {self.output}")
+        return out
+
+
+def build_summary(fs: pafs.FileSystem, path: str, seconds: float, actors: list[dict]) -> Summary:
+    """Count rows and errors in the written output and merge the actors' stats."""
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    errors: Counter[str] = Counter()
+    rows = 0
+    for batch in dataset.to_batches(columns=["error"]):
+        rows += batch.num_rows
+        errors.update(e.split(":", 1)[0] for e in batch.column(0).to_pylist() if e)
+    tokens = sum(a["tokens"] for a in actors)
+    return Summary(
+        rows=rows,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        rows_per_second=round(rows / seconds, 2) if seconds else 0.0,
+        tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
+        errors=dict(errors),
+        actors=actors,
+        output=path,
+    )
+
+
+def write_summary(fs: pafs.FileSystem, path: str, summary: Summary) -> None:
+    with fs.open_output_stream(f"{path}/{SUMMARY_FILE}") as f:
+        f.write(json.dumps(asdict(summary), indent=2).encode())

@@ -1,0 +1,18 @@
+"""Run a job in-process on the session's Ray and read its output back."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from jobs.infer import run_infer
+from jobs.spec import InferSpec, prepare_infer
+from jobs.summary import Summary
+
+
+def run_job(output, **flags) -> tuple[dict, Summary]:
+    """-> (rows by id, summary). Flags are InferSpec fields; inputs may be a str."""
+    if isinstance(flags.get("inputs"), str):
+        flags["inputs"] = (flags["inputs"],)
+    summary = run_infer(prepare_infer(InferSpec(output=str(output), **flags)))
+    table = pq.read_table(output)
+    return {row["id"]: row for row in table.to_pylist()}, summary
