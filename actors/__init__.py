@@ -1,1 +1,1 @@
-"""What runs inside the actor pool: model loading, task heads, batching, the predictor."""
+"""What runs inside the actor pool: loading, task heads, batching, the predictor."""

@@ -63,7 +63,11 @@ class TokenBudget:
 
     def succeeded(self) -> None:
         self._clean += 1
-        if not self.fixed and self._clean >= self.grow_after and self.tokens < self.ceiling:
+        if (
+            not self.fixed
+            and self._clean >= self.grow_after
+            and self.tokens < self.ceiling
+        ):
             self._clean = 0
             self._set(min(self.ceiling, self.tokens * 2))
 
@@ -115,7 +119,9 @@ def run_batched(
                 raise
             del exc
             _free_memory()
-            if end - start == 1 and budget.tokens <= max(budget.floor, sorted_lengths[start]):
+            if end - start == 1 and budget.tokens <= max(
+                budget.floor, sorted_lengths[start]
+            ):
                 on_row_oom(int(rows[0]))
                 start = end
             else:

@@ -53,7 +53,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Pooling:
-    """Sentence embedding settings; sentence-transformers' own when the model has them."""
+    """Sentence embedding settings; sentence-transformers' own if the model has any."""
 
     mode: str = "mean"  # mean | cls | max | lasttoken
     normalize: bool = True
@@ -78,10 +78,19 @@ def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> Mode
     """
     config = _config(path, trust_remote_code)
     arch = tuple(config.architectures or ())
-    if task in ("score", "generate") and not any(a.endswith(CAUSAL_SUFFIXES) for a in arch):
-        raise UserError("--task", f"{task} needs a causal language model; {path} is {_name(arch)}")
-    if task == "classify" and not any(a.endswith("ForSequenceClassification") for a in arch):
-        raise UserError("--task", f"classify needs a sequence-classification model; {path} is {_name(arch)}")
+    if task in ("score", "generate") and not any(
+        a.endswith(CAUSAL_SUFFIXES) for a in arch
+    ):
+        raise UserError(
+            "--task", f"{task} needs a causal language model; {path} is {_name(arch)}"
+        )
+    if task == "classify" and not any(
+        a.endswith("ForSequenceClassification") for a in arch
+    ):
+        raise UserError(
+            "--task",
+            f"classify needs a sequence-classification model; {path} is {_name(arch)}",
+        )
     _check_weights(Path(path), allow_pickle=False)
     return ModelInfo(
         architectures=arch,
@@ -92,9 +101,12 @@ def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> Mode
 
 
 def load_model(spec: ModelSpec) -> PreTrainedModel:
-    """Load ``spec.path`` for ``spec.task`` at ``spec.precision``, ready for inference."""
+    """Load ``spec.path`` for ``spec.task`` at ``spec.precision``, in eval mode."""
     if spec.precision not in PRECISIONS:
-        raise UserError("--precision", f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}")
+        raise UserError(
+            "--precision",
+            f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}",
+        )
     _check_weights(Path(spec.path), spec.allow_pickle)
     model = TASK_MODEL_CLASSES[spec.task].from_pretrained(
         spec.path,
@@ -109,9 +121,13 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (GPT-2 style models have none)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
-        raise UserError("--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            "--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -134,7 +150,11 @@ def sentence_pooling(path: Path) -> Pooling:
             pooling_config = json.loads((path / m["path"] / "config.json").read_text())
             mode = _pooling_mode(pooling_config)
     st_file = path / "sentence_bert_config.json"
-    max_len = json.loads(st_file.read_text()).get("max_seq_length") if st_file.is_file() else None
+    max_len = (
+        json.loads(st_file.read_text()).get("max_seq_length")
+        if st_file.is_file()
+        else None
+    )
     return Pooling(mode=mode, normalize=normalize, max_seq_length=max_len)
 
 
@@ -143,7 +163,9 @@ def _pooling_mode(config: dict) -> str:
         return str(config["pooling_mode"])
     for mode in ("cls_token", "max_tokens", "lasttoken", "mean_tokens"):
         if config.get(f"pooling_mode_{mode}"):
-            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(mode, mode)
+            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(
+                mode, mode
+            )
     return "mean"
 
 
@@ -155,7 +177,9 @@ def _config(path: str, trust_remote_code: bool) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError("--model", f"cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            "--model", f"cannot read {path}/config.json: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -164,7 +188,11 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         if allow_pickle:
             return
-        raise UserError("--model", f"{path} has only pickle weights (*.bin); pass --allow-pickle to trust them")
+        raise UserError(
+            "--model",
+            f"{path} has only pickle weights (*.bin); "
+            "pass --allow-pickle to trust them",
+        )
     raise UserError("--model", f"{path} has no weights (*.safetensors)")
 
 
@@ -177,4 +205,8 @@ def _max_positions(config: PretrainedConfig) -> int | None:
 
 
 def _name(arch: tuple[str, ...]) -> str:
-    return ", ".join(arch) if arch else "of unknown architecture (config.architectures is empty)"
+    return (
+        ", ".join(arch)
+        if arch
+        else "of unknown architecture (config.architectures is empty)"
+    )

@@ -21,7 +21,9 @@ from actors.batching import TokenBudget, run_batched
 from actors.loading import ModelInfo, ModelSpec, load_model, load_tokenizer
 from actors.tasks import Classify, Embed, Generate, Score, TaskHead
 
-DEFAULT_CPU_BATCH_TOKENS = 2048  # measured best on MiniLM, 2 cores (benchmarks/RESULTS.md)
+DEFAULT_CPU_BATCH_TOKENS = (
+    2048  # measured best on MiniLM, 2 cores (benchmarks/RESULTS.md)
+)
 DEFAULT_GPU_BATCH_TOKENS = 65536
 
 
@@ -54,15 +56,27 @@ class Predictor:
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(config.model).to(self.device)
-        self.tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            config.model.path, config.model.trust_remote_code
+        )
         self.head = make_head(config, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         # Generation's padded size grows by the tokens it appends.
-        self.extra_tokens = config.max_new_tokens if config.model.task == "generate" else 0
-        default = DEFAULT_GPU_BATCH_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCH_TOKENS
+        self.extra_tokens = (
+            config.max_new_tokens if config.model.task == "generate" else 0
+        )
+        default = (
+            DEFAULT_GPU_BATCH_TOKENS
+            if self.device.type == "cuda"
+            else DEFAULT_CPU_BATCH_TOKENS
+        )
         tokens = config.batch_tokens or default
-        self.budget = TokenBudget(tokens=tokens, ceiling=tokens, fixed=config.batch_tokens is not None)
-        self.stats = ActorStats(actor=_actor_name(), device=str(self.device), threads=config.threads)
+        self.budget = TokenBudget(
+            tokens=tokens, ceiling=tokens, fixed=config.batch_tokens is not None
+        )
+        self.stats = ActorStats(
+            actor=_actor_name(), device=str(self.device), threads=config.threads
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
@@ -77,11 +91,14 @@ class Predictor:
 
         with torch.inference_mode():
             for rows, result in run_batched(
-                lengths + self.extra_tokens, self.budget, lambda r: self._step(ids, r), on_row_oom
+                lengths + self.extra_tokens,
+                self.budget,
+                lambda r: self._step(ids, r),
+                on_row_oom,
             ):
                 self.stats.add_batch(len(rows), int(lengths[rows].sum()))
                 for name, values in result.items():
-                    for row, value in zip(rows, values):
+                    for row, value in zip(rows, values, strict=True):
                         columns[name][todo[row]] = value
         self.stats.finish_call(len(errors), time.perf_counter() - started, self.budget)
         if self.config.stats is not None:
@@ -94,16 +111,24 @@ class Predictor:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
             n = len(ids[r])
-            span = slice(width - n, width) if self.head.padding_side == "left" else slice(0, n)
+            span = (
+                slice(width - n, width)
+                if self.head.padding_side == "left"
+                else slice(0, n)
+            )
             input_ids[j, span] = torch.from_numpy(ids[r].astype(np.int64))
             mask[j, span] = 1
         return self.head(self.model, input_ids.to(self.device), mask.to(self.device))
 
-    def _table(self, row_ids: np.ndarray, columns: dict[str, list], errors: list) -> pa.Table:
+    def _table(
+        self, row_ids: np.ndarray, columns: dict[str, list], errors: list
+    ) -> pa.Table:
         arrays = [pa.array(list(row_ids), pa.string())]
         arrays += [pa.array(columns[f.name], f.type) for f in self.head.schema]
         arrays.append(pa.array(errors, pa.string()))
-        schema = pa.schema([("id", pa.string()), *self.head.schema, ("error", pa.string())])
+        schema = pa.schema(
+            [("id", pa.string()), *self.head.schema, ("error", pa.string())]
+        )
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -147,7 +172,10 @@ def _peak_memory(device: str) -> int:
     # ru_maxrss is in KiB on Linux; psutil's rss is only the current value.
     import resource
 
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss)
+    return max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        psutil.Process().memory_info().rss,
+    )
 
 
 def _actor_name() -> str:

@@ -23,7 +23,9 @@ class TaskHead(Protocol):
     schema: pa.Schema  # output columns besides id and error
     padding_side: str  # "right", or "left" where generation appends tokens
 
-    def __call__(self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> Columns: ...
+    def __call__(
+        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Columns: ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class Embed:
     schema = pa.schema([("embedding", pa.list_(pa.float32()))])
     padding_side = "right"
 
-    def __call__(self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> Columns:
+    def __call__(
+        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Columns:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         pooled = pool(hidden, mask, self.pooling.mode)
         if self.pooling.normalize:
@@ -59,14 +63,24 @@ class Score:
     """Log-probability of each text under a causal LM: sum over predicted tokens."""
 
     schema = pa.schema(
-        [("logprob", pa.float64()), ("num_tokens", pa.int32()), ("perplexity", pa.float64())]
+        [
+            ("logprob", pa.float64()),
+            ("num_tokens", pa.int32()),
+            ("perplexity", pa.float64()),
+        ]
     )
     padding_side = "right"
 
-    def __call__(self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> Columns:
+    def __call__(
+        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Columns:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logprobs = (
+            torch.log_softmax(logits, dim=-1)
+            .gather(-1, targets.unsqueeze(-1))
+            .squeeze(-1)
+        )
         predicted = mask[:, 1:].to(logprobs.dtype)
         total = (logprobs * predicted).sum(dim=1).double()
         count = predicted.sum(dim=1).long()
@@ -79,16 +93,24 @@ class Score:
 
 @dataclass(frozen=True)
 class Classify:
-    """Sequence classification: the top label, its probability, and all probabilities."""
+    """Sequence classification: top label, its probability, and every probability."""
 
     id2label: dict[int, str]
     schema = pa.schema(
-        [("label", pa.string()), ("score", pa.float32()), ("probs", pa.list_(pa.float32()))]
+        [
+            ("label", pa.string()),
+            ("score", pa.float32()),
+            ("probs", pa.list_(pa.float32())),
+        ]
     )
     padding_side = "right"
 
-    def __call__(self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> Columns:
-        probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    def __call__(
+        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Columns:
+        probs = torch.softmax(
+            model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1
+        )
         top = probs.argmax(dim=-1).tolist()
         return {
             "label": [self.id2label.get(i, str(i)) for i in top],
@@ -106,7 +128,9 @@ class Generate:
     schema = pa.schema([("generated_text", pa.string())])
     padding_side = "left"
 
-    def __call__(self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> Columns:
+    def __call__(
+        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Columns:
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -116,4 +140,8 @@ class Generate:
             eos_token_id=self.tokenizer.eos_token_id,
         )
         new_tokens = out[:, ids.shape[1] :]
-        return {"generated_text": self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)}
+        return {
+            "generated_text": self.tokenizer.batch_decode(
+                new_tokens, skip_special_tokens=True
+            )
+        }

@@ -34,22 +34,32 @@ class TokenizeConfig:
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
     """``_id``, ``_text``, ``_error`` -> ``_id``, ``_ids``, ``_error``."""
-    hf_logging.set_verbosity_error()  # the long-input warning is ours to report, per row
+    hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
     tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
     errors = batch["_error"].to_pylist()
     todo = [i for i, e in enumerate(errors) if e is None]
     texts = pc.take(batch["_text"], pa.array(todo, pa.int64())).to_pylist()
     truncate = config.on_long == "truncate"
-    encoded = tokenizer(texts, truncation=truncate, max_length=config.max_length if truncate else None)
+    encoded = tokenizer(
+        texts, truncation=truncate, max_length=config.max_length if truncate else None
+    )
     ids: list[np.ndarray | None] = [None] * batch.num_rows
-    for row, tokens in zip(todo, encoded["input_ids"]):
+    for row, tokens in zip(todo, encoded["input_ids"], strict=True):
         if len(tokens) > config.max_length:
-            errors[row] = f"too_long: {len(tokens)} tokens > --max-length {config.max_length}"
+            errors[row] = (
+                f"too_long: {len(tokens)} tokens > --max-length {config.max_length}"
+            )
         elif len(tokens) < config.min_tokens:
-            errors[row] = f"too_short: {len(tokens)} tokens, this task needs {config.min_tokens}"
+            errors[row] = (
+                f"too_short: {len(tokens)} tokens, this task needs {config.min_tokens}"
+            )
         else:
             ids[row] = np.asarray(tokens, dtype=np.int32)
     return pa.table(
-        [batch["_id"], pa.array(ids, pa.list_(pa.int32())), pa.array(errors, pa.string())],
+        [
+            batch["_id"],
+            pa.array(ids, pa.list_(pa.int32())),
+            pa.array(errors, pa.string()),
+        ],
         schema=TOKEN_SCHEMA,
     )

@@ -14,22 +14,47 @@ import inspect
 import re
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydoc_data.topics import topics
 
 MODULES = [
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "email", "functools", "http.client", "inspect",
-    "itertools", "json", "logging", "os", "pathlib", "pickle", "re", "shutil",
-    "socket", "sqlite3", "string", "subprocess", "tarfile", "threading", "typing",
-    "unittest", "urllib.parse", "zipfile",
+    "argparse",
+    "asyncio",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email",
+    "functools",
+    "http.client",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "pickle",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "string",
+    "subprocess",
+    "tarfile",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
 ]
 
 
 def paragraphs(text: str, min_chars: int = 20) -> list[str]:
-    """Split on blank lines and collapse whitespace; drop fragments too short to embed."""
+    """Split on blank lines, collapse whitespace, drop fragments too short to embed."""
     out = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
     return [p for p in out if len(p) >= min_chars]
 
@@ -40,7 +65,10 @@ def docstrings(module_name: str) -> list[tuple[str, str]]:
     for name, member in sorted(vars(module).items()):
         if name.startswith("_") or getattr(member, "__module__", None) != module_name:
             continue
-        rows += [(f"{module_name}.{name}", p) for p in paragraphs(inspect.getdoc(member) or "")]
+        rows += [
+            (f"{module_name}.{name}", p)
+            for p in paragraphs(inspect.getdoc(member) or "")
+        ]
     return rows
 
 
@@ -60,4 +88,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("corpus.parquet"))
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).with_name("corpus.parquet")
+    )

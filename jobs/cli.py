@@ -15,13 +15,15 @@ from collections.abc import Callable
 
 import click
 
-from actors.errors import UserError, find_user_error
+from actors.errors import find_user_error
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach a hub
+os.environ.setdefault(
+    "HF_HUB_OFFLINE", "1"
+)  # models are local directories; never reach a hub
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn a UserError, also one raised inside a Ray task, into a one-line click error."""
+    """Turn a UserError, even one raised in a Ray task, into a one-line click error."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -36,7 +38,9 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def parse_actors(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+def parse_actors(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
@@ -49,8 +53,12 @@ def parse_actors(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @click.group()
-@click.option("--address", envvar="RAY_ADDRESS", default=None,
-              help="Ray cluster to run on; default: a fresh embedded local Ray.")
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    help="Ray cluster to run on; default: a fresh embedded local Ray.",
+)
 @click.pass_context
 def cli(ctx: click.Context, address: str | None) -> None:
     """Make language models cheaper to run, then run them over large datasets."""
@@ -59,31 +67,83 @@ def cli(ctx: click.Context, address: str | None) -> None:
 
 @cli.command()
 @click.option("--model", required=True, help="Hugging Face model directory.")
-@click.option("--input", "inputs", required=True, multiple=True,
-              help="File, glob, directory or URI; more may follow it: --input a.csv b.csv")
+@click.option(
+    "--input",
+    "inputs",
+    required=True,
+    multiple=True,
+    help="File, glob, directory or URI; more may follow it: --input a.csv b.csv",
+)
 @click.argument("more_inputs", nargs=-1, metavar="")
-@click.option("--task", required=True, type=click.Choice(["embed", "score", "classify", "generate"]))
-@click.option("--output", required=True, help="Directory for the Parquet output and _summary.json.")
+@click.option(
+    "--task",
+    required=True,
+    type=click.Choice(["embed", "score", "classify", "generate"]),
+)
+@click.option(
+    "--output",
+    required=True,
+    help="Directory for the Parquet output and _summary.json.",
+)
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--id-column", default=None, help="Column of row ids; default <file>#<row>.")
-@click.option("--input-format", type=click.Choice(["parquet", "jsonl", "csv"]), default=None,
-              help="Default: from the file suffix.")
-@click.option("--max-length", type=int, default=None, help="Max input tokens; default the model's.")
+@click.option(
+    "--id-column", default=None, help="Column of row ids; default <file>#<row>."
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["parquet", "jsonl", "csv"]),
+    default=None,
+    help="Default: from the file suffix.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Max input tokens; default the model's.",
+)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--actors", callback=parse_actors, default=None, metavar="MIN[,MAX]",
-              help="Actor pool size; default from the cluster's resources.")
-@click.option("--batch-rows", type=int, default=1024, show_default=True,
-              help="Rows handed to an actor per call.")
-@click.option("--batch-tokens", type=int, default=None,
-              help="Fix the micro-batch token budget instead of adapting it.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--actors",
+    callback=parse_actors,
+    default=None,
+    metavar="MIN[,MAX]",
+    help="Actor pool size; default from the cluster's resources.",
+)
+@click.option(
+    "--batch-rows",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Rows handed to an actor per call.",
+)
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=None,
+    help="Fix the micro-batch token budget instead of adapting it.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+)
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
-@click.option("--on-long", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True)
-@click.option("--trust-remote-code", is_flag=True, help="Run the model directory's own code.")
+@click.option(
+    "--on-long",
+    type=click.Choice(["truncate", "error"]),
+    default="truncate",
+    show_default=True,
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model directory's own code."
+)
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) weights.")
 @click.pass_context
 @user_errors
-def infer(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], **flags) -> None:
+def infer(
+    ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], **flags
+) -> None:
     """Run a model over a dataset; write Parquet with an id per input row."""
     from jobs.infer import run_infer
     from jobs.spec import InferSpec, prepare_infer

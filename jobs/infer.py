@@ -44,8 +44,12 @@ def ray_session(address: str | None) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2),
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            log_to_driver=True,
+        )
     try:
         yield
     finally:
@@ -53,7 +57,7 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
-    """Run a validated job to the end and return its summary (also written and printed)."""
+    """Run a validated job to the end; return its summary (also written to OUTPUT)."""
     if plan.spec.overwrite:
         plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
     with ray_session(address):
@@ -61,16 +65,20 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         sink = StatsSink.remote()
         started = time.perf_counter()
         build_dataset(plan, pool, sink).write_parquet(
-            plan.output_path, filesystem=plan.output_fs, min_rows_per_file=MIN_ROWS_PER_FILE
+            plan.output_path,
+            filesystem=plan.output_fs,
+            min_rows_per_file=MIN_ROWS_PER_FILE,
         )
         seconds = time.perf_counter() - started
-        summary = build_summary(plan.output_fs, plan.output_path, seconds, ray.get(sink.snapshot.remote()))
+        summary = build_summary(
+            plan.output_fs, plan.output_path, seconds, ray.get(sink.snapshot.remote())
+        )
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
 
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
-    """The lazy pipeline: read -> tokenize -> predict. Nothing runs until it is consumed."""
+    """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
     spec = plan.spec
     tokenize = TokenizeConfig(
         model_path=spec.model,
@@ -80,7 +88,13 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         trust_remote_code=spec.trust_remote_code,
     )
     predictor = PredictorConfig(
-        model=ModelSpec(spec.model, spec.task, spec.precision, spec.trust_remote_code, spec.allow_pickle),
+        model=ModelSpec(
+            spec.model,
+            spec.task,
+            spec.precision,
+            spec.trust_remote_code,
+            spec.allow_pickle,
+        ),
         info=plan.model,
         threads=pool.threads,
         batch_tokens=spec.batch_tokens,
@@ -99,7 +113,9 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         fn_constructor_kwargs={"config": predictor},
         batch_size=spec.batch_rows,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=pool.min_actors, max_size=pool.max_actors
+        ),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
     )

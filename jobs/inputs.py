@@ -53,12 +53,16 @@ def resolve_inputs(
     for given in inputs:
         fs, found = _expand(given)
         if filesystem is not None and type(fs) is not type(filesystem):
-            raise UserError("--input", f"{given!r} is on another filesystem than the rest")
+            raise UserError(
+                "--input", f"{given!r} is on another filesystem than the rest"
+            )
         filesystem = fs
         paths += found
     fmt = input_format or _format_of(paths)
     if fmt not in FORMATS:
-        raise UserError("--input-format", f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+        raise UserError(
+            "--input-format", f"unknown format {fmt!r}; use {', '.join(FORMATS)}"
+        )
     if input_format is None:
         others = [p for p in paths if _suffix_format(p) != fmt]
         if others:
@@ -122,7 +126,8 @@ def _format_of(paths: list[str]) -> str:
     fmt = _suffix_format(paths[0])
     if fmt is None:
         raise UserError(
-            "--input-format", f"cannot tell the format of {paths[0]}; pass --input-format"
+            "--input-format",
+            f"cannot tell the format of {paths[0]}; pass --input-format",
         )
     return fmt
 
@@ -138,8 +143,15 @@ def read_columns(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
                 return list(pacsv.open_csv(f).schema.names)
             first = _first_line(f)
             return list(json.loads(first).keys()) if first.strip() else []
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(path, f"cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    except (
+        pa.ArrowInvalid,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        AttributeError,
+    ) as e:
+        raise UserError(
+            path, f"cannot read as {fmt}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _first_line(f: pa.NativeFile, chunk: int = 1 << 20) -> bytes:

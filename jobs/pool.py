@@ -1,10 +1,10 @@
 """How big the actor pool is and what each actor reserves, from the cluster's resources.
 
-Never hard-code a cluster fact: CPU and GPU counts come from ``ray.cluster_resources()``.
+CPU and GPU counts come from ``ray.cluster_resources()``.
 On CPU, the pool leaves one CPU to the read and tokenize tasks; a pool that reserves
 every CPU starves them and the job hangs (seen on 2 cores with 2 actors of 1 CPU). Each
-actor still runs ``threads`` torch threads: the cores it shares with the readers sit idle
-whenever the readers are ahead, which is most of the time.
+actor still runs ``threads`` torch threads: the cores it shares with the readers are
+idle whenever the readers are ahead, which is most of the time.
 """
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ def plan_pool(resources: dict[str, float], actors: tuple[int, int] | None) -> Po
     cpus = float(resources.get("CPU", 0))
     gpus = int(resources.get("GPU", 0))
     if cpus < 2:
-        raise UserError("cluster", f"needs at least 2 CPUs (one for reading), has {cpus:g}")
+        raise UserError(
+            "cluster", f"needs at least 2 CPUs (one for reading), has {cpus:g}"
+        )
     if gpus:
         lo, hi = actors or (1, gpus)
         if hi > gpus:
-            raise UserError("--actors", f"{hi} actors of one GPU each; the cluster has {gpus} GPUs")
+            raise UserError(
+                "--actors", f"{hi} actors of one GPU each; the cluster has {gpus} GPUs"
+            )
         return PoolPlan(lo, hi, num_cpus=1.0, num_gpus=1.0, threads=1)
     usable = cpus - IO_CPUS
     if actors is None:
@@ -47,6 +51,12 @@ def plan_pool(resources: dict[str, float], actors: tuple[int, int] | None) -> Po
         actors = (hi, hi)
     lo, hi = actors
     if hi > usable / 0.25:
-        raise UserError("--actors", f"{hi} actors would leave no CPU for reading; at most {int(usable / 0.25)} fit")
+        raise UserError(
+            "--actors",
+            f"{hi} actors would leave no CPU for reading; "
+            f"at most {int(usable / 0.25)} fit",
+        )
     threads = max(1, int(cpus // hi))
-    return PoolPlan(lo, hi, num_cpus=min(float(threads), usable / hi), num_gpus=0.0, threads=threads)
+    return PoolPlan(
+        lo, hi, num_cpus=min(float(threads), usable / hi), num_gpus=0.0, threads=threads
+    )

@@ -24,7 +24,9 @@ from ray.data.datasource import FileBasedDatasource
 from actors.errors import UserError
 from jobs.inputs import ResolvedInputs
 
-ROW_SCHEMA = pa.schema([("_id", pa.string()), ("_text", pa.string()), ("_error", pa.string())])
+ROW_SCHEMA = pa.schema(
+    [("_id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
+)
 JSONL_CHUNK_ROWS = 4096
 
 
@@ -49,7 +51,9 @@ class _RowSource(FileBasedDatasource):
 
     def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:
         n = table.num_rows
-        derived = pa.array([f"{path}#{i}" for i in range(offset, offset + n)], pa.string())
+        derived = pa.array(
+            [f"{path}#{i}" for i in range(offset, offset + n)], pa.string()
+        )
         ids = derived
         if self._id_column is not None:
             given = pc.cast(table[self._id_column], pa.string())
@@ -57,7 +61,11 @@ class _RowSource(FileBasedDatasource):
         text, error = _check_text(table[self._text_column])
         if self._id_column is not None:
             missing = pc.is_null(table[self._id_column])
-            error = pc.if_else(pc.and_(missing, pc.is_null(error)), "null_id: no id, used file#row", error)
+            error = pc.if_else(
+                pc.and_(missing, pc.is_null(error)),
+                "null_id: no id, used file#row",
+                error,
+            )
         return pa.table([ids, text, error], schema=ROW_SCHEMA)
 
 
@@ -67,14 +75,19 @@ def _check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         if pa.types.is_null(column.type):
             kind = pa.array(["null_text: text is null"] * len(column), pa.string())
         else:
-            kind = pa.array([f"not_string: text is {column.type}"] * len(column), pa.string())
+            kind = pa.array(
+                [f"not_string: text is {column.type}"] * len(column), pa.string()
+            )
         return pa.nulls(len(column), pa.string()), kind
     text = pc.cast(column, pa.string())
     error = pc.if_else(
         pc.is_null(text),
         "null_text: text is null",
-        pc.if_else(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0),
-                   "empty_text: text is empty", pa.scalar(None, pa.string())),
+        pc.if_else(
+            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0),
+            "empty_text: text is empty",
+            pa.scalar(None, pa.string()),
+        ),
     )
     return text.combine_chunks(), error.combine_chunks()
 
@@ -83,11 +96,17 @@ class ParquetRows(_RowSource):
     _FILE_EXTENSIONS = ["parquet", "pq"]
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
-        return filesystem.open_input_file(path)  # Parquet reads its footer first: seekable
+        return filesystem.open_input_file(
+            path
+        )  # Parquet reads its footer first: seekable
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         pfile = pq.ParquetFile(f)
-        columns = [c for c in (self._text_column, self._id_column) if c in pfile.schema_arrow.names]
+        columns = [
+            c
+            for c in (self._text_column, self._id_column)
+            if c in pfile.schema_arrow.names
+        ]
         for batch in pfile.iter_batches(columns=columns or None):
             yield pa.Table.from_batches([batch])
 
@@ -131,14 +150,27 @@ class JSONLRows(_RowSource):
     def _rows_table(self, rows: list[dict]) -> pa.Table:
         text = self._text_column
         values = [r.get(text) for r in rows]
-        columns = {text: pa.array([v if isinstance(v, str) else None for v in values], pa.string())}
+        columns = {
+            text: pa.array(
+                [v if isinstance(v, str) else None for v in values], pa.string()
+            )
+        }
         if self._id_column:
             columns[self._id_column] = pa.array(
-                [None if r.get(self._id_column) is None else str(r[self._id_column]) for r in rows],
+                [
+                    None if r.get(self._id_column) is None else str(r[self._id_column])
+                    for r in rows
+                ],
                 pa.string(),
             )
         table = pa.table(columns)
-        table = table.append_column("_bad", pa.array([_bad_value(r, v) for r, v in zip(rows, values)], pa.string()))
+        table = table.append_column(
+            "_bad",
+            pa.array(
+                [_bad_value(r, v) for r, v in zip(rows, values, strict=True)],
+                pa.string(),
+            ),
+        )
         return table
 
     def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:
@@ -164,7 +196,9 @@ def _parse_line(line: bytes, text_column: str) -> dict:
         return {"__bad__": "bad_utf8: line is not valid UTF-8"}
     except json.JSONDecodeError as e:
         return {"__bad__": f"bad_json: {e.msg}"}
-    return row if isinstance(row, dict) else {"__bad__": "bad_json: line is not an object"}
+    return (
+        row if isinstance(row, dict) else {"__bad__": "bad_json: line is not an object"}
+    )
 
 
 def _bad_value(row: dict, value: object) -> str | None:
@@ -175,11 +209,17 @@ def _bad_value(row: dict, value: object) -> str | None:
     return f"not_string: text is {type(value).__name__}"
 
 
-SOURCES: dict[str, type[_RowSource]] = {"parquet": ParquetRows, "csv": CSVRows, "jsonl": JSONLRows}
+SOURCES: dict[str, type[_RowSource]] = {
+    "parquet": ParquetRows,
+    "csv": CSVRows,
+    "jsonl": JSONLRows,
+}
 
 
-def read_rows(inputs: ResolvedInputs, text_column: str, id_column: str | None) -> ray.data.Dataset:
-    """A streamed dataset of ``_id``, ``_text``, ``_error`` rows over every input file."""
+def read_rows(
+    inputs: ResolvedInputs, text_column: str, id_column: str | None
+) -> ray.data.Dataset:
+    """A streamed dataset of ``_id``, ``_text``, ``_error`` rows over all inputs."""
     source = SOURCES[inputs.format](
         inputs.paths,
         text_column=text_column,

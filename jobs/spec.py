@@ -61,7 +61,9 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     """
     _check_choices(spec)
     info = inspect_model(spec.model, spec.task, spec.trust_remote_code)
-    inputs = resolve_inputs(list(spec.inputs), spec.input_format, spec.text_column, spec.id_column)
+    inputs = resolve_inputs(
+        list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
+    )
     max_length = _max_length(spec, info)
     output_fs, output_path = check_output(spec.output, spec.overwrite)
     return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
@@ -71,28 +73,45 @@ def _check_choices(spec: InferSpec) -> None:
     if spec.task not in TASKS:
         raise UserError("--task", f"unknown task {spec.task!r}; use {', '.join(TASKS)}")
     if spec.precision not in PRECISIONS:
-        raise UserError("--precision", f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}")
+        raise UserError(
+            "--precision",
+            f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}",
+        )
     if spec.on_long not in ON_LONG:
-        raise UserError("--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}")
-    for flag, value in (("--batch-rows", spec.batch_rows), ("--max-new-tokens", spec.max_new_tokens),
-                        ("--batch-tokens", spec.batch_tokens), ("--max-length", spec.max_length)):
+        raise UserError(
+            "--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}"
+        )
+    for flag, value in (
+        ("--batch-rows", spec.batch_rows),
+        ("--max-new-tokens", spec.max_new_tokens),
+        ("--batch-tokens", spec.batch_tokens),
+        ("--max-length", spec.max_length),
+    ):
         if value is not None and value < 1:
             raise UserError(flag, f"must be at least 1, got {value}")
     if spec.actors is not None and not 1 <= spec.actors[0] <= spec.actors[1]:
-        raise UserError("--actors", f"need 1 <= MIN <= MAX, got {spec.actors[0]},{spec.actors[1]}")
+        raise UserError(
+            "--actors", f"need 1 <= MIN <= MAX, got {spec.actors[0]},{spec.actors[1]}"
+        )
 
 
 def _max_length(spec: InferSpec, info: ModelInfo) -> int:
-    """The longest input in tokens: the user's, else sentence-transformers', else the model's."""
+    """Max input tokens: the user's, else sentence-transformers', else the model's."""
     limit = info.max_positions
     if spec.task == "generate" and limit is not None:
         limit -= spec.max_new_tokens
         if limit < 1:
-            raise UserError("--max-new-tokens", f"{spec.max_new_tokens} leaves no room for a prompt "
-                            f"in {info.max_positions} positions")
+            raise UserError(
+                "--max-new-tokens",
+                f"{spec.max_new_tokens} leaves no room for a prompt "
+                f"in {info.max_positions} positions",
+            )
     if spec.max_length is not None:
         if limit is not None and spec.max_length > limit:
-            raise UserError("--max-length", f"{spec.max_length} is more than the model's {limit} positions")
+            raise UserError(
+                "--max-length",
+                f"{spec.max_length} is more than the model's {limit} positions",
+            )
         return spec.max_length
     if spec.task == "embed" and info.pooling.max_seq_length:
         return min(info.pooling.max_seq_length, limit or info.pooling.max_seq_length)
@@ -101,14 +120,20 @@ def _max_length(spec: InferSpec, info: ModelInfo) -> int:
 
 def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
     """Refuse an output directory that holds files, unless ``--overwrite``."""
-    fs, path = pafs.FileSystem.from_uri(output) if "://" in output else (
-        pafs.LocalFileSystem(), _abspath(output))
+    fs, path = (
+        pafs.FileSystem.from_uri(output)
+        if "://" in output
+        else (pafs.LocalFileSystem(), _abspath(output))
+    )
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
     if info.type == pafs.FileType.Directory and not overwrite:
         if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            raise UserError("--output", f"{output} already holds files; pass --overwrite to replace them")
+            raise UserError(
+                "--output",
+                f"{output} already holds files; pass --overwrite to replace them",
+            )
     return fs, path
 
 

@@ -47,13 +47,15 @@ class Summary:
         out = [
             f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
-            "errors " + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
+            "errors "
+            + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
         ]
         for a in self.actors:
             mean = a["rows"] / max(1, a["micro_batches"])
             out.append(
                 f"actor {a['actor'][:12]} {a['device']} rows {a['rows']} micro-batches "
-                f"{a['micro_batches']} rows/batch {a['min_rows']}-{a['max_rows']} (mean {mean:.1f}) "
+                f"{a['micro_batches']} rows/batch {a['min_rows']}-{a['max_rows']} "
+                f"(mean {mean:.1f}) "
                 f"budget {list(a['budget_history'])} ooms {a['ooms']} "
                 f"peak {a['peak_memory_bytes'] / 2**20:.0f} MiB"
             )
@@ -61,7 +63,9 @@ class Summary:
         return out
 
 
-def build_summary(fs: pafs.FileSystem, path: str, seconds: float, actors: list[dict]) -> Summary:
+def build_summary(
+    fs: pafs.FileSystem, path: str, seconds: float, actors: list[dict]
+) -> Summary:
     """Count rows and errors in the written output and merge the actors' stats."""
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     errors: Counter[str] = Counter()

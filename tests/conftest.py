@@ -30,13 +30,13 @@ from transformers import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = (
-    "the a of and to in is it that for on with as was he she they we you are be this have "
-    "from or one had by word but not what all were when your can said there use an each "
-    "which do how their if will up other about out many then them these so some her would "
-    "make like him into time has look two more write go see number no way could people my "
-    "than first water been call who oil its now find long down day did get come made may"
-).split()
+WORDS = """
+the a of and to in is it that for on with as was he she they we you are be this have
+from or one had by word but not what all were when your can said there use an each
+which do how their if will up other about out many then them these so some her would
+make like him into time has look two more write go see number no way could people my
+than first water been call who oil its now find long down day did get come made may
+""".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[BOS]", "[EOS]"]
 MAX_POSITIONS = 64
 
@@ -51,11 +51,19 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
     elif kind == "llama":
-        tk.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 4)])
+        tk.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A", special_tokens=[("[BOS]", 4)]
+        )
     extra = {"pad_token": "[PAD]"} if kind != "gpt2" else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        bos_token="[BOS]", eos_token="[EOS]", model_max_length=MAX_POSITIONS, **extra
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=MAX_POSITIONS,
+        **extra,
     )
 
 
@@ -71,44 +79,100 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     vocab = len(SPECIALS) + len(WORDS)
-    bert_cfg = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=37, max_position_embeddings=MAX_POSITIONS)
+    bert_cfg = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=MAX_POSITIONS,
+    )
     bert_tok = make_tokenizer("bert")
     out = {
         "bert": _save(BertModel(BertConfig(**bert_cfg)), bert_tok, root / "bert"),
         "bert_cls": _save(
-            BertForSequenceClassification(BertConfig(
-                **bert_cfg, num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"},
-                label2id={"neg": 0, "neutral": 1, "pos": 2})),
-            bert_tok, root / "bert_cls"),
+            BertForSequenceClassification(
+                BertConfig(
+                    **bert_cfg,
+                    num_labels=3,
+                    id2label={0: "neg", 1: "neutral", 2: "pos"},
+                    label2id={"neg": 0, "neutral": 1, "pos": 2},
+                )
+            ),
+            bert_tok,
+            root / "bert_cls",
+        ),
         "gpt2": _save(
-            GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2,
-                                       n_positions=MAX_POSITIONS, bos_token_id=4, eos_token_id=5)),
-            make_tokenizer("gpt2"), root / "gpt2"),
+            GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=vocab,
+                    n_embd=32,
+                    n_layer=2,
+                    n_head=2,
+                    n_positions=MAX_POSITIONS,
+                    bos_token_id=4,
+                    eos_token_id=5,
+                )
+            ),
+            make_tokenizer("gpt2"),
+            root / "gpt2",
+        ),
         "llama": _save(
-            LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS,
-                                         bos_token_id=4, eos_token_id=5, pad_token_id=0)),
-            make_tokenizer("llama"), root / "llama"),
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=vocab,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    max_position_embeddings=MAX_POSITIONS,
+                    bos_token_id=4,
+                    eos_token_id=5,
+                    pad_token_id=0,
+                )
+            ),
+            make_tokenizer("llama"),
+            root / "llama",
+        ),
     }
     out["bert_st"] = _sentence_transformers_dir(out["bert"], root / "bert_st")
     return out
 
 
 def _sentence_transformers_dir(bert: str, path: Path) -> str:
-    """The same BERT laid out as sentence-transformers does: CLS pooling, no Normalize."""
+    """That BERT laid out as sentence-transformers does: CLS pooling, no Normalize."""
     import shutil
 
     shutil.copytree(bert, path)
     (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True,
-         "pooling_mode_mean_tokens": False}))
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": True,
+                "pooling_mode_mean_tokens": False,
+            }
+        )
+    )
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
     return str(path)
 
@@ -123,14 +187,20 @@ def corpus(tmp_path_factory) -> dict[str, str]:
     """The same 120 rows as Parquet, JSONL and CSV, with a ``doc`` id column."""
     root = tmp_path_factory.mktemp("corpus")
     texts = sentences(120)
-    table = pa.table({"doc": [f"doc-{i:03d}" for i in range(len(texts))], "text": texts})
+    table = pa.table(
+        {"doc": [f"doc-{i:03d}" for i in range(len(texts))], "text": texts}
+    )
     pq.write_table(table, root / "rows.parquet", row_group_size=50)
     with open(root / "rows.jsonl", "w") as f:
         for row in table.to_pylist():
             f.write(json.dumps(row) + "\n")
     table.to_pandas().to_csv(root / "rows.csv", index=False)
-    return {"parquet": str(root / "rows.parquet"), "jsonl": str(root / "rows.jsonl"),
-            "csv": str(root / "rows.csv"), "texts": texts}
+    return {
+        "parquet": str(root / "rows.parquet"),
+        "jsonl": str(root / "rows.jsonl"),
+        "csv": str(root / "rows.csv"),
+        "texts": texts,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Formats, ids and bad rows: every row in is a row out, with an error where it failed."""
+"""Formats, ids, bad rows: every row in is a row out, with an error if it failed."""
 
 from __future__ import annotations
 
@@ -14,23 +14,53 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_each_format_gives_same_embeddings(fmt, tiny_models, corpus, tmp_path):
-    rows, _ = run_job(tmp_path / fmt, model=tiny_models["bert"], inputs=corpus[fmt], task="embed",
-                      id_column="doc")
-    reference, _ = run_job(tmp_path / "ref", model=tiny_models["bert"], inputs=corpus["parquet"],
-                           task="embed", id_column="doc")
+    rows, _ = run_job(
+        tmp_path / fmt,
+        model=tiny_models["bert"],
+        inputs=corpus[fmt],
+        task="embed",
+        id_column="doc",
+    )
+    reference, _ = run_job(
+        tmp_path / "ref",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+    )
     assert rows.keys() == reference.keys()
-    assert rows["doc-042"]["embedding"] == pytest.approx(reference["doc-042"]["embedding"], abs=1e-6)
+    assert rows["doc-042"]["embedding"] == pytest.approx(
+        reference["doc-042"]["embedding"], abs=1e-6
+    )
 
 
 def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):
-    first, _ = run_job(tmp_path / "a", model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
-    again, _ = run_job(tmp_path / "b", model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    first, _ = run_job(
+        tmp_path / "a",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+    )
+    again, _ = run_job(
+        tmp_path / "b",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+    )
     assert set(first) == {f"{corpus['parquet']}#{i}" for i in range(120)}
     assert first.keys() == again.keys()
     # Row 100 sits in the third row group: offsets run across groups, not within them.
-    with_ids, _ = run_job(tmp_path / "c", model=tiny_models["bert"], inputs=corpus["parquet"],
-                          task="embed", id_column="doc")
-    assert first[f"{corpus['parquet']}#100"]["embedding"] == with_ids["doc-100"]["embedding"]
+    with_ids, _ = run_job(
+        tmp_path / "c",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+    )
+    assert (
+        first[f"{corpus['parquet']}#100"]["embedding"]
+        == with_ids["doc-100"]["embedding"]
+    )
 
 
 def test_directories_globs_and_several_inputs(tiny_models, corpus, tmp_path):
@@ -40,11 +70,22 @@ def test_directories_globs_and_several_inputs(tiny_models, corpus, tmp_path):
     for i in range(3):
         pq.write_table(table.slice(i * 40, 40), parts / f"part-{i}.parquet")
     (parts / "_SUCCESS").write_text("")
-    by_dir, _ = run_job(tmp_path / "d", model=tiny_models["bert"], inputs=str(parts), task="embed")
-    by_glob, _ = run_job(tmp_path / "g", model=tiny_models["bert"], inputs=f"{parts}/part-[01].parquet",
-                         task="embed")
-    listed, _ = run_job(tmp_path / "l", model=tiny_models["bert"], task="embed", id_column="doc",
-                        inputs=(str(parts / "part-0.parquet"), str(parts / "part-2.parquet")))
+    by_dir, _ = run_job(
+        tmp_path / "d", model=tiny_models["bert"], inputs=str(parts), task="embed"
+    )
+    by_glob, _ = run_job(
+        tmp_path / "g",
+        model=tiny_models["bert"],
+        inputs=f"{parts}/part-[01].parquet",
+        task="embed",
+    )
+    listed, _ = run_job(
+        tmp_path / "l",
+        model=tiny_models["bert"],
+        task="embed",
+        id_column="doc",
+        inputs=(str(parts / "part-0.parquet"), str(parts / "part-2.parquet")),
+    )
     assert len(by_dir) == 120 and len(by_glob) == 80 and len(listed) == 80
     assert f"{parts}/part-2.parquet#39" in by_dir and "doc-119" in listed
 
@@ -61,31 +102,60 @@ def test_bad_rows_get_errors_and_the_job_goes_on(tiny_models, tmp_path):
         json.dumps({"text": " ".join(["water"] * 40), "k": 6}),
         json.dumps({"text": "call who oil", "k": 7}),
     ]
-    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe", "k": 8}\n')
-    rows, summary = run_job(tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path),
-                            task="score", max_length=16, on_long="error")
+    path.write_bytes(
+        ("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe", "k": 8}\n'
+    )
+    rows, summary = run_job(
+        tmp_path / "out",
+        model=tiny_models["gpt2"],
+        inputs=str(path),
+        task="score",
+        max_length=16,
+        on_long="error",
+    )
     errors = {int(i.rsplit("#", 1)[1]): r["error"] for i, r in rows.items()}
     kinds = {i: (e or "").split(":")[0] for i, e in errors.items()}
-    assert kinds == {0: "", 1: "null_text", 2: "empty_text", 3: "not_string", 4: "null_text",
-                     5: "bad_json", 6: "too_long", 7: "", 8: "bad_utf8"}
+    assert kinds == {
+        0: "",
+        1: "null_text",
+        2: "empty_text",
+        3: "not_string",
+        4: "null_text",
+        5: "bad_json",
+        6: "too_long",
+        7: "",
+        8: "bad_utf8",
+    }
     assert summary.rows == 9
-    assert summary.errors == {"null_text": 2, "empty_text": 1, "not_string": 1, "bad_json": 1,
-                              "too_long": 1, "bad_utf8": 1}
+    assert summary.errors == {
+        "null_text": 2,
+        "empty_text": 1,
+        "not_string": 1,
+        "bad_json": 1,
+        "too_long": 1,
+        "bad_utf8": 1,
+    }
     assert rows[f"{path}#0"]["logprob"] < 0 and rows[f"{path}#1"]["logprob"] is None
 
 
 def test_long_rows_are_truncated_by_default(tiny_models, tmp_path):
     path = tmp_path / "long.parquet"
     pq.write_table(pa.table({"text": [" ".join(["water"] * 200), "the day"]}), path)
-    rows, summary = run_job(tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score")
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score"
+    )
     assert summary.errors == {}
-    assert rows[f"{path}#0"]["num_tokens"] == 63  # 64 positions, the first is not predicted
+    assert (
+        rows[f"{path}#0"]["num_tokens"] == 63
+    )  # 64 positions, the first is not predicted
 
 
 def test_score_refuses_one_token_rows(tiny_models, tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("text\nwater\nthe water\n")
-    rows, _ = run_job(tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score")
+    rows, _ = run_job(
+        tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score"
+    )
     assert rows[f"{path}#0"]["error"].startswith("too_short")
     assert rows[f"{path}#1"]["error"] is None
 
@@ -94,7 +164,13 @@ def test_overwrite_replaces_output(tiny_models, corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.parquet").write_bytes(b"stale")
-    rows, _ = run_job(out, model=tiny_models["bert"], inputs=corpus["csv"], task="embed", overwrite=True)
+    rows, _ = run_job(
+        out,
+        model=tiny_models["bert"],
+        inputs=corpus["csv"],
+        task="embed",
+        overwrite=True,
+    )
     assert len(rows) == 120 and not (out / "old.parquet").exists()
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == 120 and summary["actors"][0]["rows"] == 120

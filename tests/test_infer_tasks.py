@@ -1,4 +1,4 @@
-"""Each task end to end on a real local Ray, against a direct transformers computation."""
+"""Each task end to end on a real local Ray, against direct transformers code."""
 
 from __future__ import annotations
 
@@ -21,12 +21,19 @@ def direct_hidden(path: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     tok = AutoTokenizer.from_pretrained(path)
     enc = tok(text, return_tensors="pt")
     with torch.no_grad():
-        return AutoModel.from_pretrained(path)(**enc).last_hidden_state[0], enc["input_ids"][0]
+        return AutoModel.from_pretrained(path)(**enc).last_hidden_state[0], enc[
+            "input_ids"
+        ][0]
 
 
 def test_embed_is_mean_pooled_and_normalised(tiny_models, corpus, tmp_path):
-    rows, summary = run_job(tmp_path / "out", model=tiny_models["bert"], inputs=corpus["parquet"],
-                            task="embed", id_column="doc")
+    rows, summary = run_job(
+        tmp_path / "out",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+    )
     assert len(rows) == 120 and summary.rows == 120 and summary.errors == {}
     for i in (0, 7, 119):
         hidden, _ = direct_hidden(tiny_models["bert"], corpus["texts"][i])
@@ -36,14 +43,23 @@ def test_embed_is_mean_pooled_and_normalised(tiny_models, corpus, tmp_path):
 
 
 def test_embed_honours_sentence_transformers_settings(tiny_models, corpus, tmp_path):
-    """CLS pooling, no normalisation, max_seq_length 16, all from the model directory."""
-    rows, _ = run_job(tmp_path / "out", model=tiny_models["bert_st"], inputs=corpus["parquet"],
-                      task="embed", id_column="doc")
+    """CLS pooling, no normalisation, max_seq_length 16: all from the model dir."""
+    rows, _ = run_job(
+        tmp_path / "out",
+        model=tiny_models["bert_st"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+    )
     long_row = next(i for i, t in enumerate(corpus["texts"]) if len(t.split()) > 16)
     tok = AutoTokenizer.from_pretrained(tiny_models["bert_st"])
-    enc = tok(corpus["texts"][long_row], truncation=True, max_length=16, return_tensors="pt")
+    enc = tok(
+        corpus["texts"][long_row], truncation=True, max_length=16, return_tensors="pt"
+    )
     with torch.no_grad():
-        cls = AutoModel.from_pretrained(tiny_models["bert_st"])(**enc).last_hidden_state[0, 0]
+        cls = AutoModel.from_pretrained(tiny_models["bert_st"])(
+            **enc
+        ).last_hidden_state[0, 0]
     got = np.asarray(rows[f"doc-{long_row:03d}"]["embedding"])
     np.testing.assert_allclose(got, cls.numpy(), atol=1e-5)
     assert abs(np.linalg.norm(got) - 1.0) > 1e-3  # not normalised
@@ -52,8 +68,13 @@ def test_embed_honours_sentence_transformers_settings(tiny_models, corpus, tmp_p
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_score_matches_transformers_loss(name, tiny_models, corpus, tmp_path):
     path = tiny_models[name]
-    rows, summary = run_job(tmp_path / "out", model=path, inputs=corpus["jsonl"], task="score",
-                            id_column="doc")
+    rows, summary = run_job(
+        tmp_path / "out",
+        model=path,
+        inputs=corpus["jsonl"],
+        task="score",
+        id_column="doc",
+    )
     assert summary.rows == 120
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -70,13 +91,20 @@ def test_score_matches_transformers_loss(name, tiny_models, corpus, tmp_path):
 
 def test_classify_labels_from_id2label(tiny_models, corpus, tmp_path):
     path = tiny_models["bert_cls"]
-    rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["csv"], task="classify",
-                      id_column="doc")
+    rows, _ = run_job(
+        tmp_path / "out",
+        model=path,
+        inputs=corpus["csv"],
+        task="classify",
+        id_column="doc",
+    )
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     for i in (3, 90):
         with torch.no_grad():
-            probs = torch.softmax(model(**tok(corpus["texts"][i], return_tensors="pt")).logits[0], -1)
+            probs = torch.softmax(
+                model(**tok(corpus["texts"][i], return_tensors="pt")).logits[0], -1
+            )
         row = rows[f"doc-{i:03d}"]
         assert row["label"] == model.config.id2label[int(probs.argmax())]
         assert row["score"] == pytest.approx(float(probs.max()), abs=1e-5)
@@ -87,13 +115,24 @@ def test_classify_labels_from_id2label(tiny_models, corpus, tmp_path):
 def test_generate_batched_equals_one_by_one(name, tiny_models, corpus, tmp_path):
     """Left padding inside micro-batches must not change a greedy continuation."""
     path = tiny_models[name]
-    rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"], task="generate",
-                      id_column="doc", max_new_tokens=5)
+    rows, _ = run_job(
+        tmp_path / "out",
+        model=path,
+        inputs=corpus["parquet"],
+        task="generate",
+        id_column="doc",
+        max_new_tokens=5,
+    )
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     for i in (1, 60):
         ids = tok(corpus["texts"][i], return_tensors="pt")["input_ids"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )
+        expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected

@@ -1,0 +1,169 @@
+"""Every user mistake: one line naming the flag or file, non-zero exit, nothing touched.
+
+These run through click's CliRunner; validation happens before Ray starts, so none of
+them needs the session's Ray (and each asserts that none was started).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from click.testing import CliRunner
+
+from jobs.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["infer", *args])
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    # click's own usage errors add a "Usage:" hint above; the error is still one line.
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def base(tiny_models, corpus, tmp_path):
+    return [
+        "--model",
+        tiny_models["bert"],
+        "--input",
+        corpus["parquet"],
+        "--task",
+        "embed",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+
+
+def with_flag(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_missing_input(base, tmp_path):
+    assert_user_error(
+        run(*with_flag(base, "--input", str(tmp_path / "nope.parquet"))),
+        "--input",
+        "no such file",
+    )
+
+
+def test_glob_matching_nothing(base, tmp_path):
+    assert_user_error(
+        run(*with_flag(base, "--input", str(tmp_path / "*.parquet"))),
+        "--input",
+        "no input files matched",
+    )
+
+
+def test_empty_directory(base, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(
+        run(*with_flag(base, "--input", str(tmp_path / "empty"))), "--input"
+    )
+
+
+def test_unknown_format(base, tmp_path):
+    odd = tmp_path / "rows.txt"
+    odd.write_text("text\nhello\n")
+    assert_user_error(
+        run(*with_flag(base, "--input", str(odd))), "--input-format", "rows.txt"
+    )
+
+
+def test_unreadable_file_names_it(base, tmp_path):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    assert_user_error(run(*with_flag(base, "--input", str(broken))), "broken.parquet")
+
+
+def test_missing_text_column(base):
+    assert_user_error(run(*base, "--text-column", "body"), "--text-column", "'body'")
+
+
+def test_missing_id_column(base):
+    assert_user_error(run(*base, "--id-column", "key"), "--id-column", "'key'")
+
+
+def test_model_dir_missing(base, tmp_path):
+    assert_user_error(
+        run(*with_flag(base, "--model", str(tmp_path / "m"))),
+        "--model",
+        "not a directory",
+    )
+
+
+def test_model_dir_not_a_model(base, tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_user_error(
+        run(*with_flag(base, "--model", str(tmp_path / "m"))), "--model", "config.json"
+    )
+
+
+def test_pickle_weights_refused(base, tiny_models, tmp_path):
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_models["bert"], model)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    assert_user_error(
+        run(*with_flag(base, "--model", str(model))), "--model", "--allow-pickle"
+    )
+
+
+def test_score_with_an_encoder(base):
+    assert_user_error(
+        run(*with_flag(base, "--task", "score")), "--task", "causal language model"
+    )
+
+
+def test_classify_with_a_causal_lm(base, tiny_models):
+    args = with_flag(
+        with_flag(base, "--task", "classify"), "--model", tiny_models["gpt2"]
+    )
+    assert_user_error(run(*args), "--task", "sequence-classification")
+
+
+def test_unknown_task(base):
+    assert_user_error(run(*with_flag(base, "--task", "translate")), "--task")
+
+
+def test_max_length_beyond_model(base):
+    assert_user_error(run(*base, "--max-length", "4096"), "--max-length", "64")
+
+
+def test_bad_actors(base):
+    assert_user_error(run(*base, "--actors", "3,1"), "--actors")
+    assert_user_error(run(*base, "--actors", "two"), "--actors")
+
+
+def test_output_with_files_is_left_alone(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "precious.parquet")
+    before = (out / "precious.parquet").read_bytes()
+    assert_user_error(run(*base), "--output", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.parquet"]
+    assert (out / "precious.parquet").read_bytes() == before
+
+
+def test_output_that_is_a_file(base, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("x")
+    assert_user_error(run(*base), "--output", "is a file")
+
+
+def test_validation_starts_no_ray(base, tmp_path):
+    if ray.is_initialized():
+        pytest.skip("the session's Ray is already up")
+    run(*with_flag(base, "--input", str(tmp_path / "nope.parquet")))
+    assert not ray.is_initialized()

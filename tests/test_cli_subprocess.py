@@ -1,0 +1,58 @@
+"""The installed ``lmbatch`` command, as a user runs it: its own embedded Ray."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pyarrow.parquet as pq
+
+
+def test_lmbatch_infer_end_to_end(tiny_models, corpus, tmp_path):
+    exe = shutil.which("lmbatch")
+    assert exe, "the console script is installed by `pip install -e .`"
+    second = tmp_path / "more.jsonl"
+    shutil.copy(corpus["jsonl"], second)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            exe,
+            "infer",
+            "--model",
+            tiny_models["gpt2"],
+            "--input",
+            corpus["jsonl"],
+            str(second),
+            "--task",
+            "score",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rows 240" in done.stdout and "errors none" in done.stdout
+    ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+    assert len(set(ids)) == 240 and f"{second}#119" in ids
+    again = subprocess.run(
+        [
+            exe,
+            "infer",
+            "--model",
+            tiny_models["gpt2"],
+            "--input",
+            str(second),
+            "--task",
+            "score",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert pq.read_table(out).num_rows == 240
