@@ -11,6 +11,7 @@ killing the job. The shape follows accelerate's ``find_executable_batch_size``.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,7 +19,16 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from actors.memory import DeviceMemory, Probe
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Past memory, bigger micro-batches stop paying: on CPU, 2048 tokens ran fastest on
+# MiniLM with 2 threads (cache-sized GEMMs, benchmarks/RESULTS.md); on a GPU, memory
+# is the limit long before this one.
+THROUGHPUT_CEILING = {"cpu": 2048, "cuda": 1 << 20}
+PROBE_ROWS, PROBE_LENGTH = 8, 128
 
 OOM_MESSAGES = (
     "out of memory",
@@ -57,8 +67,11 @@ class TokenBudget:
         self.history.append(self.tokens)
 
     def shrink(self) -> None:
+        """Halve, and lower the ceiling to 3/4 of what failed, so that regrowth stops
+        short of it: repeated OOMs converge under the real limit instead of cycling."""
         self.ooms += 1
         self._clean = 0
+        self.ceiling = max(self.floor, min(self.ceiling, self.tokens * 3 // 4))
         self._set(max(self.floor, self.tokens // 2))
 
     def succeeded(self) -> None:
@@ -75,6 +88,48 @@ class TokenBudget:
         if tokens != self.tokens:
             self.tokens = tokens
             self.history.append(tokens)
+
+
+def probe_budget(
+    memory: DeviceMemory,
+    run_probe: Callable[[int, int], None],
+    device: str,
+    bytes_per_token_floor: float,
+    max_length: int,
+) -> TokenBudget:
+    """The first budget: what a probe batch says fits in this actor's memory.
+
+    Runs one batch of up to ``PROBE_ROWS`` x ``PROBE_LENGTH`` tokens (halving the rows,
+    then the length, if even that runs out of memory), measures its peak, and divides
+    the memory still free, less a margin, by the bytes a token took. The result is
+    also the ceiling that regrowth may not pass, together with the device's
+    throughput ceiling.
+    """
+    rows, length = PROBE_ROWS, min(PROBE_LENGTH, max_length)
+    ooms = 0
+    while True:
+        memory.start()
+        try:
+            run_probe(rows, length)
+            break
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled
+            if not is_oom(exc) or rows * length == 1:
+                raise
+            del exc
+            ooms += 1
+            _free_memory()
+            rows, length = (rows // 2, length) if rows > 1 else (1, length // 2)
+    fits = Probe(rows * length, memory.peak(), memory.free()).budget(
+        bytes_per_token_floor
+    )
+    if rows * length < PROBE_ROWS * min(PROBE_LENGTH, max_length):
+        fits = min(fits, rows * length)  # the probe itself did not fit: trust that
+    tokens = max(1, min(fits, THROUGHPUT_CEILING.get(device, fits)))
+    if fits < max_length:
+        log.warning(
+            "memory fits %d tokens a batch, less than a %d-token row", fits, max_length
+        )
+    return TokenBudget(tokens=tokens, ceiling=tokens, ooms=ooms)
 
 
 def next_batch(lengths: np.ndarray, start: int, budget: int) -> int:
@@ -94,6 +149,7 @@ def run_batched(
     budget: TokenBudget,
     step: Callable[[np.ndarray], T],
     on_row_oom: Callable[[int], None],
+    over_limit: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[np.ndarray, T]]:
     """Run ``step`` over every row, length-sorted, in budget-sized micro-batches.
 
@@ -102,6 +158,9 @@ def run_batched(
         budget: this actor's budget; shrunk on OOM and grown after clean runs.
         step: runs the model on the given row indices.
         on_row_oom: called with a row index that does not fit even alone.
+        over_limit: whether the actor is now past its memory limit (CPU, where no
+            allocator error comes before the kernel's OOM killer); the batch's results
+            are kept, since they are correct, and the budget halves as for an OOM.
 
     Yields:
         (row indices, step's result) for each micro-batch that ran.
@@ -127,7 +186,10 @@ def run_batched(
             else:
                 budget.shrink()
             continue
-        budget.succeeded()
+        if over_limit():
+            budget.shrink()
+        else:
+            budget.succeeded()
         yield rows, result
         start = end
 

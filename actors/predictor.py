@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import torch
 
-from actors.batching import TokenBudget, run_batched
+from actors.batching import TokenBudget, probe_budget, run_batched
 from actors.loading import ModelInfo, ModelSpec, load_model, load_tokenizer
-from actors.tasks import Classify, Embed, Generate, Score, TaskHead
-
-DEFAULT_CPU_BATCH_TOKENS = (
-    2048  # measured best on MiniLM, 2 cores (benchmarks/RESULTS.md)
+from actors.memory import (
+    CpuMemory,
+    CudaMemory,
+    DeviceMemory,
+    activation_floor,
+    default_cpu_limit,
+    max_rss,
+    rss,
 )
-DEFAULT_GPU_BATCH_TOKENS = 65536
+from actors.tasks import Classify, Embed, Generate, Score, TaskHead
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class PredictorConfig:
     threads: int = 1  # torch intra-op threads for this actor
     batch_tokens: int | None = None  # fixed budget (--batch-tokens); None adapts
     max_new_tokens: int = 32
+    max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
+    memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
+    actors_per_node: int = 1  # for that share
     stats: object | None = None  # a StatsSink actor handle, or None
 
 
@@ -53,6 +60,8 @@ def make_head(config: PredictorConfig, tokenizer) -> TaskHead:
 class Predictor:
     def __init__(self, config: PredictorConfig) -> None:
         torch.set_num_threads(max(1, config.threads))
+        # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt")
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(config.model, self.device.type)
@@ -65,15 +74,22 @@ class Predictor:
         self.extra_tokens = (
             config.max_new_tokens if config.model.task == "generate" else 0
         )
-        default = (
-            DEFAULT_GPU_BATCH_TOKENS
-            if self.device.type == "cuda"
-            else DEFAULT_CPU_BATCH_TOKENS
-        )
-        tokens = config.batch_tokens or default
-        self.budget = TokenBudget(
-            tokens=tokens, ceiling=tokens, fixed=config.batch_tokens is not None
-        )
+        self.memory = device_memory(self.device, config)
+        if config.batch_tokens:
+            self.budget = TokenBudget(
+                config.batch_tokens, config.batch_tokens, fixed=True
+            )
+        else:
+            floor = activation_floor(
+                self.model.config.hidden_size, _dtype_bytes(self.model)
+            )
+            self.budget = probe_budget(
+                self.memory,
+                self._probe,
+                self.device.type,
+                floor,
+                config.max_length + self.extra_tokens,
+            )
         self.stats = ActorStats(
             actor=_actor_name(), device=str(self.device), threads=config.threads
         )
@@ -95,6 +111,7 @@ class Predictor:
                 self.budget,
                 lambda r: self._step(ids, r),
                 on_row_oom,
+                over_limit=lambda: self.memory.free() == 0,
             ):
                 self.stats.add_batch(len(rows), int(lengths[rows].sum()))
                 for name, values in result.items():
@@ -104,6 +121,14 @@ class Predictor:
         if self.config.stats is not None:
             self.config.stats.report.remote(self.stats.snapshot())
         return self._table(batch["_id"], columns, errors)
+
+    def _probe(self, rows: int, length: int) -> None:
+        """A forward pass on a synthetic batch, for the memory probe."""
+        ids = torch.full(
+            (rows, length), self.pad_id, dtype=torch.long, device=self.device
+        )
+        with torch.inference_mode():
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def _step(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
         width = max(len(ids[r]) for r in rows)
@@ -166,16 +191,21 @@ class ActorStats:
         return dict(vars(self))
 
 
+def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory:
+    if device.type == "cuda":
+        return CudaMemory(device)
+    return CpuMemory(config.memory_limit or default_cpu_limit(config.actors_per_node))
+
+
+def _dtype_bytes(model) -> int:
+    """Bytes of the compute dtype (fp32 for bitsandbytes on CPU, not int8)."""
+    return torch.empty((), dtype=model.dtype).element_size()
+
+
 def _peak_memory(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    # ru_maxrss is in KiB on Linux; psutil's rss is only the current value.
-    import resource
-
-    return max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        psutil.Process().memory_info().rss,
-    )
+    return max(max_rss(), rss())
 
 
 def _actor_name() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -50,6 +51,44 @@ def parse_actors(
     if len(parts) not in (1, 2):
         raise click.BadParameter(f"expected MIN or MIN,MAX, got {value!r}")
     return (parts[0], parts[-1])
+
+
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | None:
+    """'2GiB', '512MB', '1e9' -> bytes."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([a-zA-Z]*)\s*", value)
+    unit = match and match.group(2).lower()
+    if not match or unit not in SIZE_UNITS:
+        raise click.BadParameter(f"expected a size like 2GiB or 512MB, got {value!r}")
+    try:
+        return int(float(match.group(1)) * SIZE_UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"expected a size like 2GiB, got {value!r}") from None
+
+
+def parse_per_gpu(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected auto or a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 @click.group()
@@ -124,9 +163,32 @@ def cli(ctx: click.Context, address: str | None) -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8"]),
     default="fp32",
     show_default=True,
+    help="int8/nf4: bitsandbytes; cpu-int8: torch dynamic int8, fast on CPU.",
+)
+@click.option(
+    "--int8-threshold",
+    type=float,
+    default=6.0,
+    show_default=True,
+    help="LLM.int8 outlier threshold (--precision int8).",
+)
+@click.option(
+    "--actor-memory",
+    callback=parse_size,
+    default=None,
+    metavar="SIZE",
+    help="Memory per CPU actor, e.g. 2GiB; its batches adapt to it.",
+)
+@click.option(
+    "--actors-per-gpu",
+    callback=parse_per_gpu,
+    default="auto",
+    show_default=True,
+    metavar="auto|N",
+    help="auto: from the model's measured footprint.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
 @click.option(

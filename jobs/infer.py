@@ -19,12 +19,13 @@ from collections.abc import Iterator
 import ray
 import ray.data
 
+from actors.footprint import measure_footprint
 from actors.loading import ModelSpec
 from actors.predictor import Predictor, PredictorConfig
 from actors.tokenize import TokenizeConfig, tokenize_batch
-from jobs.pool import PoolPlan, plan_pool
+from jobs.pool import PoolPlan, actors_per_gpu, plan_pool
 from jobs.sources import read_rows
-from jobs.spec import InferPlan
+from jobs.spec import InferPlan, InferSpec
 from jobs.summary import StatsSink, Summary, build_summary, write_summary
 
 log = logging.getLogger("lmbatch")
@@ -61,7 +62,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     if plan.spec.overwrite:
         plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
     with ray_session(address):
-        pool = plan_pool(ray.cluster_resources(), plan.spec.actors)
+        pool = size_pool(plan)
         sink = StatsSink.remote()
         started = time.perf_counter()
         build_dataset(plan, pool, sink).write_parquet(
@@ -77,6 +78,31 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     return summary
 
 
+def model_spec(spec: InferSpec) -> ModelSpec:
+    return ModelSpec(
+        spec.model,
+        spec.task,
+        spec.precision,
+        spec.trust_remote_code,
+        spec.allow_pickle,
+        spec.int8_threshold,
+    )
+
+
+def size_pool(plan: InferPlan) -> PoolPlan:
+    """The pool for this cluster; on GPUs, packed by the model's measured footprint."""
+    spec = plan.spec
+    resources = ray.cluster_resources()
+    per_gpu = 1
+    if resources.get("GPU"):
+        measure = ray.remote(num_gpus=1, num_cpus=0)(measure_footprint)
+        footprint = ray.get(measure.remote(model_spec(spec)))
+        per_gpu = actors_per_gpu(
+            footprint.model_bytes, footprint.device_total_bytes, spec.actors_per_gpu
+        )
+    return plan_pool(resources, spec.actors, per_gpu, spec.actor_memory)
+
+
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
     """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
     spec = plan.spec
@@ -87,18 +113,16 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         min_tokens=2 if spec.task == "score" else 1,
         trust_remote_code=spec.trust_remote_code,
     )
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     predictor = PredictorConfig(
-        model=ModelSpec(
-            spec.model,
-            spec.task,
-            spec.precision,
-            spec.trust_remote_code,
-            spec.allow_pickle,
-        ),
+        model=model_spec(spec),
         info=plan.model,
         threads=pool.threads,
         batch_tokens=spec.batch_tokens,
         max_new_tokens=spec.max_new_tokens,
+        max_length=plan.max_length,
+        memory_limit=spec.actor_memory,
+        actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,
     )
     ds = read_rows(plan.inputs, spec.text_column, spec.id_column)
@@ -118,4 +142,5 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         ),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        memory=pool.memory,
     )

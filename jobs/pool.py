@@ -1,20 +1,29 @@
 """How big the actor pool is and what each actor reserves, from the cluster's resources.
 
-CPU and GPU counts come from ``ray.cluster_resources()``.
+CPU and GPU counts come from ``ray.cluster_resources()``, never from a constant.
 On CPU, the pool leaves one CPU to the read and tokenize tasks; a pool that reserves
 every CPU starves them and the job hangs (seen on 2 cores with 2 actors of 1 CPU). Each
 actor still runs ``threads`` torch threads: the cores it shares with the readers are
 idle whenever the readers are ahead, which is most of the time.
+
+On GPUs, each actor asks for the fraction of a GPU that its model's measured footprint
+plus an equal batch reserve takes, so an 8-bit model packs about twice as many actors
+per GPU as fp16.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from actors.errors import UserError
 
 CPU_THREADS_PER_ACTOR = 4  # torch scales well to about 4 threads on small models
 IO_CPUS = 1.0  # kept free for read and tokenize tasks
+MIN_ACTOR_CPUS = 0.25
+GPU_USABLE = 0.9  # of a GPU's memory; the rest is CUDA context and fragmentation
+MIN_BATCH_RESERVE = 1 << 30  # activations of one micro-batch, at the least
+MAX_ACTORS_PER_GPU = 8
 
 
 @dataclass(frozen=True)
@@ -24,13 +33,48 @@ class PoolPlan:
     num_cpus: float  # reserved per actor
     num_gpus: float  # reserved per actor
     threads: int  # torch intra-op threads per actor
+    memory: int | None = None  # bytes of Ray's memory resource per actor (CPU)
 
 
-def plan_pool(resources: dict[str, float], actors: tuple[int, int] | None) -> PoolPlan:
-    """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
+def actors_per_gpu(model_bytes: int, gpu_bytes: int, asked: int | None = None) -> int:
+    """How many actors share one GPU: ``asked``, or as many as fit weights + reserve.
 
     Raises:
-        UserError: naming ``--actors`` when the asked pool cannot fit.
+        UserError: naming ``--actors-per-gpu`` when not even one actor fits.
+    """
+    need = model_bytes + max(model_bytes, MIN_BATCH_RESERVE)
+    fits = int(gpu_bytes * GPU_USABLE // need)
+    if asked is not None:
+        if asked > max(fits, 1):
+            raise UserError(
+                "--actors-per-gpu",
+                f"{asked} actors of {need / 2**30:.1f} GiB "
+                f"do not fit a {gpu_bytes / 2**30:.0f} GiB GPU; at most {fits}",
+            )
+        return asked
+    if fits < 1:
+        raise UserError(
+            "--precision",
+            f"the model needs {need / 2**30:.1f} GiB with its batch "
+            f"reserve; the GPU has {gpu_bytes / 2**30:.0f} GiB: try int8 or nf4",
+        )
+    return min(fits, MAX_ACTORS_PER_GPU)
+
+
+def plan_pool(
+    resources: dict[str, float],
+    actors: tuple[int, int] | None,
+    per_gpu: int = 1,
+    actor_memory: int | None = None,
+) -> PoolPlan:
+    """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
+
+    Args:
+        per_gpu: actors sharing each GPU (``actors_per_gpu``); ignored without GPUs.
+        actor_memory: bytes each CPU actor may use (``--actor-memory``).
+
+    Raises:
+        UserError: naming ``--actors`` or ``--actor-memory`` when the pool cannot fit.
     """
     cpus = float(resources.get("CPU", 0))
     gpus = int(resources.get("GPU", 0))
@@ -39,24 +83,40 @@ def plan_pool(resources: dict[str, float], actors: tuple[int, int] | None) -> Po
             "cluster", f"needs at least 2 CPUs (one for reading), has {cpus:g}"
         )
     if gpus:
-        lo, hi = actors or (1, gpus)
-        if hi > gpus:
+        lo, hi = actors or (1, gpus * per_gpu)
+        if hi > gpus * per_gpu:
             raise UserError(
-                "--actors", f"{hi} actors of one GPU each; the cluster has {gpus} GPUs"
+                "--actors",
+                f"{hi} actors at {per_gpu} per GPU; the cluster has {gpus} GPUs",
             )
-        return PoolPlan(lo, hi, num_cpus=1.0, num_gpus=1.0, threads=1)
+        share = math.floor(1e4 / per_gpu) / 1e4  # Ray counts GPU fractions to 1e-4
+        num_cpus = min(1.0, (cpus - IO_CPUS) / hi)
+        return PoolPlan(lo, hi, num_cpus=num_cpus, num_gpus=share, threads=1)
     usable = cpus - IO_CPUS
     if actors is None:
         hi = max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
+        if actor_memory:
+            hi = max(1, min(hi, int(resources.get("memory", 0) // actor_memory)))
         actors = (hi, hi)
     lo, hi = actors
-    if hi > usable / 0.25:
+    if hi > usable / MIN_ACTOR_CPUS:
         raise UserError(
             "--actors",
             f"{hi} actors would leave no CPU for reading; "
-            f"at most {int(usable / 0.25)} fit",
+            f"at most {int(usable / MIN_ACTOR_CPUS)} fit",
+        )
+    if actor_memory and hi * actor_memory > resources.get("memory", 0):
+        raise UserError(
+            "--actor-memory",
+            f"{hi} actors of {actor_memory / 2**30:.2f} GiB "
+            f"exceed the cluster's {resources.get('memory', 0) / 2**30:.1f} GiB",
         )
     threads = max(1, int(cpus // hi))
     return PoolPlan(
-        lo, hi, num_cpus=min(float(threads), usable / hi), num_gpus=0.0, threads=threads
+        lo,
+        hi,
+        num_cpus=min(float(threads), usable / hi),
+        num_gpus=0.0,
+        threads=threads,
+        memory=actor_memory,
     )

@@ -34,7 +34,10 @@ class InferSpec:
     actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
     batch_rows: int = 1024  # rows handed to an actor per call
     batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold (precision int8)
+    actor_memory: int | None = None  # bytes per CPU actor; None: an equal node share
+    actors_per_gpu: int | None = None  # None: from the model's measured footprint
     overwrite: bool = False
     on_long: str = "truncate"  # truncate | error
     trust_remote_code: bool = False
@@ -88,9 +91,13 @@ def _check_choices(spec: InferSpec) -> None:
         ("--max-new-tokens", spec.max_new_tokens),
         ("--batch-tokens", spec.batch_tokens),
         ("--max-length", spec.max_length),
+        ("--actor-memory", spec.actor_memory),
+        ("--actors-per-gpu", spec.actors_per_gpu),
     ):
         if value is not None and value < 1:
             raise UserError(flag, f"must be at least 1, got {value}")
+    if spec.int8_threshold < 0:
+        raise UserError("--int8-threshold", f"must be >= 0, got {spec.int8_threshold}")
     if spec.actors is not None and not 1 <= spec.actors[0] <= spec.actors[1]:
         raise UserError(
             "--actors", f"need 1 <= MIN <= MAX, got {spec.actors[0]},{spec.actors[1]}"

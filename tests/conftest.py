@@ -75,7 +75,7 @@ def _save(model, tokenizer, path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """name -> model directory: bert, bert_st, bert_cls, gpt2, llama."""
+    """name -> model directory: bert, bert_st, bert64, bert_cls, gpt2, llama, oom_*."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     vocab = len(SPECIALS) + len(WORDS)
@@ -137,7 +137,25 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         ),
     }
     out["bert_st"] = _sentence_transformers_dir(out["bert"], root / "bert_st")
+    # bitsandbytes' 4-bit CPU kernels pack weights in blocks of 64 input features.
+    wide = {**bert_cfg, "hidden_size": 64, "intermediate_size": 128}
+    out["bert64"] = _save(BertModel(BertConfig(**wide)), bert_tok, root / "bert64")
+    for threshold in (150, 600):
+        out[f"oom_{threshold}"] = _oom_bert(
+            bert_cfg, bert_tok, threshold, root / f"oom_{threshold}"
+        )
     return out
+
+
+def _oom_bert(config: dict, tokenizer, threshold: int, path: Path) -> str:
+    """name -> model dir: bert, bert_st, bert64, bert_cls, gpt2, llama, oom_*."""
+    from oom_model import OomBertConfig, OomBertModel
+
+    OomBertConfig.register_for_auto_class()
+    OomBertModel.register_for_auto_class("AutoModel")
+    torch.manual_seed(0)
+    model = OomBertModel(OomBertConfig(oom_above_tokens=threshold, **config))
+    return _save(model, tokenizer, path)
 
 
 def _sentence_transformers_dir(bert: str, path: Path) -> str:

@@ -167,3 +167,24 @@ def test_validation_starts_no_ray(base, tmp_path):
         pytest.skip("the session's Ray is already up")
     run(*with_flag(base, "--input", str(tmp_path / "nope.parquet")))
     assert not ray.is_initialized()
+
+
+def test_bad_actor_memory(base):
+    assert_user_error(run(*base, "--actor-memory", "lots"), "--actor-memory")
+    assert_user_error(run(*base, "--actor-memory", "2XB"), "--actor-memory")
+
+
+def test_bad_actors_per_gpu(base):
+    assert_user_error(run(*base, "--actors-per-gpu", "0"), "--actors-per-gpu")
+
+
+def test_negative_int8_threshold(base):
+    assert_user_error(run(*base, "--int8-threshold", "-1"), "--int8-threshold")
+
+
+def test_parse_size_units():
+    from jobs.cli import parse_size
+
+    assert parse_size(None, None, "2GiB") == 2 << 30
+    assert parse_size(None, None, "512MB") == 512_000_000
+    assert parse_size(None, None, "1e9") == 1_000_000_000

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
 
 def test_lmbatch_infer_end_to_end(tiny_models, corpus, tmp_path):
-    exe = shutil.which("lmbatch")
-    assert exe, "the console script is installed by `pip install -e .`"
+    # Beside this interpreter: `make test` runs .venv/bin/python without activating.
+    exe = str(Path(sys.executable).with_name("lmbatch"))
+    assert Path(exe).exists(), "the console script is installed by `pip install -e .`"
     second = tmp_path / "more.jsonl"
     shutil.copy(corpus["jsonl"], second)
     out = tmp_path / "out"

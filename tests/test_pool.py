@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.errors import UserError
-from jobs.pool import plan_pool
+from jobs.pool import actors_per_gpu, plan_pool
 
 
 def test_two_cores_one_actor_two_threads_one_cpu_left():
@@ -36,3 +36,34 @@ def test_one_actor_per_gpu():
     assert (plan.max_actors, plan.num_gpus) == (2, 1.0)
     with pytest.raises(UserError, match="2 GPUs"):
         plan_pool({"CPU": 8.0, "GPU": 2.0}, (1, 3))
+
+
+def test_int8_packs_about_twice_the_actors_of_fp16():
+    gib = 1 << 30
+    fp16 = actors_per_gpu(14 * gib, 80 * gib)  # a 7B model: 14 GiB + 14 GiB reserve
+    int8 = actors_per_gpu(7 * gib, 80 * gib)
+    nf4 = actors_per_gpu(int(3.5 * gib), 80 * gib)
+    assert (fp16, int8, nf4) == (2, 5, 8)  # nf4: 10 fit, capped at MAX_ACTORS_PER_GPU
+    plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, None, per_gpu=int8)
+    assert plan.max_actors == 10 and plan.num_gpus == pytest.approx(0.2)
+
+
+def test_small_models_keep_a_batch_reserve():
+    assert actors_per_gpu(90 << 20, 24 << 30) == 8  # capped, not 240 tiny actors
+    assert actors_per_gpu(90 << 20, 2 << 30) == 1  # 1 GiB reserve at the least
+
+
+def test_asked_actors_per_gpu_must_fit():
+    gib = 1 << 30
+    assert actors_per_gpu(14 * gib, 80 * gib, asked=2) == 2
+    with pytest.raises(UserError, match="--actors-per-gpu"):
+        actors_per_gpu(14 * gib, 80 * gib, asked=3)
+    with pytest.raises(UserError, match="int8 or nf4"):
+        actors_per_gpu(40 * gib, 24 * gib)
+
+
+def test_actor_memory_bounds_the_cpu_pool():
+    plan = plan_pool({"CPU": 16.0, "memory": 6e9}, None, actor_memory=2_000_000_000)
+    assert plan.max_actors == 3 and plan.memory == 2_000_000_000
+    with pytest.raises(UserError, match="--actor-memory"):
+        plan_pool({"CPU": 2.0, "memory": 1e9}, (1, 1), actor_memory=2_000_000_000)

@@ -1,0 +1,110 @@
+"""The adaptive batcher inside real actors: injected OOMs, memory limits, precisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import sentences
+from helpers import run_job
+
+from actors.batching import probe_budget
+from actors.loading import ModelSpec, inspect_model
+from actors.memory import CpuMemory, activation_floor, rss
+from actors.predictor import Predictor, PredictorConfig
+from actors.tokenize import TokenizeConfig, tokenize_batch
+
+
+def tokenized(model: str, texts: list[str]) -> dict[str, np.ndarray]:
+    """A batch as the actor receives it from the tokenize stage."""
+    table = pa.table(
+        {
+            "_id": [f"r{i}" for i in range(len(texts))],
+            "_text": texts,
+            "_error": pa.nulls(len(texts), pa.string()),
+        }
+    )
+    out = tokenize_batch(table, TokenizeConfig(model_path=model, max_length=64))
+    return {name: out[name].to_numpy(zero_copy_only=False) for name in out.column_names}
+
+
+def predictor(model: str, **kw) -> Predictor:
+    info = inspect_model(model, "embed", trust_remote_code=True)
+    spec = ModelSpec(model, "embed", trust_remote_code=True)
+    return Predictor(PredictorConfig(spec, info, max_length=64, **kw))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_injected_oom_in_a_real_job_loses_no_row(tiny_models, corpus, tmp_path):
+    rows, summary = run_job(
+        tmp_path / "out",
+        model=tiny_models["oom_150"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+        trust_remote_code=True,
+        batch_rows=120,
+    )
+    assert len(rows) == 120 and summary.rows == 120 and summary.errors == {}
+    (actor,) = summary.actors
+    assert actor["ooms"] >= 1
+    assert actor["budget_history"][-1] <= 150  # converged under the threshold
+    assert actor["max_rows"] * 2 <= 150  # and every micro-batch that ran fitted it
+
+
+def test_actors_with_different_limits_settle_at_different_budgets(tiny_models):
+    batch = tokenized(tiny_models["bert"], sentences(200, seed=3))
+    small, large = predictor(tiny_models["oom_150"]), predictor(tiny_models["oom_600"])
+    for actor in (small, large):
+        for _ in range(3):
+            out = actor(batch)
+            assert out.num_rows == 200 and out["error"].null_count == 200
+    assert small.budget.tokens <= 150 < large.budget.tokens <= 600
+    assert small.budget.ooms >= 1 and large.budget.ooms >= 1
+
+
+def test_cpu_memory_limit_sizes_the_first_budget(tiny_models):
+    actor = predictor(tiny_models["bert"])
+    floor = activation_floor(32, 4)
+    budgets = []
+    for headroom in (256 << 10, 1 << 20):
+        memory = CpuMemory(rss() + headroom)
+        budgets.append(probe_budget(memory, actor._probe, "cpu", floor, 64).tokens)
+    assert budgets[0] < budgets[1]
+    assert budgets[0] <= (256 << 10) / floor
+
+
+def test_fixed_batch_tokens_are_kept(tiny_models):
+    actor = predictor(tiny_models["bert"], batch_tokens=100)
+    actor(tokenized(tiny_models["bert"], sentences(50)))
+    assert actor.budget.history == [100] and actor.stats.max_rows * 6 <= 100
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize(
+    "precision, min_cosine",
+    [
+        ("fp16", 0.9999),
+        ("bf16", 0.999),
+        ("int8", 0.99),
+        ("nf4", 0.95),
+        ("cpu-int8", 0.98),
+    ],
+)
+def test_every_precision_stays_close_to_fp32(
+    precision, min_cosine, tiny_models, corpus, tmp_path
+):
+    """The bound per precision: mean cosine of embeddings to fp32 over 120 rows."""
+    args = dict(
+        model=tiny_models["bert64"],
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+    )
+    full, _ = run_job(tmp_path / "fp32", **args)
+    low, summary = run_job(tmp_path / precision, precision=precision, **args)
+    assert summary.errors == {}
+    a = np.array([full[k]["embedding"] for k in full])
+    b = np.array([low[k]["embedding"] for k in full])
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.mean() >= min_cosine, cosine.mean()
