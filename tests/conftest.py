@@ -148,7 +148,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 def _oom_bert(config: dict, tokenizer, threshold: int, path: Path) -> str:
-    """name -> model dir: bert, bert_st, bert64, bert_cls, gpt2, llama, oom_*."""
+    """A BERT that raises torch.OutOfMemoryError above ``threshold`` tokens."""
     from oom_model import OomBertConfig, OomBertModel
 
     OomBertConfig.register_for_auto_class()
