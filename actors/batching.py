@@ -161,6 +161,7 @@ def run_batched(
         over_limit: whether the actor is now past its memory limit (CPU, where no
             allocator error comes before the kernel's OOM killer); the batch's results
             are kept, since they are correct, and the budget halves as for an OOM.
+            A fixed budget (``--batch-tokens``) ignores it: the user chose that size.
 
     Yields:
         (row indices, step's result) for each micro-batch that ran.
@@ -186,7 +187,7 @@ def run_batched(
             else:
                 budget.shrink()
             continue
-        if over_limit():
+        if not budget.fixed and over_limit():
             budget.shrink()
         else:
             budget.succeeded()

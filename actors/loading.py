@@ -178,7 +178,7 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
     """
     import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     keep = {n for n, _ in model.named_modules() if any(s in n for s in SKIP_QUANTIZE)}
     targets = {
@@ -188,7 +188,9 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, targets, dtype=torch.qint8)
+        # Per output channel weight scales: per-tensor ones cost MiniLM 0.06 of cosine.
+        qconfig = dict.fromkeys(targets, per_channel_dynamic_qconfig)
+        return quantize_dynamic(model, qconfig, dtype=torch.qint8)
 
 
 @lru_cache(maxsize=4)

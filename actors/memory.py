@@ -26,13 +26,21 @@ class DeviceMemory(Protocol):
         """Bytes this actor may still allocate now."""
 
     def start(self) -> None:
-        """Begin measuring a peak."""
+        """Begin measuring a peak (before a probe or a micro-batch)."""
 
     def peak(self) -> int:
         """Bytes above the level at ``start``, at the highest since then."""
 
+    def high_water(self) -> int:
+        """The highest absolute usage since ``start``."""
+
+    def over_limit(self) -> bool:
+        """Whether usage since ``start`` passed this actor's limit."""
+
 
 class CudaMemory:
+    """The CUDA caching allocator's own counters; an overrun raises OutOfMemoryError."""
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._base = 0
@@ -45,11 +53,22 @@ class CudaMemory:
         self._base = torch.cuda.memory_allocated(self.device)
 
     def peak(self) -> int:
-        return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        return max(0, self.high_water() - self._base)
+
+    def high_water(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def over_limit(self) -> bool:
+        return False
 
 
 class CpuMemory:
-    """Resident memory against a limit; the peak comes from the kernel's max RSS."""
+    """Resident memory against a limit.
+
+    The peak is the kernel's high-water mark (``VmHWM``), reset at each ``start``
+    through ``/proc/self/clear_refs``: a batch's activations are freed (and RSS falls
+    back) before anyone could sample them, so only the kernel sees the real peak.
+    """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
@@ -59,17 +78,39 @@ class CpuMemory:
         return max(0, self.limit - rss())
 
     def start(self) -> None:
-        self._base = max(rss(), max_rss())
+        reset_high_water()
+        self._base = rss()
 
     def peak(self) -> int:
-        return max(0, max_rss() - self._base)
+        return max(0, self.high_water() - self._base)
+
+    def high_water(self) -> int:
+        return max(high_water_rss(), rss())
+
+    def over_limit(self) -> bool:
+        return self.high_water() > self.limit
 
 
 def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def max_rss() -> int:
+def reset_high_water() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then spans the process's life
+
+
+def high_water_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

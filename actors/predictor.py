@@ -25,8 +25,6 @@ from actors.memory import (
     DeviceMemory,
     activation_floor,
     default_cpu_limit,
-    max_rss,
-    rss,
 )
 from actors.tasks import Classify, Embed, Generate, Score, TaskHead
 
@@ -91,7 +89,10 @@ class Predictor:
                 config.max_length + self.extra_tokens,
             )
         self.stats = ActorStats(
-            actor=_actor_name(), device=str(self.device), threads=config.threads
+            actor=_actor_name(),
+            device=str(self.device),
+            threads=config.threads,
+            peak_memory_bytes=self.memory.high_water(),  # the model and the probe
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -111,7 +112,7 @@ class Predictor:
                 self.budget,
                 lambda r: self._step(ids, r),
                 on_row_oom,
-                over_limit=lambda: self.memory.free() == 0,
+                over_limit=self.memory.over_limit,
             ):
                 self.stats.add_batch(len(rows), int(lengths[rows].sum()))
                 for name, values in result.items():
@@ -123,14 +124,23 @@ class Predictor:
         return self._table(batch["_id"], columns, errors)
 
     def _probe(self, rows: int, length: int) -> None:
-        """A forward pass on a synthetic batch, for the memory probe."""
+        """The task head on a synthetic batch, for the memory probe."""
         ids = torch.full(
             (rows, length), self.pad_id, dtype=torch.long, device=self.device
         )
         with torch.inference_mode():
-            self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            self.head(self.model, ids, torch.ones_like(ids))
 
     def _step(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
+        self.memory.start()
+        try:
+            return self._run_head(ids, rows)
+        finally:
+            self.stats.peak_memory_bytes = max(
+                self.stats.peak_memory_bytes, self.memory.high_water()
+            )
+
+    def _run_head(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
         width = max(len(ids[r]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -185,7 +195,6 @@ class ActorStats:
         self.busy_seconds += seconds
         self.budget_history = tuple(budget.history)
         self.ooms = budget.ooms
-        self.peak_memory_bytes = max(self.peak_memory_bytes, _peak_memory(self.device))
 
     def snapshot(self) -> dict:
         return dict(vars(self))
@@ -202,16 +211,9 @@ def _dtype_bytes(model) -> int:
     return torch.empty((), dtype=model.dtype).element_size()
 
 
-def _peak_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return max(max_rss(), rss())
-
-
 def _actor_name() -> str:
-    try:
-        import ray
+    import ray
 
-        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no actor id
-        return f"pid-{os.getpid()}"
+    # get_runtime_context() would start a Ray of its own outside one (a plain object).
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return actor or f"pid-{os.getpid()}"

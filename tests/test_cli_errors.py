@@ -6,10 +6,12 @@ them needs the session's Ray (and each asserts that none was started).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from click.testing import CliRunner
 
 from jobs.cli import cli
@@ -163,10 +165,23 @@ def test_output_that_is_a_file(base, tmp_path):
 
 
 def test_validation_starts_no_ray(base, tmp_path):
-    if ray.is_initialized():
-        pytest.skip("the session's Ray is already up")
-    run(*with_flag(base, "--input", str(tmp_path / "nope.parquet")))
-    assert not ray.is_initialized()
+    """In a fresh interpreter, since the session's Ray may already be up in this one."""
+    args = with_flag(base, "--input", str(tmp_path / "nope.parquet"))
+    script = (
+        "import sys, ray\n"
+        "from click.testing import CliRunner\n"
+        "from jobs.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['infer', *sys.argv[1:]])\n"
+        "assert result.exit_code != 0, result.output\n"
+        "print('ray started' if ray.is_initialized() else 'no ray')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "no ray", done.stderr[-2000:]
 
 
 def test_bad_actor_memory(base):
