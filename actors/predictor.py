@@ -73,21 +73,7 @@ class Predictor:
             config.max_new_tokens if config.model.task == "generate" else 0
         )
         self.memory = device_memory(self.device, config)
-        if config.batch_tokens:
-            self.budget = TokenBudget(
-                config.batch_tokens, config.batch_tokens, fixed=True
-            )
-        else:
-            floor = activation_floor(
-                self.model.config.hidden_size, _dtype_bytes(self.model)
-            )
-            self.budget = probe_budget(
-                self.memory,
-                self._probe,
-                self.device.type,
-                floor,
-                config.max_length + self.extra_tokens,
-            )
+        self.budget = self._first_budget()
         self.stats = ActorStats(
             actor=_actor_name(),
             device=str(self.device),
@@ -122,6 +108,17 @@ class Predictor:
         if self.config.stats is not None:
             self.config.stats.report.remote(self.stats.snapshot())
         return self._table(batch["_id"], columns, errors)
+
+    def _first_budget(self) -> TokenBudget:
+        """The user's fixed --batch-tokens, or what a probe batch says fits."""
+        if self.config.batch_tokens:
+            tokens = self.config.batch_tokens
+            return TokenBudget(tokens, tokens, fixed=True)
+        floor = activation_floor(
+            self.model.config.hidden_size, _dtype_bytes(self.model)
+        )
+        longest = self.config.max_length + self.extra_tokens
+        return probe_budget(self.memory, self._probe, self.device.type, floor, longest)
 
     def _probe(self, rows: int, length: int) -> None:
         """The task head on a synthetic batch, for the memory probe."""

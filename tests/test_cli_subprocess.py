@@ -9,53 +9,29 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+# Beside this interpreter: `make test` runs .venv/bin/python without activating.
+LMBATCH = Path(sys.executable).with_name("lmbatch")
+
+
+def lmbatch_infer(*args: str) -> subprocess.CompletedProcess:
+    assert LMBATCH.exists(), "the console script is installed by `pip install -e .`"
+    return subprocess.run(
+        [str(LMBATCH), "infer", *args], capture_output=True, text=True, timeout=300
+    )
+
 
 def test_lmbatch_infer_end_to_end(tiny_models, corpus, tmp_path):
-    # Beside this interpreter: `make test` runs .venv/bin/python without activating.
-    exe = str(Path(sys.executable).with_name("lmbatch"))
-    assert Path(exe).exists(), "the console script is installed by `pip install -e .`"
     second = tmp_path / "more.jsonl"
     shutil.copy(corpus["jsonl"], second)
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            exe,
-            "infer",
-            "--model",
-            tiny_models["gpt2"],
-            "--input",
-            corpus["jsonl"],
-            str(second),
-            "--task",
-            "score",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    common = ("--model", tiny_models["gpt2"], "--task", "score", "--output", str(out))
+    done = lmbatch_infer("--input", corpus["jsonl"], str(second), *common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows 240" in done.stdout and "errors none" in done.stdout
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
     assert len(set(ids)) == 240 and f"{second}#119" in ids
-    again = subprocess.run(
-        [
-            exe,
-            "infer",
-            "--model",
-            tiny_models["gpt2"],
-            "--input",
-            str(second),
-            "--task",
-            "score",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    again = lmbatch_infer("--input", str(second), *common)
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     assert pq.read_table(out).num_rows == 240
