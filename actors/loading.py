@@ -45,6 +45,7 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Modules kept in full precision by every quantised load: the output heads, whose errors
 # reach the result directly, and poolers.
 SKIP_QUANTIZE = ["lm_head", "classifier", "score", "pooler"]
+NF4_CPU_BLOCK = 64  # input features bitsandbytes' 4-bit CPU kernels pack together
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
     else:
         model = cls.from_pretrained(
             spec.path,
-            quantization_config=bnb_config(spec, device),
+            quantization_config=bnb_config(
+                spec, device, _unpackable_linears(cls, spec, device)
+            ),
             # bitsandbytes computes in fp32 on CPU (give it explicitly), fp16 on GPU.
             dtype=torch.float32 if device == "cpu" else torch.float16,
             device_map={"": device},
@@ -151,22 +154,40 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
     return model.eval()
 
 
-def bnb_config(spec: ModelSpec, device: str) -> BitsAndBytesConfig:
-    """LLM.int8, or NF4 double-quantised; heads and poolers stay full precision."""
+def bnb_config(spec: ModelSpec, device: str, skip: list[str]) -> BitsAndBytesConfig:
+    """LLM.int8, or NF4 double-quantised; heads, poolers and ``skip`` stay full."""
     compute = torch.float32 if device == "cpu" else torch.float16
     if spec.precision == "int8":
         return BitsAndBytesConfig(
             load_in_8bit=True,
             llm_int8_threshold=spec.int8_threshold,
-            llm_int8_skip_modules=SKIP_QUANTIZE,
+            llm_int8_skip_modules=[*SKIP_QUANTIZE, *skip],
         )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
-        llm_int8_skip_modules=SKIP_QUANTIZE,
+        llm_int8_skip_modules=[*SKIP_QUANTIZE, *skip],
     )
+
+
+def _unpackable_linears(cls, spec: ModelSpec, device: str) -> list[str]:
+    """Linears that bitsandbytes' 4-bit CPU kernels cannot pack: their input width is
+    not a multiple of its 64-wide blocks. Kept in full precision rather than crashing
+    at the first forward. Read off a weightless skeleton on the meta device."""
+    if spec.precision != "nf4" or device != "cpu":
+        return []
+    config = AutoConfig.from_pretrained(
+        spec.path, trust_remote_code=spec.trust_remote_code
+    )
+    with torch.device("meta"):
+        skeleton = cls.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.in_features % NF4_CPU_BLOCK
+    ]
 
 
 def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:

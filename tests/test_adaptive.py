@@ -108,3 +108,18 @@ def test_every_precision_stays_close_to_fp32(
     b = np.array([low[k]["embedding"] for k in full])
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.mean() >= min_cosine, cosine.mean()
+
+
+def test_nf4_on_cpu_keeps_narrow_layers_in_full_precision(tiny_models):
+    """Hidden 32 is narrower than bitsandbytes' 64-wide 4-bit CPU blocks."""
+    import torch
+
+    from actors.loading import load_model
+
+    model = load_model(ModelSpec(tiny_models["bert"], "embed", "nf4"))
+    reference = load_model(ModelSpec(tiny_models["bert"], "embed"))
+    ids = torch.randint(6, 90, (2, 12))
+    with torch.inference_mode():
+        got = model(input_ids=ids).last_hidden_state
+        want = reference(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want)  # nothing could be packed, so nothing changed

@@ -59,3 +59,12 @@ def test_forced_format_reads_any_suffix(tmp_path):
     path.write_text('{"text": "x", "n": 1}\n')
     got = resolve_inputs([str(path)], "jsonl", "text", "n")
     assert got.columns == ["text", "n"]
+
+
+def test_filesystem_uris_resolve_like_paths(tmp_path):
+    """Any pyarrow filesystem URI; file:// is the one reachable without a network."""
+    touch_csv(tmp_path / "d" / "a.csv")
+    got = resolve_inputs([f"file://{tmp_path}/d/*.csv"], None, "text", None)
+    assert got.paths == [str(tmp_path / "d" / "a.csv")]
+    directory = resolve_inputs([f"file://{tmp_path}/d"], None, "text", None)
+    assert directory.paths == got.paths
