@@ -59,10 +59,10 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
-    if plan.spec.overwrite:
-        plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
     with ray_session(address):
-        pool = size_pool(plan)
+        pool = size_pool(plan)  # may still refuse the job: delete nothing before it
+        if plan.spec.overwrite:
+            plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
         sink = StatsSink.remote()
         started = time.perf_counter()
         build_dataset(plan, pool, sink).write_parquet(

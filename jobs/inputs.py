@@ -77,7 +77,7 @@ def resolve_inputs(
 def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
     """One --input value -> its files. Directories recurse; names starting with '.' or
     '_' (``_SUCCESS``, ``.crc``, our own ``_summary.json``) are skipped."""
-    fs, path = _filesystem(given)
+    fs, path = filesystem_of(given, "--input")
     glob_at = [path.find(c) for c in GLOB_CHARS if c in path]
     if glob_at:
         base = path[: min(glob_at)].rsplit("/", 1)[0] or "/"
@@ -94,13 +94,14 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, found
 
 
-def _filesystem(given: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_of(given: str, flag: str) -> tuple[pafs.FileSystem, str]:
+    """A local path (made absolute) or any pyarrow filesystem URI -> (fs, path)."""
     if "://" not in given:
         return pafs.LocalFileSystem(), os.path.abspath(given)
     try:
         return pafs.FileSystem.from_uri(given)
     except (pa.ArrowInvalid, ValueError, OSError) as e:
-        raise UserError("--input", f"cannot open {given}: {e}") from None
+        raise UserError(flag, f"cannot open {given}: {e}") from None
 
 
 def _listing(fs: pafs.FileSystem, base: str, keep: Callable[[str], bool]) -> list[str]:

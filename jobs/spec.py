@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 
 from actors.errors import UserError
 from actors.loading import PRECISIONS, ModelInfo, inspect_model
-from jobs.inputs import ResolvedInputs, resolve_inputs
+from jobs.inputs import ResolvedInputs, filesystem_of, resolve_inputs
 
 TASKS = ("embed", "score", "classify", "generate")
 ON_LONG = ("truncate", "error")
@@ -129,11 +129,7 @@ def _max_length(spec: InferSpec, info: ModelInfo) -> int:
 
 def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
     """Refuse an output directory that holds files, unless ``--overwrite``."""
-    fs, path = (
-        pafs.FileSystem.from_uri(output)
-        if "://" in output
-        else (pafs.LocalFileSystem(), _abspath(output))
-    )
+    fs, path = filesystem_of(output, "--output")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
@@ -144,9 +140,3 @@ def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
                 f"{output} already holds files; pass --overwrite to replace them",
             )
     return fs, path
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)

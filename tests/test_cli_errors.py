@@ -203,3 +203,13 @@ def test_parse_size_units():
     assert parse_size(None, None, "2GiB") == 2 << 30
     assert parse_size(None, None, "512MB") == 512_000_000
     assert parse_size(None, None, "1e9") == 1_000_000_000
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_overwrite_deletes_nothing_when_the_pool_is_refused(base, tmp_path):
+    """--actors is checked against the cluster, after Ray is up: still nothing lost."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.parquet").write_bytes(b"data")
+    assert_user_error(run(*base, "--overwrite", "--actors", "9"), "--actors", "at most")
+    assert (out / "keep.parquet").read_bytes() == b"data"
