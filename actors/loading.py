@@ -117,10 +117,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
     Raises:
         UserError: naming ``--precision`` or ``--model``.
     """
-    if spec.precision not in PRECISIONS:
-        raise UserError(
-            "--precision", f"unknown {spec.precision!r}; use {', '.join(PRECISIONS)}"
-        )
+    check_precision(spec.precision)
     if spec.precision == "cpu-int8" and device != "cpu":
         raise UserError(
             "--precision", "cpu-int8 runs on CPU only; use int8 or nf4 on a GPU"
@@ -152,6 +149,14 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
             **kwargs,
         )
     return model.eval()
+
+
+def check_precision(precision: str) -> None:
+    """Raises: UserError naming ``--precision`` when it is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            "--precision", f"unknown {precision!r}; use {', '.join(PRECISIONS)}"
+        )
 
 
 def bnb_config(spec: ModelSpec, device: str, skip: list[str]) -> BitsAndBytesConfig:

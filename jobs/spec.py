@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from actors.errors import UserError
-from actors.loading import PRECISIONS, ModelInfo, inspect_model
+from actors.loading import ModelInfo, check_precision, inspect_model
 from jobs.inputs import ResolvedInputs, filesystem_of, resolve_inputs
 
 TASKS = ("embed", "score", "classify", "generate")
@@ -77,11 +77,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
 def _check_choices(spec: InferSpec) -> None:
     if spec.task not in TASKS:
         raise UserError("--task", f"unknown task {spec.task!r}; use {', '.join(TASKS)}")
-    if spec.precision not in PRECISIONS:
-        raise UserError(
-            "--precision",
-            f"unknown precision {spec.precision!r}; use {', '.join(PRECISIONS)}",
-        )
+    check_precision(spec.precision)
     if spec.on_long not in ON_LONG:
         raise UserError(
             "--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}"
