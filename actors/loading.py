@@ -9,7 +9,7 @@ inside each actor. Weights are safetensors only unless the user allows pickles, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,11 +123,14 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
             "--precision", "cpu-int8 runs on CPU only; use int8 or nf4 on a GPU"
         )
     _check_weights(Path(spec.path), spec.allow_pickle)
+    spec, skip, artifact = _artifact_spec(spec)
+    cls = TASK_MODEL_CLASSES[spec.task]
+    if artifact is not None and (artifact.rebuild or artifact.sparse):
+        return _load_rebuilt(spec, cls, artifact, device)
     kwargs = dict(
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=None if spec.allow_pickle else True,  # None: whichever is there
     )
-    cls = TASK_MODEL_CLASSES[spec.task]
     if spec.precision in FLOAT_DTYPES:
         model = cls.from_pretrained(
             spec.path, dtype=FLOAT_DTYPES[spec.precision], **kwargs
@@ -141,7 +144,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
         model = cls.from_pretrained(
             spec.path,
             quantization_config=bnb_config(
-                spec, device, _unpackable_linears(cls, spec, device)
+                spec, device, [*skip, *_unpackable_linears(cls, spec, device)]
             ),
             # bitsandbytes computes in fp32 on CPU (give it explicitly), fp16 on GPU.
             dtype=torch.float32 if device == "cpu" else torch.float16,
@@ -149,6 +152,47 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
             **kwargs,
         )
     return model.eval()
+
+
+def _artifact_spec(spec: ModelSpec):
+    """An lmbatch artifact carries its precision: ``--precision`` may only repeat it,
+    or pick one for an artifact saved in fp32. Returns (spec, bnb skips, meta)."""
+    from optimize.artifact import ArtifactMeta
+
+    meta = ArtifactMeta.read(spec.path)
+    if meta is None or meta.precision == "fp32":
+        return spec, [], meta
+    if spec.precision not in ("fp32", meta.precision):
+        raise UserError(
+            "--precision",
+            f"{spec.path} is an artifact already in {meta.precision}; "
+            "leave --precision out",
+        )
+    q = meta.quantization or {}
+    precision = "fp32" if meta.precision == "mixed" else meta.precision
+    spec = replace(
+        spec,
+        precision=precision,
+        int8_threshold=q.get("int8_threshold", spec.int8_threshold),
+    )
+    return spec, list(q.get("skip", [])), meta
+
+
+def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedModel:
+    """An artifact with lmbatch's own modules (low-rank, shared, int8, pruned heads)."""
+    from optimize.artifact import load_artifact
+
+    if spec.precision in ("int8", "nf4"):
+        raise UserError(
+            "--precision",
+            f"{spec.precision} cannot be applied to {spec.path}: its lmbatch modules "
+            "are not bitsandbytes layers; use fp32, fp16, bf16 or cpu-int8",
+        )
+    dtype = None if spec.precision == "fp32" else FLOAT_DTYPES.get(spec.precision)
+    model = load_artifact(spec.path, cls, artifact, dtype)
+    if spec.precision == "cpu-int8":
+        model = quantize_dynamic_int8(model)
+    return model.to(device).eval()
 
 
 def check_precision(precision: str) -> None:

@@ -215,6 +215,60 @@ def infer(
     click.echo("\n".join(summary.lines()))
 
 
+@cli.command()
+@click.option("--model", required=True, help="Hugging Face model directory.")
+@click.option("--recipe", required=True, help="YAML recipe: a list of `steps`.")
+@click.option("--output", required=True, help="Directory for the artifact.")
+@click.option(
+    "--calibration",
+    multiple=True,
+    help="Text for statistics, training and (a held-out share) evaluation.",
+)
+@click.option("--eval", "eval_", multiple=True, help="Held-out text for the metrics.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(["embed", "score", "classify"]),
+    default=None,
+    help="Default: from the architecture (causal LM: score).",
+)
+@click.option(
+    "--max-rows",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Calibration rows read at most.",
+)
+@click.option("--eval-rows", type=int, default=512, show_default=True)
+@click.option(
+    "--max-length",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Tokens per calibration and evaluation row.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
+@click.pass_context
+@user_errors
+def optimize(ctx: click.Context, eval_: tuple[str, ...], **flags) -> None:
+    """Compress a model by a recipe; measure every step; save a loadable artifact."""
+    from jobs.optimize import OptimizeSpec, prepare_optimize, run_optimize
+    from optimize.report import FIDELITY
+
+    plan = prepare_optimize(OptimizeSpec(eval=eval_, **flags))
+    results = run_optimize(plan, ctx.obj["address"])
+    metric = FIDELITY[plan.task]
+    base = results[0]["metrics"]["rows_per_s"]
+    for r in results:
+        m = r["metrics"]
+        click.echo(
+            f"{r['name']:<16} {metric} {m[metric]:.4f}  "
+            f"{m['bytes'] / 1e6:8.1f} MB  {m['rows_per_s']:8.1f} rows/s "
+            f"({m['rows_per_s'] / base:.2f}x)"
+        )
+    click.echo(f"artifact: {plan.spec.output} (report.md, tradeoff.png)")
+
+
 def main() -> None:
     cli(prog_name="lmbatch")
 

@@ -1,0 +1,35 @@
+"""What every step of a recipe may use besides the model it changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from actors.loading import Pooling
+from optimize.calibrate import Batch
+
+
+@dataclass
+class Context:
+    teacher: PreTrainedModel  # the original model, frozen: every step's reference
+    tokenizer: object
+    task: str  # embed | score | classify: decides losses and metrics
+    pooling: Pooling
+    calibration: list[str]  # text for statistics and training
+    batches: list[Batch]  # the calibration text, tokenized once
+    eval_batches: list[Batch]  # held-out text for fidelity
+    # Unstructured pruning's masks, re-applied after every training step so that
+    # fine-tuning cannot regrow what was pruned.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    storage: dict[str, str] = field(default_factory=dict)  # weight name -> bitmask
+    quantization: dict | None = None  # bitsandbytes settings load_model re-applies
+    dtype: str = "fp32"  # the whole model's dtype after a fp16/bf16 quantize
+    notes: list[str] = field(default_factory=list)  # said in the step's report line
+    search: dict | None = None  # what a search step chose, for lmbatch.json
+
+    def apply_masks(self, model: PreTrainedModel) -> None:
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                model.get_parameter(name).mul_(mask)

@@ -1,0 +1,164 @@
+"""What a step cost and bought: fidelity to the original on held-out text, size, speed.
+
+Fidelity by task: embeddings, mean and minimum cosine and top-10 neighbour overlap
+(neighbours among the evaluation rows); causal LMs, perplexity, its relative increase,
+KL(original || optimized) per token and top-1 agreement; classifiers, label agreement
+and KL. Speed is rows/s of the infer job's own ``Predictor`` (adaptive token budget,
+length-sorted micro-batches) on the current device, over the evaluation rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.loading import ModelSpec, inspect_model
+from actors.predictor import Predictor, PredictorConfig
+from actors.tasks import pool
+from actors.tokenize import TokenizeConfig, tokenize_batch
+from optimize.calibrate import Batch
+from optimize.context import Context
+
+
+@torch.inference_mode()
+def fidelity(model: nn.Module, ctx: Context, batches: list[Batch]) -> dict[str, float]:
+    """Compare ``model`` with ``ctx.teacher`` on ``batches``."""
+    if ctx.task == "embed":
+        ref = torch.cat([_embed(ctx.teacher, b, ctx) for b in batches])
+        out = torch.cat([_embed(model, b, ctx) for b in batches])
+        return embedding_fidelity(ref, out)
+    totals = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "n": 0}
+    for batch in batches:
+        ref = ctx.teacher(**batch).logits.float()
+        out = model(**batch).logits.float()
+        _accumulate(totals, ref, out, batch, ctx.task)
+    n = max(1, totals["n"])
+    metrics = {"kl": totals["kl"] / n}
+    if ctx.task == "score":
+        ppl_ref, ppl = math.exp(totals["nll_ref"] / n), math.exp(totals["nll"] / n)
+        metrics.update(
+            perplexity=ppl,
+            perplexity_increase=ppl / ppl_ref - 1,
+            top1_agreement=totals["agree"] / n,
+        )
+    else:
+        metrics["agreement"] = totals["agree"] / n
+    return metrics
+
+
+def embedding_fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    cos = (F.normalize(ref, dim=-1) * F.normalize(out, dim=-1)).sum(dim=-1)
+    return {
+        "cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "top10": top_k_overlap(ref, out, 10),
+    }
+
+
+def top_k_overlap(ref: torch.Tensor, out: torch.Tensor, k: int) -> float:
+    """Share of each row's k nearest neighbours (by cosine, itself excluded) kept."""
+    k = min(k, len(ref) - 1)
+    if k < 1:
+        return 1.0
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        sims = x @ x.T
+        sims.fill_diagonal_(-2.0)
+        return sims.topk(k, dim=1).indices
+
+    a, b = neighbours(ref), neighbours(out)
+    hits = (a[:, :, None] == b[:, None, :]).any(dim=2).float()
+    return float(hits.mean())
+
+
+def meets(metrics: dict[str, float], floor: dict[str, float]) -> bool:
+    """Is every floor held? perplexity_increase is a ceiling, the rest are floors."""
+    for name, bound in floor.items():
+        value = metrics.get(name)
+        if value is None:
+            return False
+        if name == "perplexity_increase" and value > bound:
+            return False
+        if name != "perplexity_increase" and value < bound:
+            return False
+    return True
+
+
+def throughput(
+    path: str, task: str, texts: list[str], max_length: int, repeats: int = 2
+) -> tuple[float, Predictor]:
+    """Rows/s of the infer job's Predictor on the artifact at ``path``: best of
+    ``repeats`` passes, the probe and first call's warm-up excluded."""
+    info = inspect_model(path, task)
+    max_length = min(max_length, info.max_positions or max_length)
+    config = PredictorConfig(
+        model=ModelSpec(path, task),
+        info=info,
+        threads=os.cpu_count() or 1,
+        max_length=max_length,
+    )
+    predictor = Predictor(config)
+    batch = _token_batch(path, texts, max_length)
+    predictor(batch)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predictor(batch)
+        best = min(best, time.perf_counter() - started)
+    return len(texts) / best, predictor
+
+
+def sizes(model: nn.Module, path: Path, masks: dict[str, torch.Tensor]) -> dict:
+    """Parameters (non-zeros where pruned) and bytes of the weight files."""
+    params = 0
+    for key, tensor in model.state_dict().items():
+        params += int(masks[key].sum()) if key in masks else tensor.numel()
+    disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {"parameters": params, "bytes": disk}
+
+
+def _embed(model: nn.Module, batch: Batch, ctx: Context) -> torch.Tensor:
+    hidden = model(**batch).last_hidden_state.float()
+    return F.normalize(pool(hidden, batch["attention_mask"], ctx.pooling.mode), dim=-1)
+
+
+def _accumulate(
+    totals: dict, ref: torch.Tensor, out: torch.Tensor, batch: Batch, task: str
+) -> None:
+    if task == "score":  # predictions of the next real token
+        mask = batch["attention_mask"][:, 1:].reshape(-1).bool()
+        target = batch["input_ids"][:, 1:].reshape(-1)[mask]
+        ref = ref[:, :-1].reshape(-1, ref.shape[-1])[mask]
+        out = out[:, :-1].reshape(-1, out.shape[-1])[mask]
+        totals["nll_ref"] += float(F.cross_entropy(ref, target, reduction="sum"))
+        totals["nll"] += float(F.cross_entropy(out, target, reduction="sum"))
+    log_ref, log_out = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+    totals["kl"] += float(F.kl_div(log_out, log_ref, log_target=True, reduction="sum"))
+    totals["agree"] += float((ref.argmax(-1) == out.argmax(-1)).sum())
+    totals["n"] += len(ref)
+
+
+def _token_batch(path: str, texts: list[str], max_length: int) -> dict:
+    """The tokenize stage's output for ``texts``, as the actor receives it."""
+    table = pa.table(
+        {
+            "_id": [str(i) for i in range(len(texts))],
+            "_text": texts,
+            "_error": pa.array([None] * len(texts), pa.string()),
+        }
+    )
+    tokens = tokenize_batch(table, TokenizeConfig(path, max_length, min_tokens=1))
+    return {
+        "_id": np.array(tokens["_id"].to_pylist(), dtype=object),
+        "_ids": [np.asarray(x, dtype=np.int32) for x in tokens["_ids"].to_pylist()],
+        "_error": np.array(tokens["_error"].to_pylist(), dtype=object),
+    }

@@ -1,0 +1,143 @@
+"""Run a recipe: apply each step in order, save and reload it, measure it.
+
+    original --step 1--> snapshot --load_model--> fidelity, size, rows/s
+             --step 2--> ...                       (one row per step)
+    last snapshot -> OUTPUT (artifact) + lmbatch.json + report.md + tradeoff.png
+
+What is measured is what reloads: each snapshot goes through the one ``load_model`` and
+the infer job's ``Predictor`` before its numbers are taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors.loading import ModelSpec, inspect_model, load_model, load_tokenizer
+from optimize.artifact import ArtifactMeta, fingerprint, save_artifact
+from optimize.calibrate import make_batches
+from optimize.context import Context
+from optimize.distill import apply_distill
+from optimize.evaluate import fidelity, sizes, throughput
+from optimize.lowrank import apply_lowrank
+from optimize.prune import apply_prune
+from optimize.quantize import apply_quantize
+from optimize.recipe import (
+    STEP_NAMES,
+    Distill,
+    Lowrank,
+    Prune,
+    Quantize,
+    Search,
+    Share,
+    Step,
+    to_dicts,
+)
+from optimize.report import write_report
+from optimize.search import apply_search
+from optimize.share import apply_share
+
+log = logging.getLogger("lmbatch")
+APPLY = {
+    Quantize: apply_quantize,
+    Prune: apply_prune,
+    Distill: apply_distill,
+    Lowrank: apply_lowrank,
+    Share: apply_share,
+    Search: apply_search,
+}
+CALIBRATION_ROWS = 256  # rows for activation statistics (training uses them all)
+
+
+@dataclass(frozen=True)
+class Texts:
+    calibration: list[str]
+    evaluation: list[str]
+    max_length: int = 128  # tokens per calibration/evaluation row
+
+
+def run_recipe(
+    model_dir: str, task: str, steps: list[Step], output: Path, texts: Texts
+) -> list[dict]:
+    """Apply ``steps`` to ``model_dir``, write the artifact to ``output``."""
+    torch.manual_seed(0)
+    base = Path(model_dir)
+    teacher = load_model(ModelSpec(model_dir, task))
+    teacher.requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir)
+    info = inspect_model(model_dir, task)
+    ctx = Context(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        task=task,
+        pooling=info.pooling,
+        calibration=texts.calibration,
+        batches=make_batches(
+            tokenizer, texts.calibration[:CALIBRATION_ROWS], texts.max_length, 16
+        ),
+        eval_batches=make_batches(tokenizer, texts.evaluation, texts.max_length, 32),
+    )
+    results = [measure("original", base, ctx, texts, [])]
+    meta = ArtifactMeta(
+        base_model=str(base),
+        base_fingerprint=fingerprint(base),
+        task=task,
+        recipe=to_dicts(steps),
+    )
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    work = output.parent / f".{output.name}.steps"
+    snapshot = None
+    try:
+        for i, step in enumerate(steps):
+            name = STEP_NAMES[type(step)]
+            ctx.notes = []
+            started = time.perf_counter()
+            log.info("step %d: %s", i, name)
+            model = APPLY[type(step)](model, step, ctx, f"steps[{i}].{name}")
+            meta.precision = _precision(model, ctx)
+            meta.quantization = ctx.quantization
+            previous, snapshot = snapshot, work / f"{i}-{name}"
+            save_artifact(model, snapshot, base, meta, ctx.storage)
+            if previous is not None:
+                shutil.rmtree(previous)
+            result = measure(f"{i + 1}. {name}", snapshot, ctx, texts, ctx.notes)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            results.append(result)
+        meta.steps = results
+        if ctx.search:
+            meta.recipe[-1]["search"]["result"] = ctx.search
+        save_artifact(model, output, base, meta, ctx.storage)
+        write_report(output, task, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def measure(
+    name: str, path: Path, ctx: Context, texts: Texts, notes: list[str]
+) -> dict:
+    """Reload ``path`` as the infer job would and take its numbers."""
+    rows_per_s, predictor = throughput(
+        str(path), ctx.task, texts.evaluation, texts.max_length
+    )
+    metrics = fidelity(predictor.model, ctx, ctx.eval_batches)
+    metrics.update(sizes(predictor.model, path, ctx.masks))
+    metrics["rows_per_s"] = rows_per_s
+    log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+    return {"name": name, "metrics": metrics, "notes": list(notes)}
+
+
+def _precision(model: torch.nn.Module, ctx: Context) -> str:
+    if ctx.quantization:
+        return ctx.quantization["method"]
+    from optimize.layers import CastLinear, Int8Linear
+
+    if any(isinstance(m, CastLinear | Int8Linear) for m in model.modules()):
+        return "mixed"
+    return ctx.dtype

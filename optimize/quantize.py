@@ -1,0 +1,96 @@
+"""Quantization: fp16/bf16, int8 on torch's CPU kernels (dynamic or static activations,
+optionally quantization-aware fine-tuned), or bitsandbytes int8/nf4.
+
+``skip`` globs keep chosen modules in fp32, making a mixed model. bitsandbytes layers
+are not built here: their settings go into the artifact and ``load_model`` re-applies
+them on the device that runs the job (its kernels are device-specific).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from optimize.calibrate import linear_stats, make_batches, target_linears
+from optimize.context import Context
+from optimize.layers import CastLinear, FakeQuantLinear, Int8Linear, replace_module
+from optimize.recipe import Distill, Quantize
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def apply_quantize(
+    model: PreTrainedModel, step: Quantize, ctx: Context, where: str
+) -> PreTrainedModel:
+    names = target_linears(model, step.skip)
+    if step.method in DTYPES:
+        if not step.skip:
+            ctx.dtype = step.method
+            return model.to(getattr(torch, DTYPES[step.method]))
+        for name in names:
+            to_cast(model, name, DTYPES[step.method])
+        return model
+    if step.method in ("int8", "nf4"):
+        ctx.quantization = {
+            "method": step.method,
+            "skip": [
+                n
+                for n, _ in model.named_modules()
+                if n and n not in names and isinstance(_, torch.nn.Linear)
+            ],
+            "int8_threshold": step.int8_threshold,
+        }
+        ctx.notes.append(f"{step.method}: bitsandbytes layers built at load")
+        return model
+    if step.qat:
+        quantization_aware_finetune(model, names, step, ctx)
+    ranges = {}
+    if step.activations == "static":
+        stats = linear_stats(model, ctx.batches, names)
+        ranges = {n: (s.in_absmax, s.out_absmax) for n, s in stats.items()}
+    for name in names:
+        replace_module(
+            model,
+            name,
+            Int8Linear.from_linear(
+                model.get_submodule(name), step.activations, ranges.get(name)
+            ),
+        )
+    return model
+
+
+def to_cast(model: PreTrainedModel, name: str, dtype: str) -> None:
+    linear = model.get_submodule(name)
+    cast = CastLinear(
+        linear.in_features, linear.out_features, dtype, linear.bias is not None
+    )
+    cast.linear.load_state_dict(linear.state_dict())
+    replace_module(model, name, cast)
+
+
+def quantization_aware_finetune(
+    model: PreTrainedModel, names: list[str], step: Quantize, ctx: Context
+) -> None:
+    """Train the model through its int8 rounding against the original, then leave
+    plain Linears holding the trained weights for the int8 conversion."""
+    from optimize.distill import distill_loss, train
+
+    for name in names:
+        linear = model.get_submodule(name)
+        fake = FakeQuantLinear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None
+        )
+        fake.load_state_dict(linear.state_dict())
+        replace_module(model, name, fake)
+    config = Distill(steps=step.qat.steps, lr=step.qat.lr)
+    batches = make_batches(
+        ctx.tokenizer, ctx.calibration, config.max_length, config.batch_size
+    )
+    train(model, ctx, batches, step.qat, lambda s, b: distill_loss(s, b, config, ctx))
+    for name in names:
+        fake = model.get_submodule(name)
+        linear = torch.nn.Linear(
+            fake.in_features, fake.out_features, bias=fake.bias is not None
+        )
+        linear.load_state_dict(fake.state_dict())
+        replace_module(model, name, linear)

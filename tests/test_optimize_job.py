@@ -1,0 +1,174 @@
+"""``lmbatch optimize`` end to end on the session's Ray; its artifact in ``infer``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import run_job
+from test_cli_errors import assert_user_error
+
+from jobs.cli import cli
+
+RECIPE = """\
+steps:
+  - prune: {method: structured, heads: 0.5, ffn: 0.25}
+  - distill: {steps: 5, batch_size: 16}
+  - lowrank: {rank_ratio: 0.25, min_saving: 0.0, skip: ["*attention*"]}
+  - quantize: {method: cpu-int8, activations: static}
+"""
+
+
+def optimize(*args: str):
+    return CliRunner().invoke(cli, ["optimize", *args])
+
+
+@pytest.fixture
+def recipe(tmp_path) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def test_optimize_writes_a_measured_artifact_that_infer_loads(
+    ray_local, tiny_models, corpus, recipe, tmp_path
+):
+    out = tmp_path / "artifact"
+    done = optimize(
+        "--model",
+        tiny_models["bert_st"],
+        "--recipe",
+        recipe,
+        "--calibration",
+        corpus["parquet"],
+        "--output",
+        str(out),
+    )
+    assert done.exit_code == 0, done.output
+    assert "4. quantize" in done.output
+    meta = json.loads((out / "lmbatch.json").read_text())
+    names = [s["name"] for s in meta["steps"]]
+    assert names == ["original", "1. prune", "2. distill", "3. lowrank", "4. quantize"]
+    for step in meta["steps"]:
+        assert {
+            "cosine",
+            "min_cosine",
+            "top10",
+            "parameters",
+            "bytes",
+            "rows_per_s",
+        } <= step["metrics"].keys()
+    assert (
+        meta["steps"][1]["metrics"]["parameters"]
+        < meta["steps"][0]["metrics"]["parameters"]
+    )
+    assert meta["precision"] == "mixed" and meta["task"] == "embed"
+    assert [next(iter(s)) for s in meta["recipe"]] == [
+        "prune",
+        "distill",
+        "lowrank",
+        "quantize",
+    ]
+    assert (out / "report.md").read_text().count("\n| ") == 6  # header + 5 rows
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "modules.json").is_file()  # sentence-transformers pooling kept
+
+    rows, summary = run_job(
+        tmp_path / "emb", model=str(out), inputs=corpus["parquet"], task="embed"
+    )
+    assert summary.rows == 120 and summary.errors == 0
+    vectors = np.array([r["embedding"] for r in rows.values()])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_optimize_causal_lm_reports_perplexity(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(
+        "steps:\n  - prune: {method: activation, sparsity: 0.5, "
+        "pattern: '2:4', storage: bitmask}\n"
+    )
+    out = tmp_path / "lm"
+    done = optimize(
+        "--model",
+        tiny_models["llama"],
+        "--recipe",
+        str(recipe),
+        "--calibration",
+        corpus["jsonl"],
+        "--eval",
+        corpus["csv"],
+        "--output",
+        str(out),
+    )
+    assert done.exit_code == 0, done.output
+    metrics = json.loads((out / "lmbatch.json").read_text())["steps"][-1]["metrics"]
+    assert {"perplexity", "perplexity_increase", "kl", "top1_agreement"} <= set(metrics)
+    report = (out / "report.md").read_text()
+    assert "same speed on dense kernels" in report
+    _, summary = run_job(
+        tmp_path / "scores", model=str(out), inputs=corpus["parquet"], task="score"
+    )
+    assert summary.rows == 120 and summary.errors == 0
+
+
+def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
+    base = ["--model", tiny_models["bert"], "--output", str(tmp_path / "o")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - prune: {method: magnitude, sparsity: 2}\n")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep me")
+    cases = [
+        (
+            [*base, "--recipe", str(bad), "--calibration", corpus["parquet"]],
+            "steps[0].prune.sparsity",
+        ),
+        ([*base, "--recipe", recipe], "--calibration"),
+        (
+            [
+                *base,
+                "--recipe",
+                recipe,
+                "--calibration",
+                corpus["parquet"],
+                "--text-column",
+                "body",
+            ],
+            "--text-column: no column 'body'",
+        ),
+        (
+            [
+                "--model",
+                str(tmp_path),
+                "--recipe",
+                recipe,
+                "--calibration",
+                corpus["parquet"],
+                "--output",
+                str(tmp_path / "o"),
+            ],
+            "--model",
+        ),
+        (
+            [
+                "--model",
+                tiny_models["bert"],
+                "--recipe",
+                recipe,
+                "--calibration",
+                corpus["parquet"],
+                "--output",
+                str(taken),
+            ],
+            "--overwrite",
+        ),
+    ]
+    for args, fragment in cases:
+        assert_user_error(optimize(*args), fragment)
+    assert (taken / "x").read_text() == "keep me"
+    assert not Path(tmp_path / "o").exists()

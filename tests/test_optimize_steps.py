@@ -1,0 +1,271 @@
+"""Each optimize step's effect is real, and its artifact reloads to the same outputs.
+
+Steps run in memory on tiny models (no Ray); the artifact goes through ``load_model``,
+the loader every infer actor uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sentences
+
+from actors.loading import ModelSpec, inspect_model, load_model, load_tokenizer
+from optimize.artifact import ArtifactMeta, save_artifact
+from optimize.calibrate import make_batches
+from optimize.context import Context
+from optimize.evaluate import fidelity
+from optimize.layers import Int8Linear, LowRankLinear, SharedLinear
+from optimize.pipeline import APPLY
+from optimize.recipe import to_steps
+
+TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "score"}
+
+
+def context(path: str, task: str) -> Context:
+    teacher = load_model(ModelSpec(path, task)).requires_grad_(False)
+    tokenizer = load_tokenizer(path)
+    texts = sentences(64, seed=1)
+    return Context(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        task=task,
+        pooling=inspect_model(path, task).pooling,
+        calibration=texts,
+        batches=make_batches(tokenizer, texts, 32, 16),
+        eval_batches=make_batches(tokenizer, sentences(32, seed=2), 32, 16),
+    )
+
+
+def apply(name: str, tiny_models, recipe: list[dict]):
+    torch.manual_seed(0)
+    ctx = context(tiny_models[name], TASK[name])
+    model = copy.deepcopy(ctx.teacher).requires_grad_(True)
+    for i, step in enumerate(to_steps(recipe)):
+        model = APPLY[type(step)](model, step, ctx, f"steps[{i}]")
+    return model.eval(), ctx
+
+
+def reload(model, ctx: Context, base: str, out: Path, precision: str = "fp32"):
+    from optimize.pipeline import _precision
+
+    meta = ArtifactMeta(
+        base_model=base,
+        base_fingerprint="",
+        task=ctx.task,
+        recipe=[],
+        precision=_precision(model, ctx),
+        quantization=ctx.quantization,
+    )
+    save_artifact(model, out, Path(base), meta, ctx.storage)
+    return load_model(ModelSpec(str(out), ctx.task, precision=precision))
+
+
+def outputs(model, ctx: Context) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(**ctx.eval_batches[0])
+    return out.last_hidden_state if ctx.task == "embed" else out.logits
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_structured_prune_shrinks_tensors_and_reloads(name, tiny_models, tmp_path):
+    recipe = [{"prune": {"method": "structured", "heads": 0.5, "ffn": 0.5}}]
+    model, ctx = apply(name, tiny_models, recipe)
+    assert params(model) < params(ctx.teacher)
+    first = "encoder.layer.0" if name == "bert" else "model.layers.0"
+    ffn_out = "output.dense" if name == "bert" else "mlp.down_proj"
+    width = model.get_submodule(f"{first}.{ffn_out}").in_features
+    original = ctx.teacher.get_submodule(f"{first}.{ffn_out}").in_features
+    assert width == original - round(original * 0.5)
+    assert model.config.intermediate_size == width
+    if name == "bert":  # 2 heads of 16 -> 1
+        assert model.get_submodule(f"{first}.attention.self.query").out_features == 16
+    loaded = reload(model, ctx, tiny_models[name], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+@pytest.mark.parametrize(
+    "prune,expected",
+    [
+        ({"method": "magnitude", "sparsity": 0.5}, 0.5),
+        ({"method": "magnitude", "sparsity": 0.3, "scope": "global"}, 0.3),
+        ({"method": "activation", "sparsity": 0.6}, 0.6),
+        ({"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}, 0.5),
+        (
+            {"method": "magnitude", "sparsity": 0.5, "rounds": 2, "finetune_steps": 3},
+            0.5,
+        ),
+    ],
+)
+def test_unstructured_sparsity_is_as_asked(prune, expected, tiny_models):
+    model, ctx = apply("bert", tiny_models, [{"prune": prune}])
+    weights = [model.get_parameter(k) for k in ctx.masks]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    assert zeros / total == pytest.approx(expected, abs=0.03)
+    if prune.get("pattern") == "2:4":
+        w = model.get_parameter(next(iter(ctx.masks)))
+        groups = (w[:, : w.shape[1] // 4 * 4] != 0).reshape(w.shape[0], -1, 4)
+        assert (groups.sum(dim=2) <= 2).all()
+    assert "same speed" in ctx.notes[-1]
+
+
+def test_bitmask_storage_shrinks_the_file_and_reloads(tiny_models, tmp_path):
+    dense, ctx = apply(
+        "bert", tiny_models, [{"prune": {"method": "magnitude", "sparsity": 0.8}}]
+    )
+    reload(dense, ctx, tiny_models["bert"], tmp_path / "dense")
+    packed, ctx2 = apply(
+        "bert",
+        tiny_models,
+        [{"prune": {"method": "magnitude", "sparsity": 0.8, "storage": "bitmask"}}],
+    )
+    loaded = reload(packed, ctx2, tiny_models["bert"], tmp_path / "packed")
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "packed") < 0.6 * size(tmp_path / "dense")
+    torch.testing.assert_close(outputs(loaded, ctx2), outputs(packed, ctx2))
+
+
+@pytest.mark.parametrize(
+    "lowrank",
+    [
+        {"rank_ratio": 0.25, "min_saving": 0.0},
+        {"energy": 0.9, "activation_aware": True, "min_saving": 0.0},
+    ],
+)
+def test_lowrank_factors_reload(lowrank, tiny_models, tmp_path):
+    model, ctx = apply("bert", tiny_models, [{"lowrank": lowrank}])
+    factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert factored and params(model) < params(ctx.teacher)
+    if "rank_ratio" in lowrank:
+        assert all(
+            m.rank == round(0.25 * min(m.in_features, m.out_features)) for m in factored
+        )
+    loaded = reload(model, ctx, tiny_models["bert"], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_lowrank_skips_layers_where_it_does_not_pay(tiny_models):
+    model, ctx = apply("bert", tiny_models, [{"lowrank": {"rank_ratio": 0.9}}])
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert ctx.notes == ["0 of 12 Linears factorized"]
+
+
+def test_weight_sharing_codebook_holds_and_file_shrinks(tiny_models, tmp_path):
+    model, ctx = apply("llama", tiny_models, [{"share": {"clusters": 16}}])
+    shared = [m for m in model.modules() if isinstance(m, SharedLinear)]
+    assert shared
+    for m in shared:
+        assert m.codebook.numel() <= 16 and m.indices.dtype == torch.uint8
+        assert len(torch.unique(m.codebook[m.indices.long()])) <= 16
+    loaded = reload(model, ctx, tiny_models["llama"], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+    base = Path(tiny_models["llama"]) / "model.safetensors"
+    assert (tmp_path / "a" / "model.safetensors").stat().st_size < base.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_distill_student_has_the_layers_asked(name, tiny_models, tmp_path):
+    model, ctx = apply(
+        name, tiny_models, [{"distill": {"layers": 1, "steps": 4, "batch_size": 8}}]
+    )
+    blocks = {
+        "bert": "encoder.layer",
+        "gpt2": "transformer.h",
+        "llama": "model.layers",
+    }[name]
+    assert len(model.get_submodule(blocks)) == 1
+    assert params(model) < params(ctx.teacher)
+    loaded = reload(model, ctx, tiny_models[name], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_distill_brings_a_pruned_student_closer(tiny_models):
+    student = {"layers": 1, "alpha": 1.0, "batch_size": 16}
+    pruned, ctx = apply(
+        "llama", tiny_models, [{"distill": {**student, "steps": 1, "lr": 1e-8}}]
+    )
+    before = fidelity(pruned, ctx, ctx.eval_batches)["kl"]
+    healed, ctx = apply(
+        "llama", tiny_models, [{"distill": {**student, "steps": 60, "lr": 1e-3}}]
+    )
+    assert fidelity(healed, ctx, ctx.eval_batches)["kl"] < 0.5 * before
+
+
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        {"method": "cpu-int8"},
+        {"method": "cpu-int8", "activations": "static"},
+        {"method": "cpu-int8", "qat": {"steps": 3}},
+        {"method": "bf16", "skip": ["*attention*"]},
+    ],
+)
+def test_cpu_quantization_reloads_and_stays_close(quantize, tiny_models, tmp_path):
+    model, ctx = apply("bert", tiny_models, [{"quantize": quantize}])
+    if quantize["method"] == "cpu-int8":
+        assert any(isinstance(m, Int8Linear) for m in model.modules())
+    else:  # the skipped attention stays fp32, the rest is bf16: a mixed model
+        assert (
+            model.get_submodule("encoder.layer.0.attention.self.query").weight.dtype
+            == torch.float32
+        )
+        assert (
+            model.get_submodule(
+                "encoder.layer.0.intermediate.dense"
+            ).linear.weight.dtype
+            == torch.bfloat16
+        )
+    loaded = reload(model, ctx, tiny_models["bert"], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+    assert fidelity(loaded, ctx, ctx.eval_batches)["cosine"] > 0.97
+    with pytest.raises(ValueError, match="--precision"):
+        load_model(ModelSpec(str(tmp_path / "a"), "embed", precision="nf4"))
+
+
+def test_whole_model_bf16_is_a_plain_checkpoint(tiny_models, tmp_path):
+    model, ctx = apply("bert", tiny_models, [{"quantize": {"method": "bf16"}}])
+    loaded = reload(model, ctx, tiny_models["bert"], tmp_path / "a")
+    assert loaded.dtype == torch.bfloat16
+    assert ArtifactMeta.read(tmp_path / "a").rebuild == {}
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_bitsandbytes_settings_are_reapplied_at_load(tiny_models, tmp_path):
+    import bitsandbytes as bnb
+
+    model, ctx = apply(
+        "bert", tiny_models, [{"quantize": {"method": "int8", "skip": ["*layer.1.*"]}}]
+    )
+    loaded = reload(model, ctx, tiny_models["bert"], tmp_path / "a")
+    kinds = {n: type(m) for n, m in loaded.named_modules()}
+    assert kinds["encoder.layer.0.intermediate.dense"] is bnb.nn.Linear8bitLt
+    assert kinds["encoder.layer.1.intermediate.dense"] is torch.nn.Linear
+    assert fidelity(loaded, ctx, ctx.eval_batches)["cosine"] > 0.98
+
+
+def test_search_meets_its_floor(tiny_models):
+    floor = 0.9995
+    model, ctx = apply(
+        "bert",
+        tiny_models,
+        [
+            {
+                "search": {
+                    "floor": {"cosine": floor},
+                    "choices": ["keep", "bf16", "cpu-int8"],
+                    "rows": 32,
+                }
+            }
+        ],
+    )
+    assert fidelity(model, ctx, ctx.eval_batches[:2])["cosine"] >= floor
+    assert set(ctx.search["assignment"].values()) <= {"keep", "bf16", "cpu-int8"}
+    assert ctx.search["rows_per_s"].keys() == {"keep", "bf16", "cpu-int8"}

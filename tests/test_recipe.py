@@ -1,0 +1,127 @@
+"""Recipes: every bad one refused with its step and field named; good ones
+round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from actors.errors import UserError
+from optimize.recipe import Distill, Prune, Quantize, load_recipe, to_dicts, to_steps
+
+BAD = [
+    ([{"squash": {}}], "steps[0].squash: unknown step"),
+    (
+        [{"prune": {"method": "magnitude", "sparsty": 0.5}}],
+        "steps[0].prune.sparsty: unknown field",
+    ),
+    (
+        [{"prune": {"method": "magnitude", "sparsity": 1.5}}],
+        "steps[0].prune.sparsity: 1.5 is outside",
+    ),
+    ([{"prune": {"method": "wavelet"}}], "steps[0].prune.method: unknown 'wavelet'"),
+    ([{"prune": {"method": "structured"}}], "steps[0].prune.ffn: structured needs"),
+    ([{"prune": {"method": "magnitude", "pattern": "4:2"}}], "steps[0].prune.pattern"),
+    (
+        [{"prune": {"method": "magnitude", "pattern": "2:4", "scope": "global"}}],
+        "steps[0].prune.scope",
+    ),
+    (
+        [{"prune": {"method": "magnitude", "pattern": "2:4", "rounds": 2}}],
+        "steps[0].prune.rounds",
+    ),
+    (
+        [{"prune": {"method": "magnitude", "sparsity": "half"}}],
+        "steps[0].prune.sparsity: expected float",
+    ),
+    ([{"distill": {"steps": True}}], "steps[0].distill.steps: expected int"),
+    ([{"distill": {"layers": 2, "student": "/x"}}], "steps[0].distill.student"),
+    ([{"distill": {"alpha": 2}}], "steps[0].distill.alpha"),
+    ([{"quantize": {}}], "steps[0].quantize.method: required"),
+    ([{"quantize": {"method": "int4"}}], "steps[0].quantize.method: unknown 'int4'"),
+    (
+        [{"quantize": {"method": "bf16", "activations": "static"}}],
+        "steps[0].quantize: activations: static and qat need method: cpu-int8",
+    ),
+    (
+        [{"quantize": {"method": "cpu-int8", "qat": {"steps": 0}}}],
+        "steps[0].quantize.qat.steps",
+    ),
+    (
+        [{"quantize": {"method": "cpu-int8", "skip": "pooler"}}],
+        "steps[0].quantize.skip: expected a list",
+    ),
+    (
+        [{"quantize": {"method": "cpu-int8"}}, {"distill": {}}],
+        "steps[0].quantize: quantize must be the last step",
+    ),
+    ([{"lowrank": {}}], "steps[0].lowrank.rank_ratio: give rank_ratio or energy"),
+    ([{"lowrank": {"rank_ratio": 0.5, "energy": 0.9}}], "give rank_ratio or energy"),
+    ([{"share": {"clusters": 1024}}], "steps[0].share.clusters"),
+    ([{"search": {"floor": {}}}], "steps[0].search.floor"),
+    ([{"search": {"floor": {"bleu": 0.9}}}], "steps[0].search.floor.metric"),
+    (
+        [{"search": {"floor": {"cosine": 0.99}, "choices": ["bf16"]}}],
+        "steps[0].search.choices: must include keep",
+    ),
+    ([], "steps: empty"),
+    ([{"prune": {}, "distill": {}}], "steps[0]: each step is one"),
+    (["prune"], "steps[0]: each step is one"),
+]
+
+
+@pytest.mark.parametrize("items,message", BAD)
+def test_bad_recipe_names_the_field(items, message):
+    with pytest.raises(UserError) as e:
+        to_steps(items)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_file_errors(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("steps: [prune: {method: }\n")
+    no_steps = tmp_path / "none.yaml"
+    no_steps.write_text("prune: {}\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("steps: [{distill: {}}]\nname: x\n")
+    code = tmp_path / "code.yaml"  # YAML tags that would build objects are refused
+    code.write_text("steps: !!python/object/apply:os.system ['true']\n")
+    for path, message in [
+        (tmp_path / "missing.yaml", "--recipe: cannot read"),
+        (bad_yaml, "is not valid YAML"),
+        (no_steps, "needs a top-level list `steps`"),
+        (extra, "unknown top-level key 'name'"),
+        (code, "is not valid YAML"),
+    ]:
+        with pytest.raises(UserError, match="--recipe") as e:
+            load_recipe(str(path))
+        assert message in str(e.value)
+
+
+def test_defaults_fill_in_and_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "steps:\n"
+        "  - prune: {method: structured, heads: 0.25, ffn: 0.3}\n"
+        "  - distill: {layers: 4, temperature: 2, alpha: 0.5, steps: 300}\n"
+        "  - quantize: {method: cpu-int8, skip: ['*pooler*']}\n"
+    )
+    steps = load_recipe(str(path))
+    assert steps == [
+        Prune(method="structured", heads=0.25, ffn=0.3),
+        Distill(layers=4, temperature=2.0, alpha=0.5, steps=300),
+        Quantize(method="cpu-int8", skip=("*pooler*",)),
+    ]
+    assert to_steps(yaml.safe_load(yaml.safe_dump(to_dicts(steps)))) == steps
+
+
+def test_example_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted(
+        (Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml")
+    )
+    assert len(recipes) >= 2
+    for recipe in recipes:
+        load_recipe(str(recipe))
