@@ -132,6 +132,8 @@ def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:
         meta = module_meta(module)
         if meta is None:
             continue
+        if meta["kind"] == "linear" and name.rpartition(".")[0] in entries:
+            continue  # a plain part its lmbatch parent builds itself
         ref = plain.get(name)
         if (
             meta["kind"] != "linear"
@@ -189,5 +191,5 @@ def _untied(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
             aliases[key] = kept[ident]
             continue
         kept[ident] = key
-        out[key] = tensor.detach().contiguous()
+        out[key] = tensor.detach().cpu().contiguous()
     return out, aliases

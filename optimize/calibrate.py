@@ -16,7 +16,7 @@ Batch = dict[str, torch.Tensor]
 
 
 def make_batches(
-    tokenizer, texts: list[str], max_length: int, batch_size: int
+    tokenizer, texts: list[str], max_length: int, batch_size: int, device: str = "cpu"
 ) -> list[Batch]:
     """Length-sorted batches, so that padding costs little."""
     texts = sorted(texts, key=len)
@@ -29,9 +29,7 @@ def make_batches(
             max_length=max_length,
             return_tensors="pt",
         )
-        batches.append(
-            {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        )
+        batches.append({k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
     return batches
 
 
@@ -60,7 +58,9 @@ def linear_stats(
                 y = output.detach().float().reshape(-1, output.shape[-1])[keep]
             else:
                 x2, y = x.reshape(-1, x.shape[-1]), output.detach().float()
-            s = stats.setdefault(name, InputStats(torch.zeros(x.shape[-1])))
+            s = stats.setdefault(
+                name, InputStats(torch.zeros(x.shape[-1], device=x.device))
+            )
             s.sq_norm += (x2 * x2).sum(dim=0)
             s.in_absmax = max(s.in_absmax, float(x2.abs().max()))
             s.out_absmax = max(s.out_absmax, float(y.abs().max()))

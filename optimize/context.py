@@ -26,6 +26,7 @@ class Context:
     storage: dict[str, str] = field(default_factory=dict)  # weight name -> bitmask
     quantization: dict | None = None  # bitsandbytes settings load_model re-applies
     dtype: str = "fp32"  # the whole model's dtype after a fp16/bf16 quantize
+    device: str = "cpu"  # where the model, the teacher and the batches live
     notes: list[str] = field(default_factory=list)  # said in the step's report line
     search: dict | None = None  # what a search step chose, for lmbatch.json
 

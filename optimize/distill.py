@@ -35,7 +35,7 @@ def apply_distill(
 ) -> PreTrainedModel:
     student = _student(model, step, ctx, where)
     batches = make_batches(
-        ctx.tokenizer, ctx.calibration, step.max_length, step.batch_size
+        ctx.tokenizer, ctx.calibration, step.max_length, step.batch_size, ctx.device
     )
     train(student, ctx, batches, step, lambda s, b: distill_loss(s, b, step, ctx))
     return student.eval()
@@ -123,7 +123,7 @@ def hidden_loss(teacher: tuple, student: tuple, mask: torch.Tensor) -> torch.Ten
         else [(teacher[-1], student[-1])]
     )
     losses = [F.mse_loss(s * m, t * m) for t, s in pairs if s.shape == t.shape]
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+    return torch.stack(losses).mean() if losses else torch.zeros((), device=mask.device)
 
 
 def _student(

@@ -222,6 +222,11 @@ def module_meta(module: nn.Module) -> dict | None:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is, on the device the old module was on."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    tensor = next(iter([*old.parameters(), *old.buffers()]), None)
+    if tensor is not None:
+        new.to(tensor.device)
     setattr(parent, child, new)

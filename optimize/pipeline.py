@@ -68,7 +68,8 @@ def run_recipe(
     """Apply ``steps`` to ``model_dir``, write the artifact to ``output``."""
     torch.manual_seed(0)
     base = Path(model_dir)
-    teacher = load_model(ModelSpec(model_dir, task))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = load_model(ModelSpec(model_dir, task), device)
     teacher.requires_grad_(False)
     tokenizer = load_tokenizer(model_dir)
     info = inspect_model(model_dir, task)
@@ -79,9 +80,16 @@ def run_recipe(
         pooling=info.pooling,
         calibration=texts.calibration,
         batches=make_batches(
-            tokenizer, texts.calibration[:CALIBRATION_ROWS], texts.max_length, 16
+            tokenizer,
+            texts.calibration[:CALIBRATION_ROWS],
+            texts.max_length,
+            16,
+            device,
         ),
-        eval_batches=make_batches(tokenizer, texts.evaluation, texts.max_length, 32),
+        eval_batches=make_batches(
+            tokenizer, texts.evaluation, texts.max_length, 32, device
+        ),
+        device=device,
     )
     results = [measure("original", base, ctx, texts, [])]
     meta = ArtifactMeta(

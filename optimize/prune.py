@@ -151,7 +151,9 @@ def _keep(importance: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
-    return (units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+    return (
+        units[:, None] * width + torch.arange(width, device=units.device)[None, :]
+    ).reshape(-1)
 
 
 def _slice(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from actors.errors import UserError
 from optimize.calibrate import linear_stats, make_batches, target_linears
 from optimize.context import Context
 from optimize.layers import CastLinear, FakeQuantLinear, Int8Linear, replace_module
@@ -42,6 +43,10 @@ def apply_quantize(
         }
         ctx.notes.append(f"{step.method}: bitsandbytes layers built at load")
         return model
+    if ctx.device != "cpu":
+        raise UserError(
+            f"{where}.method", "cpu-int8 runs on CPU kernels; on a GPU use int8 or nf4"
+        )
     if step.qat:
         quantization_aware_finetune(model, names, step, ctx)
     ranges = {}
@@ -84,7 +89,7 @@ def quantization_aware_finetune(
         replace_module(model, name, fake)
     config = Distill(steps=step.qat.steps, lr=step.qat.lr)
     batches = make_batches(
-        ctx.tokenizer, ctx.calibration, config.max_length, config.batch_size
+        ctx.tokenizer, ctx.calibration, config.max_length, config.batch_size, ctx.device
     )
     train(model, ctx, batches, step.qat, lambda s, b: distill_loss(s, b, config, ctx))
     for name in names:

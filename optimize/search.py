@@ -30,7 +30,9 @@ def apply_search(
 ) -> PreTrainedModel:
     batches = _rows(ctx.eval_batches, step.rows)
     names = target_linears(model, ())
-    options = [c for c in step.choices if c != "keep"]
+    # torch's int8 kernels are CPU kernels: on a GPU that choice is not on the menu.
+    cpu_only = () if ctx.device == "cpu" else ("cpu-int8",)
+    options = [c for c in step.choices if c not in ("keep", *cpu_only)]
     built = {
         (n, c): convert(model.get_submodule(n), c, step) for n in names for c in options
     }
