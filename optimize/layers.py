@@ -23,6 +23,23 @@ class LowRankLinear(nn.Module):
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
 
+    @classmethod
+    def from_factors(
+        cls, linear: nn.Linear, down: torch.Tensor, up: torch.Tensor
+    ) -> LowRankLinear:
+        """``linear`` replaced by ``up @ down`` (its bias moves to ``up``)."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            down.shape[0],
+            linear.bias is not None,
+        )
+        module.down.weight.data.copy_(down)
+        module.up.weight.data.copy_(up)
+        if linear.bias is not None:
+            module.up.bias.data.copy_(linear.bias.data)
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
@@ -79,6 +96,14 @@ class CastLinear(nn.Module):
         self.linear = nn.Linear(
             in_features, out_features, bias=bias, dtype=getattr(torch, dtype)
         )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: str) -> CastLinear:
+        cast = cls(
+            linear.in_features, linear.out_features, dtype, linear.bias is not None
+        )
+        cast.linear.load_state_dict(linear.state_dict())
+        return cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.to(self.linear.weight.dtype)).to(x.dtype)

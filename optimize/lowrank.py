@@ -29,18 +29,7 @@ def apply_lowrank(
         factors = factorize(linear.weight.detach().float(), step, scale)
         if factors is None:
             continue
-        down, up = factors
-        module = LowRankLinear(
-            linear.in_features,
-            linear.out_features,
-            down.shape[0],
-            linear.bias is not None,
-        )
-        module.down.weight.data.copy_(down)
-        module.up.weight.data.copy_(up)
-        if linear.bias is not None:
-            module.up.bias.data.copy_(linear.bias.data)
-        replace_module(model, name, module)
+        replace_module(model, name, LowRankLinear.from_factors(linear, *factors))
         done += 1
     ctx.notes.append(f"{done} of {len(names)} Linears factorized")
     return model

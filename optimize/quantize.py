@@ -65,12 +65,9 @@ def apply_quantize(
 
 
 def to_cast(model: PreTrainedModel, name: str, dtype: str) -> None:
-    linear = model.get_submodule(name)
-    cast = CastLinear(
-        linear.in_features, linear.out_features, dtype, linear.bias is not None
+    replace_module(
+        model, name, CastLinear.from_linear(model.get_submodule(name), dtype)
     )
-    cast.linear.load_state_dict(linear.state_dict())
-    replace_module(model, name, cast)
 
 
 def quantization_aware_finetune(

@@ -70,27 +70,13 @@ def apply_search(
 def convert(linear: nn.Linear, choice: str, step: Search) -> nn.Module:
     """``linear`` as ``choice`` would hold it (a new module; the original is kept)."""
     if choice == "bf16":
-        cast = CastLinear(
-            linear.in_features, linear.out_features, "bfloat16", linear.bias is not None
-        )
-        cast.linear.load_state_dict(linear.state_dict())
-        return cast
+        return CastLinear.from_linear(linear, "bfloat16")
     if choice == "cpu-int8":
         return Int8Linear.from_linear(linear)
-    factors = factorize(
-        linear.weight.detach().float(),
-        Lowrank(rank_ratio=step.rank_ratio, min_saving=0.0),
-        None,
+    plan = Lowrank(rank_ratio=step.rank_ratio, min_saving=0.0)
+    return LowRankLinear.from_factors(
+        linear, *factorize(linear.weight.detach().float(), plan, None)
     )
-    down, up = factors
-    module = LowRankLinear(
-        linear.in_features, linear.out_features, down.shape[0], linear.bias is not None
-    )
-    module.down.weight.data.copy_(down)
-    module.up.weight.data.copy_(up)
-    if linear.bias is not None:
-        module.up.bias.data.copy_(linear.bias.data)
-    return module
 
 
 def _longest_run(ok, n: int) -> int:
