@@ -76,6 +76,7 @@ class Predictor:
         self.budget = self._first_budget()
         self.stats = ActorStats(
             actor=_actor_name(),
+            node=_node_id(),
             device=str(self.device),
             threads=config.threads,
             peak_memory_bytes=self.memory.high_water(),  # the model and the probe
@@ -169,6 +170,7 @@ class ActorStats:
     """What one actor did, for the job summary."""
 
     actor: str
+    node: str  # Ray node id: where the actor ran, in multi-node jobs
     device: str
     threads: int
     rows: int = 0
@@ -206,6 +208,12 @@ def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory
 def _dtype_bytes(model) -> int:
     """Bytes of the compute dtype (fp32 for bitsandbytes on CPU, not int8)."""
     return torch.empty((), dtype=model.dtype).element_size()
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def _actor_name() -> str:

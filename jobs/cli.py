@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from actors.errors import find_user_error
+from actors.errors import UserError, find_user_error
 
 os.environ.setdefault(
     "HF_HUB_OFFLINE", "1"
@@ -92,16 +92,60 @@ def parse_per_gpu(ctx: click.Context, param: click.Parameter, value: str) -> int
 
 
 @click.group()
-@click.option(
-    "--address",
-    envvar="RAY_ADDRESS",
-    default=None,
-    help="Ray cluster to run on; default: a fresh embedded local Ray.",
-)
-@click.pass_context
-def cli(ctx: click.Context, address: str | None) -> None:
+def cli() -> None:
     """Make language models cheaper to run, then run them over large datasets."""
-    ctx.obj = {"address": address}
+
+
+ADDRESS_HELP = (
+    "http(s)://HEAD:8265 submits to a cluster through the Ray Jobs API; "
+    "HOST:6379 or auto attaches this process to a running Ray; "
+    "default: a fresh embedded local Ray."
+)
+
+
+def address_option(command: Callable) -> Callable:
+    return click.option(
+        "--address", envvar="RAY_ADDRESS", default=None, help=ADDRESS_HELP
+    )(command)
+
+
+def insecure_option(command: Callable) -> Callable:
+    return click.option(
+        "--insecure",
+        is_flag=True,
+        help="Talk to a non-loopback cluster without an auth token (auth off there).",
+    )(command)
+
+
+def job_options(command: Callable) -> Callable:
+    """What every job command takes to run here or on a cluster."""
+    command = click.option(
+        "--pip",
+        multiple=True,
+        metavar="REQUIREMENT",
+        help="Extra pip requirement for a submitted job; repeatable.",
+    )(command)
+    command = click.option(
+        "--no-wait", is_flag=True, help="Submit and return without following the logs."
+    )(command)
+    return address_option(insecure_option(command))
+
+
+def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
+    """Run ``spec`` here (or attached to a Ray), or submit it to a cluster."""
+    from jobs.run import run_job
+    from jobs.submit import SubmitOptions, is_jobs_address, submit
+
+    if not is_jobs_address(address):
+        for flag, value in (("--no-wait", no_wait), ("--pip", pip)):
+            if value:
+                raise UserError(
+                    flag, "applies to a submission: --address http://HEAD:8265"
+                )
+        click.echo("\n".join(run_job(kind, spec, address)))
+        return
+    options = SubmitOptions(address, insecure, not no_wait, tuple(pip))
+    sys.exit(submit(kind, spec, options, click.echo))
 
 
 @cli.command()
@@ -201,18 +245,22 @@ def cli(ctx: click.Context, address: str | None) -> None:
     "--trust-remote-code", is_flag=True, help="Run the model directory's own code."
 )
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) weights.")
-@click.pass_context
+@job_options
 @user_errors
 def infer(
-    ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], **flags
+    inputs: tuple[str, ...],
+    more_inputs: tuple[str, ...],
+    address: str | None,
+    insecure: bool,
+    no_wait: bool,
+    pip: tuple[str, ...],
+    **flags,
 ) -> None:
     """Run a model over a dataset; write Parquet with an id per input row."""
-    from jobs.infer import run_infer
-    from jobs.spec import InferSpec, prepare_infer
+    from jobs.spec import InferSpec
 
-    plan = prepare_infer(InferSpec(inputs=inputs + more_inputs, **flags))
-    summary = run_infer(plan, ctx.obj["address"])
-    click.echo("\n".join(summary.lines()))
+    spec = InferSpec(inputs=inputs + more_inputs, **flags)
+    launch("infer", spec, address, insecure, no_wait, pip)
 
 
 @cli.command()
@@ -248,25 +296,89 @@ def infer(
     help="Tokens per calibration and evaluation row.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
-@click.pass_context
+@job_options
 @user_errors
-def optimize(ctx: click.Context, eval_: tuple[str, ...], **flags) -> None:
+def optimize(
+    eval_: tuple[str, ...],
+    address: str | None,
+    insecure: bool,
+    no_wait: bool,
+    pip: tuple[str, ...],
+    **flags,
+) -> None:
     """Compress a model by a recipe; measure every step; save a loadable artifact."""
-    from jobs.optimize import OptimizeSpec, prepare_optimize, run_optimize
-    from optimize.report import FIDELITY
+    from jobs.optimize import OptimizeSpec
 
-    plan = prepare_optimize(OptimizeSpec(eval=eval_, **flags))
-    results = run_optimize(plan, ctx.obj["address"])
-    metric = FIDELITY[plan.task]
-    base = results[0]["metrics"]["rows_per_s"]
-    for r in results:
-        m = r["metrics"]
+    spec = OptimizeSpec(eval=eval_, **flags)
+    launch("optimize", spec, address, insecure, no_wait, pip)
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Jobs on a Ray cluster (--address or RAY_ADDRESS): list, status, logs, stop."""
+
+
+@jobs_group.command("list")
+@address_option
+@insecure_option
+@user_errors
+def jobs_list(address: str | None, insecure: bool) -> None:
+    """Every job the cluster knows, newest last."""
+    from jobs.submit import connect
+
+    found = sorted(
+        connect(address, insecure).list_jobs(), key=lambda j: j.start_time or 0
+    )
+    for job in found:
+        kind = (job.metadata or {}).get("lmbatch", "-")
         click.echo(
-            f"{r['name']:<16} {metric} {m[metric]:.4f}  "
-            f"{m['bytes'] / 1e6:8.1f} MB  {m['rows_per_s']:8.1f} rows/s "
-            f"({m['rows_per_s'] / base:.2f}x)"
+            f"{job.submission_id or job.job_id}  {job.status.value:<9}  {kind:<8}  "
+            f"{job.entrypoint[:70]}"
         )
-    click.echo(f"artifact: {plan.spec.output} (report.md, tradeoff.png)")
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@address_option
+@insecure_option
+@user_errors
+def jobs_status(job_id: str, address: str | None, insecure: bool) -> None:
+    """A job's status and, when it ended, why."""
+    from jobs.submit import connect, job_info
+
+    info = job_info(connect(address, insecure), job_id)
+    click.echo(
+        f"{job_id} {info.status.value}" + (f": {info.message}" * bool(info.message))
+    )
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
+@address_option
+@insecure_option
+@user_errors
+def jobs_logs(job_id: str, follow: bool, address: str | None, insecure: bool) -> None:
+    """A job's driver output: what `lmbatch infer` would have printed here."""
+    from jobs.submit import connect, follow_logs, job_info
+
+    client = connect(address, insecure)
+    job_info(client, job_id)  # an unknown id is refused before anything is printed
+    if follow:
+        sys.exit(follow_logs(client, job_id, click.echo))
+    click.echo(client.get_job_logs(job_id), nl=False)
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@address_option
+@insecure_option
+@user_errors
+def jobs_stop(job_id: str, address: str | None, insecure: bool) -> None:
+    """Stop a job; wait until the cluster says it stopped."""
+    from jobs.submit import connect, stop_job
+
+    click.echo(f"{job_id} {stop_job(connect(address, insecure), job_id)}")
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ class Summary:
         for a in self.actors:
             mean = a["rows"] / max(1, a["micro_batches"])
             out.append(
-                f"actor {a['actor'][:12]} {a['device']} rows {a['rows']} micro-batches "
+                f"actor {a['actor'][:12]} node {a['node'][:8]} {a['device']} "
+                f"rows {a['rows']} micro-batches "
                 f"{a['micro_batches']} rows/batch {a['min_rows']}-{a['max_rows']} "
                 f"(mean {mean:.1f}) "
                 f"budget {list(a['budget_history'])} ooms {a['ooms']} "

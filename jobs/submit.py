@@ -1,0 +1,242 @@
+"""Cluster submission through the Ray Jobs API.
+
+    lmbatch infer ... --address http://HEAD:8265
+        --JobSubmissionClient.submit_job--> `python -m jobs.run infer '<spec as JSON>'`
+        on the cluster, with this project as the runtime_env's working_dir
+
+The spec that runs on the cluster is the one built here from the flags, so a submitted
+job and a local one cannot drift apart. Ray 2.60 heads require a token by default; it is
+found where Ray itself looks (``RAY_AUTH_TOKEN``, the file at ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``) and sent as a bearer header whatever ``RAY_AUTH_MODE`` says here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shlex
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from actors.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Never shipped to a cluster: environments, caches, outputs.
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "out",
+    "**/__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+]
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a copy of the head's "
+    "~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+)
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """How a job goes to a cluster, from the launcher's flags."""
+
+    address: str  # http(s)://HEAD:8265, the Ray dashboard
+    insecure: bool = False  # allow a non-loopback address without a token
+    wait: bool = True  # follow the logs and exit with the job's status
+    pip: tuple[str, ...] = ()  # extra requirements installed for this job
+
+
+def is_jobs_address(address: str | None) -> bool:
+    """An http(s) address is a Jobs API server; anything else is for ``ray.init``."""
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def is_loopback(address: str) -> bool:
+    host = urlparse(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def find_token() -> tuple[str | None, str]:
+    """(token, where it came from), looking where Ray looks, in Ray's order."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    where = "RAY_AUTH_TOKEN_PATH" if path else "~/.ray/auth_token"
+    path = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip(), f"{where} ({path})"
+    return None, "nowhere"
+
+
+def connect(address: str | None, insecure: bool = False):
+    """A Jobs client for ``address``, authenticated; every failure is one clear line.
+
+    Raises:
+        UserError: naming ``--address`` when the address, token or server is wrong.
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    if not is_jobs_address(address):
+        raise UserError(
+            "--address",
+            f"expected the cluster's dashboard as http://HOST:8265, got {address!r} "
+            "(also read from RAY_ADDRESS)",
+        )
+    token, where = find_token()
+    if token is None and not is_loopback(address) and not insecure:
+        raise UserError(
+            "--address",
+            f"no Ray auth token found for {address}: {TOKEN_HELP}; "
+            "--insecure submits without one to a cluster with auth turned off",
+        )
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        if token is None:
+            raise UserError(
+                "--address", f"{address} requires a Ray auth token: {TOKEN_HELP}"
+            ) from None
+        raise UserError(
+            "--address",
+            f"{address} refused the token from {where}: it is not this cluster's",
+        ) from None
+    except RuntimeError as e:  # the version check: something else answers there
+        raise UserError(
+            "--address", f"{address} does not answer as a Ray dashboard: {e}"
+        ) from None
+    except ConnectionError:
+        raise UserError(
+            "--address",
+            f"no Ray dashboard answers at {address}: is the cluster up and the "
+            "port its dashboard's (8265 by default)?",
+        ) from None
+
+
+def submit(kind: str, spec: Any, options: SubmitOptions, echo: Callable) -> int:
+    """Submit ``spec`` to run as ``kind`` on the cluster; return the exit status.
+
+    Without ``wait`` that is 0 once the job is accepted; with it, the job's own: 0 when
+    it SUCCEEDED, 1 otherwise, after its logs were printed as they came.
+    """
+    client = connect(options.address, options.insecure)
+    spec = cluster_paths(spec, is_loopback(options.address), echo)
+    runtime_env: dict[str, Any] = {"working_dir": str(ROOT), "excludes": EXCLUDES}
+    if options.pip:
+        runtime_env["pip"] = list(options.pip)
+    entrypoint = f"python -m jobs.run {kind} {shlex.quote(spec_to_json(spec))}"
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        metadata={"lmbatch": kind, "submitted_from": socket.gethostname()},
+    )
+    echo(f"submitted {kind} job {job_id} to {options.address}")
+    if not options.wait:
+        echo(f"follow it with: lmbatch jobs logs {job_id} --follow")
+        return 0
+    return follow_logs(client, job_id, echo)
+
+
+def follow_logs(client, job_id: str, echo: Callable) -> int:
+    """Print the job's logs until it ends; 0 if it SUCCEEDED, else 1."""
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            echo(chunk, nl=False)
+
+    asyncio.run(tail())
+    info = client.get_job_info(job_id)
+    echo(
+        f"job {job_id} {info.status.value}" + (f": {info.message}" * bool(info.message))
+    )
+    return 0 if info.status == JobStatus.SUCCEEDED else 1
+
+
+def job_info(client, job_id: str):
+    """The job's JobDetails.
+
+    Raises:
+        UserError: naming the id when the cluster has no such job.
+    """
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as e:
+        if "404" in str(e) or "does not exist" in str(e):
+            raise UserError("JOB_ID", f"the cluster has no job {job_id!r}") from None
+        raise
+
+
+def stop_job(client, job_id: str, timeout_s: float = 60.0) -> str:
+    """Ask the cluster to stop the job; its status once it ended (or the timeout)."""
+    info = job_info(client, job_id)
+    if info.status.is_terminal():
+        return f"had already ended: {info.status.value}"
+    client.stop_job(job_id)
+    deadline = time.monotonic() + timeout_s
+    while not info.status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = job_info(client, job_id)
+    return info.status.value
+
+
+def cluster_paths(spec: Any, loopback: bool, echo: Callable) -> Any:
+    """Local paths made absolute (the job runs in another directory); off this
+    machine, a warning for each, since the cluster sees them only on a shared mount."""
+    changes = {}
+    for f in fields(spec):
+        if f.name not in PATH_FLAGS:
+            continue
+        value = getattr(spec, f.name)
+        paths = value if isinstance(value, tuple) else (value,)
+        fixed = tuple(_absolute(p) for p in paths)
+        for p in paths:
+            if not loopback and "://" not in p:
+                echo(
+                    f"warning: {PATH_FLAGS[f.name]} {p} is a local path; the "
+                    "cluster must see it at the same path (a shared mount) or use a "
+                    "URI such as s3://",
+                    err=True,
+                )
+        changes[f.name] = fixed if isinstance(value, tuple) else fixed[0]
+    return replace(spec, **changes)
+
+
+PATH_FLAGS = {  # spec field -> the flag that set it
+    "model": "--model",
+    "inputs": "--input",
+    "output": "--output",
+    "recipe": "--recipe",
+    "calibration": "--calibration",
+    "eval": "--eval",
+}
+
+
+def _absolute(path: str) -> str:
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def spec_to_json(spec: Any) -> str:
+    return json.dumps(asdict(spec), separators=(",", ":"))
+
+
+def spec_from_json(cls: type, text: str) -> Any:
+    """The spec ``spec_to_json`` wrote; JSON lists become the tuples specs hold."""
+    data = json.loads(text)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

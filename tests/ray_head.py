@@ -1,0 +1,119 @@
+"""A real Ray head started with ``ray start --head --block`` on 127.0.0.1, free ports.
+
+Token authentication is on, as Ray 2.60 defaults it: ``ray start --head`` turns it on
+wherever a token exists, so the head's token is made first with
+``ray get-auth-token --generate``. The head runs with its own HOME: its
+``~/.ray/auth_token`` is written there and nothing of the user's is read.
+Stopped by its process id: ``--block`` makes ``ray start`` own every process it
+started and take them down when it gets SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY = Path(sys.executable).with_name("ray")
+LMBATCH = Path(sys.executable).with_name("lmbatch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    process: subprocess.Popen
+    address: str  # the Jobs API: http://127.0.0.1:PORT
+    token_path: Path
+    home: Path
+
+    def client_env(self, token: bool = True) -> dict[str, str]:
+        """An environment for ``lmbatch`` as a user's shell: the token file, or none."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(self.home.parent / ("client" if token else "no-token"))
+        Path(env["HOME"]).mkdir(exist_ok=True)
+        if token:
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        return env
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_head(root: Path, num_cpus: int = 2, timeout_s: float = 120) -> RayHead:
+    home = root / "head-home"
+    home.mkdir(parents=True)
+    temp = tempfile.mkdtemp(prefix="lmbh", dir="/tmp")  # short: Ray's unix sockets
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    subprocess.run(
+        [str(RAY), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    # The job's entrypoint runs `python`: this interpreter, with lmbatch installed.
+    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [
+        str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--temp-dir={temp}", "--include-dashboard=true",
+        *[f"{flag}={port}" for flag, port in ports.items()],
+    ]  # fmt: skip
+    log = open(root / "head.log", "w")  # noqa: SIM115 - the head outlives this call
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    head = RayHead(
+        process, f"http://127.0.0.1:{dashboard}", home / ".ray" / "auth_token", home
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start failed: {(root / 'head.log').read_text()}")
+        if head.token_path.exists() and _answers(head):
+            return head
+        time.sleep(1)
+    head.stop()
+    raise RuntimeError(
+        f"no Ray head after {timeout_s}s: {(root / 'head.log').read_text()}"
+    )
+
+
+def _answers(head: RayHead) -> bool:
+    import urllib.request
+
+    request = urllib.request.Request(
+        head.address + "/api/version",
+        headers={"Authorization": f"Bearer {head.token_path.read_text().strip()}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
