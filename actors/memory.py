@@ -37,6 +37,9 @@ class DeviceMemory(Protocol):
     def over_limit(self) -> bool:
         """Whether usage since ``start`` passed this actor's limit."""
 
+    def capacity(self) -> int:
+        """The bytes this actor's batches are sized to fit in."""
+
 
 class CudaMemory:
     """The CUDA caching allocator's own counters; an overrun raises OutOfMemoryError."""
@@ -60,6 +63,9 @@ class CudaMemory:
 
     def over_limit(self) -> bool:
         return False
+
+    def capacity(self) -> int:
+        return int(torch.cuda.mem_get_info(self.device)[1])
 
 
 class CpuMemory:
@@ -89,6 +95,9 @@ class CpuMemory:
 
     def over_limit(self) -> bool:
         return self.high_water() > self.limit
+
+    def capacity(self) -> int:
+        return self.limit
 
 
 def rss() -> int:
@@ -141,5 +150,20 @@ def activation_floor(hidden_size: int, dtype_bytes: int) -> float:
 
 
 def default_cpu_limit(actors_per_node: int) -> int:
-    """No --actor-memory: an equal share of what the node has free now."""
-    return int(psutil.virtual_memory().available / max(1, actors_per_node))
+    """No --actor-memory: an equal share of what the node has free now, and no more
+    than the memory Ray gives this node (``ray start --memory``): on a cluster that
+    is the node's own size, whatever the machine under it holds."""
+    free = psutil.virtual_memory().available
+    return int(min(free, _ray_node_memory() or free) / max(1, actors_per_node))
+
+
+def _ray_node_memory() -> float | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == here:
+            return node["Resources"].get("memory")
+    return None

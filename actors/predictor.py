@@ -79,8 +79,10 @@ class Predictor:
             node=_node_id(),
             device=str(self.device),
             threads=config.threads,
+            memory_limit_bytes=self.memory.capacity(),
             peak_memory_bytes=self.memory.high_water(),  # the model and the probe
         )
+        self._report()  # an actor that never gets a batch is in the summary too
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
@@ -106,9 +108,12 @@ class Predictor:
                     for row, value in zip(rows, values, strict=True):
                         columns[name][todo[row]] = value
         self.stats.finish_call(len(errors), time.perf_counter() - started, self.budget)
+        self._report()
+        return self._table(batch["_id"], columns, errors)
+
+    def _report(self) -> None:
         if self.config.stats is not None:
             self.config.stats.report.remote(self.stats.snapshot())
-        return self._table(batch["_id"], columns, errors)
 
     def _first_budget(self) -> TokenBudget:
         """The user's fixed --batch-tokens, or what a probe batch says fits."""
@@ -181,6 +186,7 @@ class ActorStats:
     max_rows: int = 0
     budget_history: tuple[int, ...] = ()
     ooms: int = 0
+    memory_limit_bytes: int = 0  # what this actor's batches were sized to fit
     peak_memory_bytes: int = 0
 
     def add_batch(self, rows: int, tokens: int) -> None:

@@ -100,7 +100,10 @@ def size_pool(plan: InferPlan) -> PoolPlan:
         per_gpu = actors_per_gpu(
             footprint.model_bytes, footprint.device_total_bytes, spec.actors_per_gpu
         )
-    return plan_pool(resources, spec.actors, per_gpu, spec.actor_memory)
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    return plan_pool(
+        resources, spec.actors, per_gpu, spec.actor_memory, [n for n in nodes if n]
+    )
 
 
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:

@@ -66,12 +66,14 @@ def plan_pool(
     actors: tuple[int, int] | None,
     per_gpu: int = 1,
     actor_memory: int | None = None,
+    node_cpus: list[float] | None = None,
 ) -> PoolPlan:
     """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
 
     Args:
         per_gpu: actors sharing each GPU (``actors_per_gpu``); ignored without GPUs.
         actor_memory: bytes each CPU actor may use (``--actor-memory``).
+        node_cpus: CPUs of each node; default one node with all of them.
 
     Raises:
         UserError: naming ``--actors`` or ``--actor-memory`` when the pool cannot fit.
@@ -92,9 +94,26 @@ def plan_pool(
         share = math.floor(1e4 / per_gpu) / 1e4  # Ray counts GPU fractions to 1e-4
         num_cpus = min(1.0, (cpus - IO_CPUS) / hi)
         return PoolPlan(lo, hi, num_cpus=num_cpus, num_gpus=share, threads=1)
-    usable = cpus - IO_CPUS
+    return _plan_cpu_pool(
+        resources, actors, actor_memory, node_cpus or [cpus], cpus - IO_CPUS
+    )
+
+
+def _plan_cpu_pool(
+    resources: dict[str, float],
+    actors: tuple[int, int] | None,
+    actor_memory: int | None,
+    node_cpus: list[float],
+    usable: float,
+) -> PoolPlan:
+    """One actor per ``CPU_THREADS_PER_ACTOR`` CPUs of each node by default.
+
+    Every actor reserves the same CPUs (Ray Data's pool is uniform), sized so that
+    each node holds its share and one node still has ``IO_CPUS`` whole for the read
+    and tokenize tasks: on a cluster, spare CPU split over nodes reads nothing.
+    """
     if actors is None:
-        hi = max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
+        hi = sum(max(1, int(n) // CPU_THREADS_PER_ACTOR) for n in node_cpus)
         if actor_memory:
             hi = max(1, min(hi, int(resources.get("memory", 0) // actor_memory)))
         actors = (hi, hi)
@@ -111,12 +130,29 @@ def plan_pool(
             f"{hi} actors of {actor_memory / 2**30:.2f} GiB "
             f"exceed the cluster's {resources.get('memory', 0) / 2**30:.1f} GiB",
         )
-    threads = max(1, int(cpus // hi))
+    share = _spread(node_cpus, hi)  # actors each node is to hold
+    threads = max(
+        1, min(int(n // a) for n, a in zip(node_cpus, share, strict=True) if a)
+    )
+    reserve = min(float(threads), usable / hi)
+    reserve = min(
+        reserve,
+        max((n - IO_CPUS) / a for n, a in zip(node_cpus, share, strict=True) if a),
+    )
     return PoolPlan(
         lo,
         hi,
-        num_cpus=min(float(threads), usable / hi),
+        num_cpus=max(MIN_ACTOR_CPUS, reserve),
         num_gpus=0.0,
         threads=threads,
         memory=actor_memory,
     )
+
+
+def _spread(node_cpus: list[float], actors: int) -> list[int]:
+    """``actors`` dealt over the nodes in proportion to their CPUs (largest first)."""
+    share = [0] * len(node_cpus)
+    for _ in range(actors):
+        i = max(range(len(node_cpus)), key=lambda j: node_cpus[j] / (share[j] + 1))
+        share[i] += 1
+    return share

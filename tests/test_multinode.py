@@ -1,0 +1,43 @@
+"""An infer job on a local three-node Ray spreads its actors over the nodes, each
+sizing its batches to its own node's memory, and every row arrives once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.cluster
+SCRIPT = Path(__file__).with_name("multinode_run.py")
+
+
+def test_actors_spread_over_nodes_each_with_its_own_budget(
+    tiny_models, corpus, tmp_path
+):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), tiny_models["bert"], corpus["parquet"], str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    summary, nodes = result["summary"], result["nodes"]
+
+    ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == [f"doc-{i:03d}" for i in range(120)]
+    assert summary["rows"] == 120 and summary["errors"] == {}
+
+    actors = summary["actors"]
+    assert len(actors) == 3
+    assert len({a["node"] for a in actors}) == 3, "one actor on each node"
+    assert sum(a["rows"] for a in actors) == 120
+    assert sum(a["rows"] > 0 for a in actors) >= 2, "rows went to more than one node"
+    for a in actors:  # each sized to a share of its own node's memory
+        assert a["memory_limit_bytes"] <= nodes[a["node"]]
+    assert len({a["memory_limit_bytes"] for a in actors}) == 3
