@@ -313,6 +313,61 @@ def optimize(
     launch("optimize", spec, address, insecure, no_wait, pip)
 
 
+@cli.command()
+@click.option(
+    "--model", required=True, help="Hugging Face model or artifact directory."
+)
+@click.option(
+    "--task", required=True, type=click.Choice(["embed", "score", "classify"])
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8"]),
+    default="fp32",
+    show_default=True,
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Texts per model call, gathered across requests (@serve.batch).",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="How long a batch waits to fill.",
+)
+@click.option("--max-length", type=int, default=None, help="Max input tokens.")
+@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on; 0.0.0.0 exposes the model to the network.",
+)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model directory's own code."
+)
+@click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) weights.")
+@address_option
+@user_errors
+def serve(address: str | None, **flags) -> None:
+    """Serve a model over HTTP with Ray Serve, batching requests together."""
+    from jobs.serve import ServeSpec, prepare_serve, run_serve
+    from jobs.submit import is_jobs_address
+
+    if is_jobs_address(address):
+        raise UserError(
+            "--address",
+            "serve attaches to a Ray (HOST:6379 or auto); run it on the cluster's head",
+        )
+    run_serve(prepare_serve(ServeSpec(**flags)), address, click.echo)
+
+
 @cli.group("jobs")
 def jobs_group() -> None:
     """Jobs on a Ray cluster (--address or RAY_ADDRESS): list, status, logs, stop."""

@@ -106,16 +106,20 @@ def size_pool(plan: InferPlan) -> PoolPlan:
     )
 
 
+def tokenize_config(spec: InferSpec, max_length: int) -> TokenizeConfig:
+    return TokenizeConfig(
+        model_path=spec.model,
+        max_length=max_length,
+        on_long=spec.on_long,
+        min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
     """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
     spec = plan.spec
-    tokenize = TokenizeConfig(
-        model_path=spec.model,
-        max_length=plan.max_length,
-        on_long=spec.on_long,
-        min_tokens=2 if spec.task == "score" else 1,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    tokenize = tokenize_config(spec, plan.max_length)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     predictor = PredictorConfig(
         model=model_spec(spec),

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
+from actors.tokenize import check_text
 from jobs.inputs import ResolvedInputs
 
 ROW_SCHEMA = pa.schema(
@@ -68,7 +69,7 @@ class _RowSource(FileBasedDatasource):
         if self._id_column is not None:
             given = pc.cast(table[self._id_column], pa.string())
             ids = pc.if_else(pc.is_null(given), derived, given)
-        text, error = _check_text(table[self._text_column])
+        text, error = check_text(table[self._text_column])
         if self._id_column is not None:
             missing = pc.is_null(table[self._id_column])
             error = pc.if_else(
@@ -77,29 +78,6 @@ class _RowSource(FileBasedDatasource):
                 error,
             )
         return pa.table([ids, text, error], schema=ROW_SCHEMA)
-
-
-def _check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """-> (text or null, error or null); the error names what is wrong with the row."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        if pa.types.is_null(column.type):
-            kind = pa.array(["null_text: text is null"] * len(column), pa.string())
-        else:
-            kind = pa.array(
-                [f"not_string: text is {column.type}"] * len(column), pa.string()
-            )
-        return pa.nulls(len(column), pa.string()), kind
-    text = pc.cast(column, pa.string())
-    error = pc.if_else(
-        pc.is_null(text),
-        "null_text: text is null",
-        pc.if_else(
-            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0),
-            "empty_text: text is empty",
-            pa.scalar(None, pa.string()),
-        ),
-    )
-    return text.combine_chunks(), error.combine_chunks()
 
 
 class ParquetRows(_RowSource):

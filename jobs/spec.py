@@ -69,7 +69,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     inputs = resolve_inputs(
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )
-    max_length = _max_length(spec, info)
+    max_length = max_length_of(spec, info)
     output_fs, output_path = check_output(spec.output, spec.overwrite)
     return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
 
@@ -100,7 +100,7 @@ def _check_choices(spec: InferSpec) -> None:
         )
 
 
-def _max_length(spec: InferSpec, info: ModelInfo) -> int:
+def max_length_of(spec: InferSpec, info: ModelInfo) -> int:
     """Max input tokens: the user's, else sentence-transformers', else the model's."""
     limit = info.max_positions
     if spec.task == "generate" and limit is not None:

@@ -60,11 +60,13 @@ def is_jobs_address(address: str | None) -> bool:
 
 
 def is_loopback(address: str) -> bool:
-    host = urlparse(address).hostname or ""
-    if host == "localhost":
-        return True
+    """Whether an http(s) address is this machine."""
+    return is_loopback_host(urlparse(address).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

@@ -1,0 +1,119 @@
+"""A Ray Serve deployment of the infer job's tokenizer, loader and predictor.
+
+    POST /  {"inputs": ["text", ...]}
+        -> one ``predict`` call per text, gathered by ``@serve.batch`` across requests
+        -> tokenize_batch + Predictor, the same code an infer job's actors run
+        -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
+    GET /stats  {"batches": n, "texts": n, "largest_batch": n}
+
+A malformed request is answered 400 with one line saying what is wrong; a bad text
+inside a good request gets its ``error`` value, as a bad row does in a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from actors.predictor import Predictor, PredictorConfig
+from actors.tokenize import TokenizeConfig, check_text, tokenize_batch
+
+MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
+USAGE = 'expected a JSON object {"inputs": ["text", ...]}'
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    predictor: PredictorConfig
+    tokenize: TokenizeConfig
+    max_batch_size: int = 32  # texts per model call, across requests
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+
+
+class BadRequest(ValueError):
+    """A request the endpoint answers 400."""
+
+
+@serve.deployment
+class Endpoint:
+    def __init__(self, config: EndpointConfig) -> None:
+        self.config = config
+        self.predictor = Predictor(config.predictor)
+        self.predict.set_max_batch_size(config.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self.stats = {"batches": 0, "texts": 0, "largest_batch": 0}
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/").endswith("/stats"):
+            return JSONResponse(self.stats)
+        if request.method != "POST":
+            return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
+        try:
+            texts = parse_inputs(await request.body())
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        results = await asyncio.gather(*(self.predict(t) for t in texts))
+        return JSONResponse({"results": results})
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict(self, texts: list[str]) -> list[dict]:
+        self.stats["batches"] += 1
+        self.stats["texts"] += len(texts)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
+        # The model runs off the event loop, so the next batch fills meanwhile.
+        return await asyncio.to_thread(self._run, texts)
+
+    def _run(self, texts: list[str]) -> list[dict]:
+        text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
+        ids = pa.array([str(i) for i in range(len(texts))], pa.string())
+        rows = pa.table({"_id": ids, "_text": text, "_error": error})
+        tokens = tokenize_batch(rows, self.config.tokenize)
+        batch = {
+            n: tokens[n].to_numpy(zero_copy_only=False) for n in tokens.column_names
+        }
+        batch["_ids"] = [
+            None if x is None else np.asarray(x, dtype=np.int32)
+            for x in tokens["_ids"].to_pylist()
+        ]
+        out = self.predictor(batch).drop_columns(["id"])
+        return [_jsonable(row) for row in out.to_pylist()]
+
+
+def parse_inputs(body: bytes) -> list[str]:
+    """The request's texts.
+
+    Raises:
+        BadRequest: one line naming what is wrong (and where, for a bad input).
+    """
+    try:
+        data = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise BadRequest(f"the body is not JSON ({e}); {USAGE}") from None
+    if not isinstance(data, dict) or "inputs" not in data:
+        raise BadRequest(USAGE)
+    unknown = sorted(set(data) - {"inputs"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; {USAGE}")
+    texts = data["inputs"]
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest(f"inputs must be a non-empty list of strings; {USAGE}")
+    if len(texts) > MAX_INPUTS:
+        raise BadRequest(
+            f"{len(texts)} inputs; at most {MAX_INPUTS} per request "
+            "(use `lmbatch infer` for datasets)"
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BadRequest(f"inputs[{i}] is {type(text).__name__}, not a string")
+    return texts
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()}

@@ -1,0 +1,144 @@
+"""``lmbatch serve``: the infer job's model behind HTTP, batched by Ray Serve.
+
+    ServeSpec --prepare_serve (model, task, flags checked)--> ServePlan
+              --run_serve--> serve.start(host, port) + serve.run(Endpoint) until Ctrl-C
+
+Bound to 127.0.0.1 unless ``--host`` says otherwise: a model endpoint reachable from
+the network is a choice, not a default.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actors.errors import UserError
+from actors.loading import ModelInfo, check_precision, inspect_model
+from actors.predictor import PredictorConfig
+from actors.serve import Endpoint, EndpointConfig
+from jobs.infer import model_spec, ray_session, tokenize_config
+from jobs.spec import InferSpec, max_length_of
+from jobs.submit import is_loopback_host
+
+SERVE_TASKS = ("embed", "score", "classify")
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """One endpoint, as the user asked for it."""
+
+    model: str
+    task: str  # embed | score | classify
+    precision: str = "fp32"
+    max_batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    max_length: int | None = None  # tokens; None: the model's own limit
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    spec: ServeSpec
+    info: ModelInfo
+    max_length: int
+
+
+def prepare_serve(spec: ServeSpec) -> ServePlan:
+    """Check every flag against the model; nothing is started.
+
+    Raises:
+        UserError: naming the flag at fault.
+    """
+    if spec.task not in SERVE_TASKS:
+        raise UserError(
+            "--task", f"serve runs {', '.join(SERVE_TASKS)}, not {spec.task}"
+        )
+    check_precision(spec.precision)
+    for flag, value in (
+        ("--max-batch-size", spec.max_batch_size),
+        ("--replicas", spec.replicas),
+        ("--max-length", spec.max_length),
+    ):
+        if value is not None and value < 1:
+            raise UserError(flag, f"must be at least 1, got {value}")
+    if spec.batch_wait_ms < 0:
+        raise UserError("--batch-wait-ms", f"must be >= 0, got {spec.batch_wait_ms}")
+    if not 0 < spec.port < 65536:
+        raise UserError("--port", f"must be 1-65535, got {spec.port}")
+    info = inspect_model(
+        spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
+    )
+    return ServePlan(spec, info, max_length_of(as_infer(spec), info))
+
+
+def as_infer(spec: ServeSpec) -> InferSpec:
+    """The infer job that would load this model the same way."""
+    return InferSpec(
+        model=spec.model,
+        inputs=(),
+        task=spec.task,
+        output="",
+        max_length=spec.max_length,
+        precision=spec.precision,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+    )
+
+
+def endpoint_config(plan: ServePlan, threads: int) -> EndpointConfig:
+    spec = plan.spec
+    return EndpointConfig(
+        predictor=PredictorConfig(
+            model=model_spec(as_infer(spec)),
+            info=plan.info,
+            threads=threads,
+            max_length=plan.max_length,
+            actors_per_node=spec.replicas,
+        ),
+        tokenize=tokenize_config(as_infer(spec), plan.max_length),
+        max_batch_size=spec.max_batch_size,
+        batch_wait_ms=spec.batch_wait_ms,
+    )
+
+
+def deploy(plan: ServePlan, threads: int | None = None) -> str:
+    """Start Serve on the current Ray and deploy the endpoint; return its URL."""
+    from ray import serve
+
+    spec = plan.spec
+    threads = threads or max(1, (os.cpu_count() or 2) // spec.replicas)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    app = Endpoint.options(
+        num_replicas=spec.replicas, ray_actor_options={"num_cpus": 1}
+    ).bind(endpoint_config(plan, threads))
+    serve.run(app, name="lmbatch", route_prefix="/")
+    return f"http://{spec.host}:{spec.port}/"
+
+
+def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
+    """Serve until interrupted, then take the endpoint down."""
+    from ray import serve
+
+    if not is_loopback_host(plan.spec.host):
+        echo(
+            f"warning: --host {plan.spec.host} exposes the model to the network; "
+            "anyone who reaches the port can use it",
+            err=True,
+        )
+    with ray_session(address):
+        url = deploy(plan)
+        echo(f"serving {plan.spec.model} ({plan.spec.task}) at {url}")
+        echo(f'POST {url} {{"inputs": ["text", ...]}}; GET {url}stats; Ctrl-C stops')
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            echo("stopping")
+        finally:
+            serve.shutdown()

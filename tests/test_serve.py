@@ -1,0 +1,138 @@
+"""`lmbatch serve`'s endpoint: real HTTP on loopback to a Ray Serve deployment of the
+infer job's predictor; answers match the infer job's, requests are batched together,
+bad requests get a 400 and one line."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import run_job
+from ray import serve
+from ray_head import free_port
+
+from actors.errors import UserError
+from jobs.serve import ServeSpec, deploy, prepare_serve
+
+TEXTS = ["the water is long", "a", "one day they could see the oil", "he was here"]
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tiny_models, tmp_path_factory):
+    """(url, the infer job's rows for TEXTS): the job runs first, on a free Ray."""
+    root = tmp_path_factory.mktemp("serve")
+    pq.write_table(
+        pa.table({"doc": ["0", "1", "2", "3"], "text": TEXTS}), root / "t.pq"
+    )
+    rows, _ = run_job(
+        root / "out", model=tiny_models["bert"], inputs=str(root / "t.pq"),
+        task="embed", id_column="doc",
+    )  # fmt: skip
+    spec = ServeSpec(
+        model=tiny_models["bert"], task="embed", port=free_port(),
+        max_batch_size=8, batch_wait_ms=100,
+    )  # fmt: skip
+    url = deploy(prepare_serve(spec), threads=1)
+    yield url, [rows[str(i)] for i in range(len(TEXTS))]
+    serve.shutdown()
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_answers_match_the_infer_job(endpoint):
+    url, expected = endpoint
+    status, body = post(url, {"inputs": TEXTS})
+    assert status == 200 and len(body["results"]) == len(TEXTS)
+    for got, want in zip(body["results"], expected, strict=True):
+        assert got["error"] is None
+        assert got["embedding"] == pytest.approx(list(want["embedding"]), abs=1e-5)
+
+
+def test_concurrent_requests_are_batched_together(endpoint):
+    url, expected = endpoint
+    before = json.loads(urllib.request.urlopen(url + "stats", timeout=30).read())
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: post(url, {"inputs": [t]}), TEXTS * 4))
+    assert all(status == 200 for status, _ in answers)
+    for (_, body), want in zip(answers, expected * 4, strict=True):
+        assert body["results"][0]["embedding"] == pytest.approx(
+            list(want["embedding"]), abs=1e-5
+        )
+    after = json.loads(urllib.request.urlopen(url + "stats", timeout=30).read())
+    assert after["texts"] - before["texts"] == 16
+    assert after["batches"] - before["batches"] < 16, "some requests shared a batch"
+    assert after["largest_batch"] > 1
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (b"{not json", "not JSON"),
+        ({"text": "one"}, '{"inputs"'),
+        ({"inputs": []}, "non-empty list"),
+        ({"inputs": ["one", 3]}, "inputs[1] is int"),
+        ({"inputs": ["one"], "extra": 1}, "unknown field 'extra'"),
+    ],
+)
+def test_bad_requests_get_400_and_one_line(endpoint, body, says):
+    status, answer = post(endpoint[0], body)
+    assert status == 400 and says in answer["error"] and "\n" not in answer["error"]
+
+
+def test_a_bad_text_gets_its_error_not_a_failed_request(endpoint):
+    status, body = post(endpoint[0], {"inputs": ["one", "  "]})
+    assert status == 200
+    assert body["results"][0]["error"] is None
+    assert body["results"][1]["error"].startswith("empty_text")
+
+
+def test_get_is_refused_with_405(endpoint):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(endpoint[0], timeout=30)
+    assert e.value.code == 405
+
+
+def test_bound_to_loopback_only(endpoint):
+    port = int(endpoint[0].rsplit(":", 1)[1].strip("/"))
+    others = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    if not others:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    with pytest.raises(OSError), socket.create_connection((others[0], port), 5):
+        pass
+
+
+@pytest.mark.parametrize(
+    "flags, where",
+    [
+        ({"task": "generate"}, "--task"),
+        ({"port": 70000}, "--port"),
+        ({"max_batch_size": 0}, "--max-batch-size"),
+        ({"precision": "fp8"}, "--precision"),
+    ],
+)
+def test_bad_flags_are_named(tiny_models, flags, where):
+    with pytest.raises(UserError) as e:
+        prepare_serve(
+            ServeSpec(**{"model": tiny_models["bert"], "task": "embed", **flags})
+        )
+    assert e.value.where == where
