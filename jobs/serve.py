@@ -115,7 +115,11 @@ def deploy(plan: ServePlan, threads: int | None = None) -> str:
     threads = threads or max(1, (os.cpu_count() or 2) // spec.replicas)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     app = Endpoint.options(
-        num_replicas=spec.replicas, ray_actor_options={"num_cpus": 1}
+        num_replicas=spec.replicas,
+        # Serve's default of 5 requests in flight per replica would cap every batch
+        # at 5 texts; let twice a batch queue up so the next one fills meanwhile.
+        max_ongoing_requests=max(16, 2 * spec.max_batch_size),
+        ray_actor_options={"num_cpus": 1},
     ).bind(endpoint_config(plan, threads))
     serve.run(app, name="lmbatch", route_prefix="/")
     return f"http://{spec.host}:{spec.port}/"
