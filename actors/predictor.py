@@ -77,6 +77,7 @@ class Predictor:
         self.stats = ActorStats(
             actor=_actor_name(),
             node=_node_id(),
+            pid=os.getpid(),
             device=str(self.device),
             threads=config.threads,
             memory_limit_bytes=self.memory.capacity(),
@@ -86,6 +87,8 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
+        self.stats.rows_started += len(batch["id"])
+        self._report()  # were this process to die now, these rows were lost work
         errors: list[str | None] = list(batch["_error"])
         todo = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
         ids = [batch["_ids"][i] for i in todo]
@@ -109,7 +112,7 @@ class Predictor:
                         columns[name][todo[row]] = value
         self.stats.finish_call(len(errors), time.perf_counter() - started, self.budget)
         self._report()
-        return self._table(batch["_id"], columns, errors)
+        return self._table(batch["id"], columns, errors)
 
     def _report(self) -> None:
         if self.config.stats is not None:
@@ -176,9 +179,11 @@ class ActorStats:
 
     actor: str
     node: str  # Ray node id: where the actor ran, in multi-node jobs
+    pid: int
     device: str
     threads: int
     rows: int = 0
+    rows_started: int = 0  # more than rows while a call runs, or if it never ended
     tokens: int = 0
     micro_batches: int = 0
     busy_seconds: float = 0.0

@@ -73,7 +73,7 @@ class Endpoint:
     def _run(self, texts: list[str]) -> list[dict]:
         text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
         ids = pa.array([str(i) for i in range(len(texts))], pa.string())
-        rows = pa.table({"_id": ids, "_text": text, "_error": error})
+        rows = pa.table({"id": ids, "_text": text, "_error": error})
         tokens = tokenize_batch(rows, self.config.tokenize)
         batch = {
             n: tokens[n].to_numpy(zero_copy_only=False) for n in tokens.column_names

@@ -17,7 +17,7 @@ from transformers.utils import logging as hf_logging
 from actors.loading import load_tokenizer
 
 TOKEN_SCHEMA = pa.schema(
-    [("_id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]
+    [("id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]
 )
 
 
@@ -33,7 +33,7 @@ class TokenizeConfig:
 
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
-    """``_id``, ``_text``, ``_error`` -> ``_id``, ``_ids``, ``_error``."""
+    """``id``, ``_text``, ``_error`` -> ``id``, ``_ids``, ``_error``."""
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
     tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
     errors = batch["_error"].to_pylist()
@@ -57,7 +57,7 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
             ids[row] = np.asarray(tokens, dtype=np.int32)
     return pa.table(
         [
-            batch["_id"],
+            batch["id"],
             pa.array(ids, pa.list_(pa.int32())),
             pa.array(errors, pa.string()),
         ],

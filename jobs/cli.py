@@ -200,6 +200,13 @@ def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
     help="Rows handed to an actor per call.",
 )
 @click.option(
+    "--rows-per-file",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Rows per output file; each written file is a point --resume restarts from.",
+)
+@click.option(
     "--batch-tokens",
     type=int,
     default=None,
@@ -235,6 +242,11 @@ def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
     help="auto: from the model's measured footprint.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the job that wrote --output: finished rows are kept, not redone.",
+)
 @click.option(
     "--on-long",
     type=click.Choice(["truncate", "error"]),
@@ -399,12 +411,10 @@ def jobs_list(address: str | None, insecure: bool) -> None:
 @user_errors
 def jobs_status(job_id: str, address: str | None, insecure: bool) -> None:
     """A job's status and, when it ended, why."""
-    from jobs.submit import connect, job_info
+    from jobs.submit import connect, describe, job_info
 
     info = job_info(connect(address, insecure), job_id)
-    click.echo(
-        f"{job_id} {info.status.value}" + (f": {info.message}" * bool(info.message))
-    )
+    click.echo(describe(job_id, info))
 
 
 @jobs_group.command("logs")

@@ -1,7 +1,7 @@
 """The offline inference driver.
 
-    files --read_datasource--> _id, _text, _error            (jobs/sources.py)
-          --map_batches(tokenize_batch), CPU tasks--> _id, _ids, _error
+    files --read_datasource--> id, _text, _error             (jobs/sources.py)
+          --map_batches(tokenize_batch), CPU tasks--> id, _ids, _error
           --map_batches(Predictor), actor pool--> id, <task columns>, error
           --write_parquet--> OUTPUT/*.parquet + OUTPUT/_summary.json
 
@@ -24,12 +24,13 @@ from actors.loading import ModelSpec
 from actors.predictor import Predictor, PredictorConfig
 from actors.tokenize import TokenizeConfig, tokenize_batch
 from jobs.pool import PoolPlan, actors_per_gpu, plan_pool
+from jobs.resume import begin_output, checkpoint_config
 from jobs.sources import read_rows
 from jobs.spec import InferPlan, InferSpec
-from jobs.summary import StatsSink, Summary, build_summary, write_summary
+from jobs.summary import Summary, build_summary, start_sink, write_summary
 
 log = logging.getLogger("lmbatch")
-MIN_ROWS_PER_FILE = 50_000
+MAX_TASK_RETRIES = 3
 
 
 @contextlib.contextmanager
@@ -63,19 +64,36 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         pool = size_pool(plan)  # may still refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
-        sink = StatsSink.remote()
+        restored = begin_output(plan)
+        sink = start_sink()
         started = time.perf_counter()
-        build_dataset(plan, pool, sink).write_parquet(
-            plan.output_path,
-            filesystem=plan.output_fs,
-            min_rows_per_file=MIN_ROWS_PER_FILE,
-        )
+        with checkpointing(checkpoint_config(plan)):
+            build_dataset(plan, pool, sink).write_parquet(
+                plan.output_path,
+                filesystem=plan.output_fs,
+                min_rows_per_file=plan.spec.rows_per_file,
+            )
         seconds = time.perf_counter() - started
         summary = build_summary(
-            plan.output_fs, plan.output_path, seconds, ray.get(sink.snapshot.remote())
+            plan.output_fs,
+            plan.output_path,
+            seconds,
+            ray.get(sink.snapshot.remote()),
+            restored,
         )
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
+
+
+@contextlib.contextmanager
+def checkpointing(config) -> Iterator[None]:
+    """Ray Data's checkpointing on for this job's dataset only."""
+    context = ray.data.DataContext.get_current()
+    before, context.checkpoint_config = context.checkpoint_config, config
+    try:
+        yield
+    finally:
+        context.checkpoint_config = before
 
 
 def model_spec(spec: InferSpec) -> ModelSpec:
@@ -150,4 +168,8 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
         memory=pool.memory,
+        # A killed or preempted actor always comes back; a batch that kills its actor
+        # MAX_TASK_RETRIES times fails the job (then --resume) instead of looping.
+        max_restarts=-1,
+        max_task_retries=MAX_TASK_RETRIES,
     )

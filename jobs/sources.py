@@ -6,7 +6,7 @@ readers lack for every format: the row's position in its file, so that the id
 ``<path>#<row>`` is stable across re-runs, and one normalisation of the text column:
 null, empty or non-string text becomes an ``error`` value, never a crashed read.
 
-Every block leaves here with three columns: ``_id``, ``_text``, ``_error``.
+Every block leaves here with three columns: ``id``, ``_text``, ``_error``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from actors.tokenize import check_text
 from jobs.inputs import ResolvedInputs
 
 ROW_SCHEMA = pa.schema(
-    [("_id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
+    [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
 )
 JSONL_CHUNK_ROWS = 4096
 
@@ -42,25 +42,39 @@ class _RowSource(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         offset = 0
-        for table in self._tables(f, path):
-            # Only the first file is checked before the job; a later file without the
-            # column gives rows with an error naming it, never a crashed job.
-            wanted = (self._text_column, self._id_column)
-            missing = [c for c in wanted if c and c not in table.column_names]
-            for column in missing:
-                table = table.append_column(
-                    column, pa.nulls(table.num_rows, pa.string())
-                )
-            out = self._normalise(table, path, offset)
-            if missing:
-                error = f"missing_column: {path} has no column {missing[0]!r}"
-                out = out.set_column(
-                    2, "_error", pa.array([error] * len(out), pa.string())
-                )
-            yield out
-            offset += table.num_rows
+        try:
+            for table in self._tables(f, path):
+                yield self._checked(table, path, offset)
+                offset += table.num_rows
+        except (pa.ArrowException, OSError, ValueError) as e:
+            # A corrupt or truncated file: one row says where reading stopped and why;
+            # the job and the other files go on.
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            error = f"bad_file: {path} unreadable from row {offset}: {reason}"
+            yield pa.table(
+                [[f"{path}#{offset}"], pa.nulls(1, pa.string()), [error]],
+                schema=ROW_SCHEMA,
+            )
+
+    def _checked(self, table: pa.Table, path: str, offset: int) -> pa.Table:
+        # Only the first file is checked before the job; a later file without the
+        # column gives rows with an error naming it, never a crashed job.
+        wanted = (self._text_column, self._id_column)
+        missing = [c for c in wanted if c and c not in table.column_names]
+        for column in missing:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
+        out = self._normalise(table, path, offset)
+        if missing:
+            error = f"missing_column: {path} has no column {missing[0]!r}"
+            out = out.set_column(2, "_error", pa.array([error] * len(out), pa.string()))
+        return out
 
     def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:
+        """ids, text and errors; a ``_bad`` column (what a reader found wrong with a
+        row, e.g. bad UTF-8) comes before the text checks."""
+        bad = table["_bad"] if "_bad" in table.column_names else None
+        if bad is not None:
+            table = table.drop_columns(["_bad"])
         n = table.num_rows
         derived = pa.array(
             [f"{path}#{i}" for i in range(offset, offset + n)], pa.string()
@@ -77,6 +91,8 @@ class _RowSource(FileBasedDatasource):
                 "null_id: no id, used file#row",
                 error,
             )
+        if bad is not None:
+            error = pc.coalesce(bad, error)
         return pa.table([ids, text, error], schema=ROW_SCHEMA)
 
 
@@ -103,15 +119,26 @@ class CSVRows(_RowSource):
     _FILE_EXTENSIONS = ["csv"]
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        # Read text and id as strings, or "007" would become 7 and "" a null.
-        types = {c: pa.string() for c in (self._text_column, self._id_column) if c}
+        # Text and id as bytes, decoded here: as strings "007" would become 7, "" a
+        # null, and one invalid UTF-8 byte would fail the whole file.
+        columns = [c for c in (self._text_column, self._id_column) if c]
         reader = pacsv.open_csv(
             f,
             read_options=pacsv.ReadOptions(use_threads=False),
-            convert_options=pacsv.ConvertOptions(column_types=types),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(columns, pa.binary())
+            ),
         )
         for batch in reader:
-            yield pa.Table.from_batches([batch])
+            table = pa.Table.from_batches([batch])
+            bad: list[str | None] = [None] * table.num_rows
+            for column in columns:
+                if column in table.column_names:
+                    i = table.column_names.index(column)
+                    table = table.set_column(
+                        i, column, _decode(table[column], column, bad)
+                    )
+            yield table.append_column("_bad", pa.array(bad, pa.string()))
 
 
 class JSONLRows(_RowSource):
@@ -161,10 +188,21 @@ class JSONLRows(_RowSource):
         )
         return table
 
-    def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:
-        out = super()._normalise(table.drop_columns(["_bad"]), path, offset)
-        error = pc.coalesce(table["_bad"], out["_error"])
-        return out.set_column(2, "_error", error)
+
+def _decode(column: pa.ChunkedArray, name: str, bad: list[str | None]) -> pa.Array:
+    """UTF-8 bytes to strings; a value that is not UTF-8 becomes null and its row's
+    entry in ``bad`` says so."""
+    try:
+        return pc.cast(column, pa.string())
+    except pa.ArrowInvalid:
+        values = []
+        for row, value in enumerate(column.to_pylist()):
+            try:
+                values.append(None if value is None else value.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(None)
+                bad[row] = bad[row] or f"bad_utf8: {name} is not valid UTF-8"
+        return pa.array(values, pa.string())
 
 
 def _lines(f: pa.NativeFile, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -207,7 +245,7 @@ SOURCES: dict[str, type[_RowSource]] = {
 def read_rows(
     inputs: ResolvedInputs, text_column: str, id_column: str | None
 ) -> ray.data.Dataset:
-    """A streamed dataset of ``_id``, ``_text``, ``_error`` rows over all inputs."""
+    """A streamed dataset of ``id``, ``_text``, ``_error`` rows over all inputs."""
     source = SOURCES[inputs.format](
         inputs.paths,
         text_column=text_column,

@@ -33,12 +33,14 @@ class InferSpec:
     max_new_tokens: int = 32  # generate only
     actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
     batch_rows: int = 1024  # rows handed to an actor per call
+    rows_per_file: int = 50_000  # output file size; each file is a resume point
     batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
     int8_threshold: float = 6.0  # LLM.int8 outlier threshold (precision int8)
     actor_memory: int | None = None  # bytes per CPU actor; None: an equal node share
     actors_per_gpu: int | None = None  # None: from the model's measured footprint
     overwrite: bool = False
+    resume: bool = False  # continue the job that wrote --output
     on_long: str = "truncate"  # truncate | error
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -70,7 +72,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )
     max_length = max_length_of(spec, info)
-    output_fs, output_path = check_output(spec.output, spec.overwrite)
+    output_fs, output_path = check_output(spec.output, spec.overwrite or spec.resume)
     return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
 
 
@@ -84,6 +86,7 @@ def _check_choices(spec: InferSpec) -> None:
         )
     for flag, value in (
         ("--batch-rows", spec.batch_rows),
+        ("--rows-per-file", spec.rows_per_file),
         ("--max-new-tokens", spec.max_new_tokens),
         ("--batch-tokens", spec.batch_tokens),
         ("--max-length", spec.max_length),
@@ -92,6 +95,8 @@ def _check_choices(spec: InferSpec) -> None:
     ):
         if value is not None and value < 1:
             raise UserError(flag, f"must be at least 1, got {value}")
+    if spec.resume and spec.overwrite:
+        raise UserError("--resume", "continues an output; --overwrite replaces it")
     if spec.int8_threshold < 0:
         raise UserError("--int8-threshold", f"must be >= 0, got {spec.int8_threshold}")
     if spec.actors is not None and not 1 <= spec.actors[0] <= spec.actors[1]:

@@ -161,12 +161,20 @@ def follow_logs(client, job_id: str, echo: Callable) -> int:
         async for chunk in client.tail_job_logs(job_id):
             echo(chunk, nl=False)
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        echo(f"\nstopped following; the job runs on: lmbatch jobs stop {job_id}")
+        return 130
     info = client.get_job_info(job_id)
-    echo(
-        f"job {job_id} {info.status.value}" + (f": {info.message}" * bool(info.message))
-    )
+    echo(f"job {describe(job_id, info)}")
     return 0 if info.status == JobStatus.SUCCEEDED else 1
+
+
+def describe(job_id: str, info) -> str:
+    """'ID STATUS', and why, when the cluster says."""
+    why = f": {info.message}" if info.message else ""
+    return f"{job_id} {info.status.value}{why}"
 
 
 def job_info(client, job_id: str):

@@ -1,8 +1,10 @@
 """The job summary: rows, tokens, speed, errors by kind and what each actor did.
 
 Actors report cumulative stats to one ``StatsSink`` actor after every batch (a
-fire-and-forget call); the driver reads it once at the end. Row and error counts come
-from the written Parquet itself, so the summary cannot disagree with the output.
+fire-and-forget call); the driver reads it once at the end. The sink is a named actor
+(``lmbatch-stats-<job>``), so a job in progress can be watched from outside. Row and
+error counts come from the written Parquet itself, so the summary cannot disagree with
+the output.
 """
 
 from __future__ import annotations
@@ -20,16 +22,26 @@ SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the ou
 
 @ray.remote(num_cpus=0)
 class StatsSink:
-    """Latest stats of every actor, keyed by actor id."""
+    """Latest stats of every actor process: a restarted actor keeps its id and gets a
+    new process, and each of its lives is reported."""
 
     def __init__(self) -> None:
         self.actors: dict[str, dict] = {}
 
     def report(self, stats: dict) -> None:
-        self.actors[stats["actor"]] = stats
+        self.actors[f"{stats['actor']}/{stats['pid']}"] = stats
 
     def snapshot(self) -> list[dict]:
         return list(self.actors.values())
+
+
+SINK_PREFIX = "lmbatch-stats-"
+
+
+def start_sink():
+    """This job's StatsSink, named after the Ray job that runs it."""
+    name = SINK_PREFIX + ray.get_runtime_context().get_job_id()
+    return StatsSink.options(name=name).remote()
 
 
 @dataclass
@@ -42,10 +54,13 @@ class Summary:
     errors: dict[str, int]
     actors: list[dict] = field(default_factory=list)
     output: str = ""
+    restored: int = 0  # rows an earlier run wrote (--resume)
+    computed: int = 0  # rows this run computed
 
     def lines(self) -> list[str]:
         out = [
             f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
+            f"restored {self.restored}  computed {self.computed}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
             "errors "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
@@ -65,9 +80,16 @@ class Summary:
 
 
 def build_summary(
-    fs: pafs.FileSystem, path: str, seconds: float, actors: list[dict]
+    fs: pafs.FileSystem,
+    path: str,
+    seconds: float,
+    actors: list[dict],
+    restored: int = 0,
 ) -> Summary:
-    """Count rows and errors in the written output and merge the actors' stats."""
+    """Count rows and errors in the written output and merge the actors' stats.
+
+    ``restored``: rows an earlier run of a resumed job had written; speeds count only
+    the rows this run computed."""
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     errors: Counter[str] = Counter()
     rows = 0
@@ -75,15 +97,18 @@ def build_summary(
         rows += batch.num_rows
         errors.update(e.split(":", 1)[0] for e in batch.column(0).to_pylist() if e)
     tokens = sum(a["tokens"] for a in actors)
+    computed = rows - restored
     return Summary(
         rows=rows,
         tokens=tokens,
         seconds=round(seconds, 3),
-        rows_per_second=round(rows / seconds, 2) if seconds else 0.0,
+        rows_per_second=round(computed / seconds, 2) if seconds else 0.0,
         tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
         errors=dict(errors),
         actors=actors,
         output=path,
+        restored=restored,
+        computed=computed,
     )
 
 

@@ -227,3 +227,32 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def fault_report(request):
+    """record(rows_in, ids_out, computed, **extra): what a fault cost, checked here and,
+    when LMBATCH_FAULT_REPORT names a file (benchmarks/faults.py), appended to it.
+
+    ``computed``: rows the model processed, every actor life counted; recomputed is
+    what exceeds the rows that needed computing (``rows_in - restored``)."""
+
+    def record(rows_in: int, ids_out: list[str], computed: int, restored: int = 0,
+               **extra) -> dict:  # fmt: skip
+        row = {
+            "fault": request.node.get_closest_marker("fault").args[0],
+            "rows_in": rows_in,
+            "rows_out": len(ids_out),
+            "lost": rows_in - len(set(ids_out)),
+            "duplicated": len(ids_out) - len(set(ids_out)),
+            "restored": restored,
+            "recomputed": computed - (rows_in - restored),
+            **extra,
+        }
+        if os.environ.get("LMBATCH_FAULT_REPORT"):
+            with open(os.environ["LMBATCH_FAULT_REPORT"], "a") as f:
+                f.write(json.dumps(row) + "\n")
+        assert row["lost"] == 0 and row["duplicated"] == 0, row
+        return row
+
+    return record

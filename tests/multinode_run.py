@@ -1,14 +1,19 @@
 """An infer job on a local multi-node Ray (``ray.cluster_utils.Cluster``): a head and
-two workers of different memory. Run as a script by test_multinode.py, since a test
-process already holds the session's Ray; prints the summary and the nodes as JSON.
+two workers of different memory. Run as a script by the tests, since a test process
+already holds the session's Ray; prints the summary and the nodes as JSON.
 
-Usage: python tests/multinode_run.py MODEL INPUT OUTPUT
+Usage: python tests/multinode_run.py MODEL INPUT OUTPUT [--remove-node] [-- k=v ...]
+
+--remove-node takes a worker node away (its raylet killed) once an actor on it has
+done some work, mid-job.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from dataclasses import asdict
 
 import ray
@@ -16,6 +21,7 @@ from ray.cluster_utils import Cluster
 
 from jobs.infer import run_infer
 from jobs.spec import InferSpec, prepare_infer
+from jobs.summary import SINK_PREFIX
 
 MIB = 1 << 20
 NODES = [  # (CPUs, memory): the head first
@@ -25,7 +31,7 @@ NODES = [  # (CPUs, memory): the head first
 ]
 
 
-def main(model: str, data: str, output: str) -> None:
+def start_cluster() -> tuple[Cluster, list]:
     (head_cpus, head_memory), *workers = NODES
     cluster = Cluster(
         initialize_head=True,
@@ -36,26 +42,58 @@ def main(model: str, data: str, output: str) -> None:
             "include_dashboard": False,
         },
     )
+    nodes = [
+        cluster.add_node(num_cpus=cpus, memory=memory, object_store_memory=100 * MIB)
+        for cpus, memory in workers
+    ]
+    cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+def remove_a_busy_worker(cluster: Cluster, workers: list, removed: list) -> None:
+    """Once an actor on a worker node has done work, take that node away."""
+    by_id = {w.node_id: w for w in workers}
+    while not removed:
+        for named in ray.util.list_named_actors(all_namespaces=True):
+            if named["name"].startswith(SINK_PREFIX):
+                sink = ray.get_actor(named["name"], namespace=named["namespace"])
+                for a in ray.get(sink.snapshot.remote()):
+                    if a["rows"] > 0 and a["node"] in by_id:
+                        cluster.remove_node(by_id[a["node"]], allow_graceful=False)
+                        removed.append(a["node"])
+                        return
+        time.sleep(0.05)
+
+
+def main(model: str, data: str, output: str, *rest: str) -> None:
+    remove = "--remove-node" in rest
+    flags = dict(kv.split("=", 1) for kv in rest if "=" in kv)
+    cluster, workers = start_cluster()
     try:
-        for cpus, memory in workers:
-            cluster.add_node(
-                num_cpus=cpus, memory=memory, object_store_memory=100 * MIB
-            )
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         spec = InferSpec(
             model=model,
             inputs=(data,),
-            task="embed",
+            task=flags.get("task", "embed"),
             output=output,
-            id_column="doc",
-            batch_rows=8,  # many small calls, so that every actor gets some
+            id_column=flags.get("id_column"),
+            max_new_tokens=int(flags.get("max_new_tokens", 8)),
+            batch_rows=int(flags.get("batch_rows", 8)),  # every actor gets some
         )
+        removed: list[str] = []
+        if remove:
+            threading.Thread(
+                target=remove_a_busy_worker,
+                args=(cluster, workers, removed),
+                daemon=True,
+            ).start()
         summary = run_infer(prepare_infer(spec))
         nodes = {
             n["NodeID"]: n["Resources"].get("memory") for n in ray.nodes() if n["Alive"]
         }
-        print(json.dumps({"summary": asdict(summary), "nodes": nodes}))
+        print(
+            json.dumps({"summary": asdict(summary), "nodes": nodes, "removed": removed})
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import sentences
 from helpers import run_job
@@ -19,7 +20,7 @@ def tokenized(model: str, texts: list[str]) -> dict[str, np.ndarray]:
     """A batch as the actor receives it from the tokenize stage."""
     table = pa.table(
         {
-            "_id": [f"r{i}" for i in range(len(texts))],
+            "id": [f"r{i}" for i in range(len(texts))],
             "_text": texts,
             "_error": pa.nulls(len(texts), pa.string()),
         }
@@ -35,7 +36,10 @@ def predictor(model: str, **kw) -> Predictor:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_injected_oom_in_a_real_job_loses_no_row(tiny_models, corpus, tmp_path):
+@pytest.mark.fault("out-of-memory in an actor: batch halved, rows retried")
+def test_injected_oom_in_a_real_job_loses_no_row(
+    tiny_models, corpus, tmp_path, fault_report
+):
     rows, summary = run_job(
         tmp_path / "out",
         model=tiny_models["oom_150"],
@@ -50,6 +54,8 @@ def test_injected_oom_in_a_real_job_loses_no_row(tiny_models, corpus, tmp_path):
     assert actor["ooms"] >= 1
     assert actor["budget_history"][-1] <= 150  # converged under the threshold
     assert actor["max_rows"] * 2 <= 150  # and every micro-batch that ran fitted it
+    ids = pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist()
+    fault_report(120, ids, actor["rows_started"], ooms=actor["ooms"])
 
 
 def test_actors_with_different_limits_settle_at_different_budgets(tiny_models):

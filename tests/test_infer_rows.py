@@ -90,7 +90,10 @@ def test_directories_globs_and_several_inputs(tiny_models, corpus, tmp_path):
     assert f"{parts}/part-2.parquet#39" in by_dir and "doc-119" in listed
 
 
-def test_bad_rows_get_errors_and_the_job_goes_on(tiny_models, tmp_path):
+@pytest.mark.fault(
+    "bad rows in JSONL: null, empty, not text, bad JSON, bad UTF-8, long"
+)
+def test_bad_rows_get_errors_and_the_job_goes_on(tiny_models, tmp_path, fault_report):
     path = tmp_path / "bad.jsonl"
     lines = [
         json.dumps({"text": "the water is long", "k": 0}),
@@ -136,6 +139,8 @@ def test_bad_rows_get_errors_and_the_job_goes_on(tiny_models, tmp_path):
         "bad_utf8": 1,
     }
     assert rows[f"{path}#0"]["logprob"] < 0 and rows[f"{path}#1"]["logprob"] is None
+    ids = pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist()
+    fault_report(9, ids, sum(a["rows_started"] for a in summary.actors))
 
 
 def test_long_rows_are_truncated_by_default(tiny_models, tmp_path):
@@ -191,3 +196,67 @@ def test_a_later_file_without_the_column_gives_error_rows(tiny_models, tmp_path)
     assert summary.rows == 3 and summary.errors == {"missing_column": 2}
     assert rows[f"{b}#1"]["error"] == f"missing_column: {b} has no column 'text'"
     assert rows[f"{tmp_path / 'in' / 'a.csv'}#0"]["embedding"] is not None
+
+
+@pytest.mark.fault("invalid UTF-8 in a CSV row")
+def test_invalid_utf8_in_csv_is_one_bad_row(tiny_models, tmp_path, fault_report):
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(b"id,text\na,the water\nb,oil \xff\xfe here\nc,call who\n")
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed",
+        id_column="id",
+    )  # fmt: skip
+    assert rows["b"]["error"] == "bad_utf8: text is not valid UTF-8"
+    assert rows["a"]["error"] is None and rows["c"]["error"] is None
+    assert summary.rows == 3 and summary.errors == {"bad_utf8": 1}
+    fault_report(
+        3,
+        pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist(),
+        sum(a["rows_started"] for a in summary.actors),
+    )
+
+
+@pytest.mark.fault("a 10 MB text among short ones")
+def test_a_ten_megabyte_text_is_truncated_not_a_crash(
+    tiny_models, tmp_path, fault_report
+):
+    huge = " ".join(["water"] * (10_000_000 // 6))
+    path = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"text": ["the day", huge, "one way"]}), path)
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score"
+    )
+    assert summary.rows == 3 and summary.errors == {}
+    assert rows[f"{path}#1"]["num_tokens"] == 63
+    fault_report(
+        3,
+        pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist(),
+        sum(a["rows_started"] for a in summary.actors),
+    )
+    errors, _ = run_job(
+        tmp_path / "err", model=tiny_models["gpt2"], inputs=str(path), task="score",
+        on_long="error",
+    )  # fmt: skip
+    assert errors[f"{path}#1"]["error"].startswith("too_long")
+
+
+@pytest.mark.fault("a corrupt Parquet file among good ones (counted as one row)")
+def test_a_corrupt_parquet_file_among_good_ones_is_one_error_row(
+    tiny_models, corpus, tmp_path, fault_report
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = pq.read_table(corpus["parquet"])
+    pq.write_table(good.slice(0, 60), folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+    pq.write_table(good.slice(60, 60), folder / "c.parquet")
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(folder), task="embed",
+        id_column="doc",
+    )  # fmt: skip
+    assert summary.rows == 121 and summary.errors == {"bad_file": 1}
+    bad = rows[f"{folder / 'b.parquet'}#0"]
+    assert bad["error"].startswith(f"bad_file: {folder / 'b.parquet'} unreadable")
+    assert {f"doc-{i:03d}" for i in range(120)} <= rows.keys()
+    ids = pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist()
+    fault_report(121, ids, sum(a["rows_started"] for a in summary.actors))

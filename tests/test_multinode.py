@@ -15,18 +15,22 @@ pytestmark = pytest.mark.cluster
 SCRIPT = Path(__file__).with_name("multinode_run.py")
 
 
-def test_actors_spread_over_nodes_each_with_its_own_budget(
-    tiny_models, corpus, tmp_path
-):
-    out = tmp_path / "out"
+def run_script(*args) -> dict:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), tiny_models["bert"], corpus["parquet"], str(out)],
+        [sys.executable, str(SCRIPT), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_actors_spread_over_nodes_each_with_its_own_budget(
+    tiny_models, corpus, tmp_path
+):
+    out = tmp_path / "out"
+    result = run_script(tiny_models["bert"], corpus["parquet"], out, "id_column=doc")
     summary, nodes = result["summary"], result["nodes"]
 
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
@@ -41,3 +45,27 @@ def test_actors_spread_over_nodes_each_with_its_own_budget(
     for a in actors:  # each sized to a share of its own node's memory
         assert a["memory_limit_bytes"] <= nodes[a["node"]]
     assert len({a["memory_limit_bytes"] for a in actors}) == 3
+
+
+@pytest.mark.fault("a worker node removed mid-job (multi-node local Ray)")
+def test_a_worker_node_removed_mid_job_loses_nothing(
+    tiny_models, tmp_path, fault_report
+):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"the word {i} is one"}) + "\n" for i in range(1200)
+        )
+    )
+    out = tmp_path / "out"
+    result = run_script(
+        tiny_models["gpt2"], data, out, "--remove-node", "task=generate",
+        "batch_rows=20",
+    )  # fmt: skip
+    assert result["removed"], "the job ended before a node could be removed"
+    assert result["removed"][0] not in result["nodes"]
+    ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+    assert len(ids) == 1200 and len(set(ids)) == 1200
+    assert result["summary"]["errors"] == {}
+    started = sum(a["rows_started"] for a in result["summary"]["actors"])
+    fault_report(1200, ids, started)

@@ -136,3 +136,36 @@ def test_bad_flags_are_named(tiny_models, flags, where):
             ServeSpec(**{"model": tiny_models["bert"], "task": "embed", **flags})
         )
     assert e.value.where == where
+
+
+def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
+    import signal
+    import subprocess
+    import time
+
+    from ray_head import LMBATCH
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(LMBATCH), "serve", "--model", tiny_models["bert_cls"], "--task",
+         "classify", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the endpoint never came up"
+            try:
+                status, body = post(url, {"inputs": ["the water", "one day"]})
+                break
+            except OSError:
+                time.sleep(1)
+        assert status == 200
+        assert {r["label"] for r in body["results"]} <= {"neg", "neutral", "pos"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert f"at {url}" in out and "stopping" in out

@@ -1,0 +1,114 @@
+"""What makes an infer job resumable: Ray Data's checkpointing, and a record of the job.
+
+Ray Data checkpoints every written file's row ids (``CheckpointConfig`` keyed by ``id``,
+two-phase: a file whose ids were not committed is deleted on the next run) and, on a
+re-run, filters those ids out right after the read. lmbatch adds only ``_job.json``: the
+model, task and inputs that wrote the output, so that ``--resume`` never mixes the rows
+of two different jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from ray.data.checkpoint import CheckpointConfig
+
+from actors.errors import UserError
+from jobs.spec import InferPlan
+
+JOB_FILE = "_job.json"
+CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset
+
+
+def checkpoint_config(plan: InferPlan) -> CheckpointConfig:
+    return CheckpointConfig(
+        id_column="id",
+        checkpoint_path=f"{plan.output_path}/{CHECKPOINT_DIR}",
+        override_filesystem=plan.output_fs,
+        # Kept after success: --resume of a finished job then recomputes nothing.
+        delete_checkpoint_on_success=False,
+    )
+
+
+def job_record(plan: InferPlan) -> dict:
+    """Everything that decides what a row of the output holds."""
+    spec = plan.spec
+    return {
+        "model": str(Path(spec.model).absolute()),
+        "model_weights": _weights_digest(Path(spec.model)),
+        "task": spec.task,
+        "precision": spec.precision,
+        "inputs": sorted(plan.inputs.paths),
+        "text_column": spec.text_column,
+        "id_column": spec.id_column,
+        "max_length": plan.max_length,
+        "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
+    }
+
+
+def begin_output(plan: InferPlan) -> int:
+    """Record a new job, or check that ``--resume`` continues the same one.
+
+    Returns:
+        Rows the output already holds (restored, not to be computed again).
+
+    Raises:
+        UserError: naming ``--resume`` when the output holds files of no lmbatch job
+            or of a different job. An empty or missing output starts afresh, so a
+            retry loop may pass ``--resume`` every time.
+    """
+    fs, path = plan.output_fs, plan.output_path
+    record = job_record(plan)
+    if not plan.spec.resume or _is_empty(fs, path):  # a retry loop's first run
+        fs.create_dir(path, recursive=True)
+        _write(fs, f"{path}/{JOB_FILE}", record)
+        return 0
+    try:
+        with fs.open_input_stream(f"{path}/{JOB_FILE}") as f:
+            written = json.loads(f.read())
+    except FileNotFoundError:
+        raise UserError(
+            "--resume",
+            f"{plan.spec.output} holds files but no lmbatch job to resume "
+            f"(no {JOB_FILE})",
+        ) from None
+    for key, now in record.items():
+        if written.get(key) != now:
+            raise UserError(
+                "--resume",
+                f"{plan.spec.output} was written by a different job: {key} was "
+                f"{written.get(key)!r}, now {now!r}; use a new --output",
+            )
+    return rows_in(fs, path)
+
+
+def _is_empty(fs: pafs.FileSystem, path: str) -> bool:
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return True
+    return not fs.get_file_info(pafs.FileSelector(path, recursive=False))
+
+
+def rows_in(fs: pafs.FileSystem, path: str) -> int:
+    """Rows in the output's Parquet files (files starting with '_' are not data)."""
+    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+def _weights_digest(model: Path) -> str:
+    """Names and sizes of the weight files plus the config: cheap, and changes when
+    the model does (hashing every weight of a large model would take minutes)."""
+    digest = hashlib.sha256()
+    for file in sorted(model.glob("*")):
+        if file.suffix in (".safetensors", ".bin"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        elif file.name in ("config.json", "lmbatch.json"):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _write(fs: pafs.FileSystem, path: str, record: dict) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(record, indent=1).encode())

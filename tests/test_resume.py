@@ -1,0 +1,110 @@
+"""--resume after the driver was killed: Ray Data's checkpoint restores finished rows;
+nothing is lost, nothing duplicated; another job's output is refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from helpers import run_job
+
+from actors.errors import UserError
+from jobs.resume import JOB_FILE
+
+LMBATCH = Path(sys.executable).with_name("lmbatch")
+
+
+def ids_in(out: Path) -> list[str]:
+    return (
+        pads.dataset(out, format="parquet").to_table(columns=["id"])["id"].to_pylist()
+    )
+
+
+@pytest.mark.fault("the driver killed (SIGKILL) mid-job, then --resume")
+def test_driver_killed_then_resume_loses_and_duplicates_nothing(
+    tiny_models, tmp_path, fault_report
+):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"the word {i} is one of many"}) + "\n"
+            for i in range(3000)
+        )
+    )
+    out = tmp_path / "out"
+    args = [
+        str(LMBATCH), "infer", "--model", tiny_models["gpt2"], "--task", "generate",
+        "--max-new-tokens", "8", "--input", str(data), "--output", str(out),
+        "--batch-rows", "50", "--rows-per-file", "50",
+    ]  # fmt: skip
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("*.parquet"))) < 4:
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no output files came"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)  # the embedded Ray's reaper takes the rest down
+
+    done = subprocess.run(
+        [*args, "--resume"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = ids_in(out)
+    assert len(ids) == 3000 and len(set(ids)) == 3000
+    restored = int(done.stdout.split("restored ")[1].split()[0])
+    computed = int(done.stdout.split("computed ")[1].split()[0])
+    assert restored >= 150 and restored + computed == 3000
+    summary = json.loads((out / "_summary.json").read_text())
+    started = sum(a["rows_started"] for a in summary["actors"])
+    fault_report(3000, ids, started, restored=restored)
+
+
+def test_resume_of_a_finished_job_computes_nothing(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    first, _ = run_job(tmp_path / "out", **flags)
+    again, summary = run_job(tmp_path / "out", resume=True, **flags)
+    assert (summary.restored, summary.computed) == (120, 0)
+    assert again.keys() == first.keys() and len(ids_in(tmp_path / "out")) == 120
+
+
+def test_resume_refuses_another_jobs_output(ray_local, tiny_models, corpus, tmp_path):
+    run_job(
+        tmp_path / "out",
+        model=tiny_models["bert"],
+        inputs=corpus["parquet"],
+        task="embed",
+    )
+    with pytest.raises(UserError) as e:
+        run_job(
+            tmp_path / "out", model=tiny_models["bert_st"], inputs=corpus["parquet"],
+            task="embed", resume=True,
+        )  # fmt: skip
+    assert e.value.where == "--resume" and "model" in e.value.message
+
+
+def test_resume_needs_a_job_to_resume(ray_local, tiny_models, corpus, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not ours")
+    with pytest.raises(UserError, match=f"no lmbatch job to resume .no {JOB_FILE}"):
+        run_job(
+            tmp_path / "out", model=tiny_models["bert"], inputs=corpus["parquet"],
+            task="embed", resume=True,
+        )  # fmt: skip
+
+
+def test_resume_and_overwrite_together_are_refused(tiny_models, corpus, tmp_path):
+    with pytest.raises(UserError, match="--resume"):
+        run_job(
+            tmp_path / "out", model=tiny_models["bert"], inputs=corpus["parquet"],
+            task="embed", resume=True, overwrite=True,
+        )  # fmt: skip
