@@ -67,33 +67,35 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         restored = begin_output(plan)
         sink = start_sink()
         started = time.perf_counter()
-        with checkpointing(checkpoint_config(plan)):
+        with data_context(checkpoint_config(plan)):
             build_dataset(plan, pool, sink).write_parquet(
                 plan.output_path,
                 filesystem=plan.output_fs,
                 min_rows_per_file=plan.spec.rows_per_file,
             )
         seconds = time.perf_counter() - started
+        actors = ray.get(sink.snapshot.remote())
+        ray.kill(sink)  # named actors outlive their handles
         summary = build_summary(
-            plan.output_fs,
-            plan.output_path,
-            seconds,
-            ray.get(sink.snapshot.remote()),
-            restored,
+            plan.output_fs, plan.output_path, seconds, actors, restored
         )
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
 
 @contextlib.contextmanager
-def checkpointing(config) -> Iterator[None]:
-    """Ray Data's checkpointing on for this job's dataset only."""
+def data_context(checkpoint) -> Iterator[None]:
+    """Ray Data's settings for this job's dataset only: checkpointing on, and a
+    batch retried when its actor's node vanished mid-call (Ray reports the actor
+    unavailable, "may or may not have run": the output is written once either way)."""
     context = ray.data.DataContext.get_current()
-    before, context.checkpoint_config = context.checkpoint_config, config
+    before = (context.checkpoint_config, context.actor_task_retry_on_errors)
+    context.checkpoint_config = checkpoint
+    context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
     try:
         yield
     finally:
-        context.checkpoint_config = before
+        context.checkpoint_config, context.actor_task_retry_on_errors = before
 
 
 def model_spec(spec: InferSpec) -> ModelSpec:
@@ -119,8 +121,14 @@ def size_pool(plan: InferPlan) -> PoolPlan:
             footprint.model_bytes, footprint.device_total_bytes, spec.actors_per_gpu
         )
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    # A resumed job's read passes Ray Data's checkpoint filter, an actor of 1 CPU.
     return plan_pool(
-        resources, spec.actors, per_gpu, spec.actor_memory, [n for n in nodes if n]
+        resources,
+        spec.actors,
+        per_gpu,
+        spec.actor_memory,
+        [n for n in nodes if n],
+        ray_cpus=1.0 if spec.resume else 0.0,
     )
 
 

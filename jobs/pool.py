@@ -67,6 +67,7 @@ def plan_pool(
     per_gpu: int = 1,
     actor_memory: int | None = None,
     node_cpus: list[float] | None = None,
+    ray_cpus: float = 0.0,
 ) -> PoolPlan:
     """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
 
@@ -74,6 +75,9 @@ def plan_pool(
         per_gpu: actors sharing each GPU (``actors_per_gpu``); ignored without GPUs.
         actor_memory: bytes each CPU actor may use (``--actor-memory``).
         node_cpus: CPUs of each node; default one node with all of them.
+        ray_cpus: CPUs Ray Data's own actors take (1 for the checkpoint filter of a
+            resumed job); the pool reserves less, down to nothing, and its actors
+            share cores instead of starving the reads.
 
     Raises:
         UserError: naming ``--actors`` or ``--actor-memory`` when the pool cannot fit.
@@ -92,10 +96,10 @@ def plan_pool(
                 f"{hi} actors at {per_gpu} per GPU; the cluster has {gpus} GPUs",
             )
         share = math.floor(1e4 / per_gpu) / 1e4  # Ray counts GPU fractions to 1e-4
-        num_cpus = min(1.0, (cpus - IO_CPUS) / hi)
+        num_cpus = min(1.0, max(0.0, cpus - IO_CPUS - ray_cpus) / hi)
         return PoolPlan(lo, hi, num_cpus=num_cpus, num_gpus=share, threads=1)
     return _plan_cpu_pool(
-        resources, actors, actor_memory, node_cpus or [cpus], cpus - IO_CPUS
+        resources, actors, actor_memory, node_cpus or [cpus], cpus - IO_CPUS, ray_cpus
     )
 
 
@@ -105,6 +109,7 @@ def _plan_cpu_pool(
     actor_memory: int | None,
     node_cpus: list[float],
     usable: float,
+    ray_cpus: float,
 ) -> PoolPlan:
     """One actor per ``CPU_THREADS_PER_ACTOR`` CPUs of each node by default.
 
@@ -134,15 +139,18 @@ def _plan_cpu_pool(
     threads = max(
         1, min(int(n // a) for n, a in zip(node_cpus, share, strict=True) if a)
     )
-    reserve = min(float(threads), usable / hi)
+    spare = IO_CPUS + ray_cpus
     reserve = min(
-        reserve,
-        max((n - IO_CPUS) / a for n, a in zip(node_cpus, share, strict=True) if a),
+        float(threads),
+        (usable - ray_cpus) / hi,
+        max((n - spare) / a for n, a in zip(node_cpus, share, strict=True) if a),
     )
+    # Ray Data's own actors may leave nothing to reserve: then share, not starve.
+    reserve = max(0.0, reserve) if ray_cpus else max(MIN_ACTOR_CPUS, reserve)
     return PoolPlan(
         lo,
         hi,
-        num_cpus=max(MIN_ACTOR_CPUS, reserve),
+        num_cpus=reserve,
         num_gpus=0.0,
         threads=threads,
         memory=actor_memory,

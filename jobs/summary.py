@@ -2,7 +2,7 @@
 
 Actors report cumulative stats to one ``StatsSink`` actor after every batch (a
 fire-and-forget call); the driver reads it once at the end. The sink is a named actor
-(``lmbatch-stats-<job>``), so a job in progress can be watched from outside. Row and
+(``lmbatch-stats-<random>``), so a job in progress can be watched from outside. Row and
 error counts come from the written Parquet itself, so the summary cannot disagree with
 the output.
 """
@@ -10,6 +10,7 @@ the output.
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -39,9 +40,8 @@ SINK_PREFIX = "lmbatch-stats-"
 
 
 def start_sink():
-    """This job's StatsSink, named after the Ray job that runs it."""
-    name = SINK_PREFIX + ray.get_runtime_context().get_job_id()
-    return StatsSink.options(name=name).remote()
+    """This run's StatsSink, under a name of its own (one driver may run many jobs)."""
+    return StatsSink.options(name=SINK_PREFIX + uuid.uuid4().hex[:12]).remote()
 
 
 @dataclass

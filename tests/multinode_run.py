@@ -4,8 +4,10 @@ already holds the session's Ray; prints the summary and the nodes as JSON.
 
 Usage: python tests/multinode_run.py MODEL INPUT OUTPUT [--remove-node] [-- k=v ...]
 
---remove-node takes a worker node away (its raylet killed) once an actor on it has
-done some work, mid-job.
+--remove-node takes a worker node away once an actor on it has done some work, mid-job:
+its processes are stopped with SIGTERM, as a scaled-down or preempted node's are. (A
+raylet killed with SIGKILL instead surfaces in Ray Data as ActorUnavailableError on a
+block fetch and fails the job; `--resume` then finishes it.)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def remove_a_busy_worker(cluster: Cluster, workers: list, removed: list) -> None
                 sink = ray.get_actor(named["name"], namespace=named["namespace"])
                 for a in ray.get(sink.snapshot.remote()):
                     if a["rows"] > 0 and a["node"] in by_id:
-                        cluster.remove_node(by_id[a["node"]], allow_graceful=False)
+                        cluster.remove_node(by_id[a["node"]], allow_graceful=True)
                         removed.append(a["node"])
                         return
         time.sleep(0.05)

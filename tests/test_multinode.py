@@ -26,21 +26,28 @@ def run_script(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_actors_spread_over_nodes_each_with_its_own_budget(
-    tiny_models, corpus, tmp_path
-):
-    out = tmp_path / "out"
-    result = run_script(tiny_models["bert"], corpus["parquet"], out, "id_column=doc")
+def write_rows(path, n: int) -> None:
+    path.write_text(
+        "".join(json.dumps({"text": f"the word {i} is one"}) + "\n" for i in range(n))
+    )
+
+
+def test_actors_spread_over_nodes_each_with_its_own_budget(tiny_models, tmp_path):
+    data, out = tmp_path / "rows.jsonl", tmp_path / "out"
+    write_rows(data, 600)
+    result = run_script(
+        tiny_models["gpt2"], data, out, "task=generate", "batch_rows=20"
+    )
     summary, nodes = result["summary"], result["nodes"]
 
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
-    assert sorted(ids) == [f"doc-{i:03d}" for i in range(120)]
-    assert summary["rows"] == 120 and summary["errors"] == {}
+    assert len(ids) == 600 and len(set(ids)) == 600
+    assert summary["rows"] == 600 and summary["errors"] == {}
 
     actors = summary["actors"]
     assert len(actors) == 3
     assert len({a["node"] for a in actors}) == 3, "one actor on each node"
-    assert sum(a["rows"] for a in actors) == 120
+    assert sum(a["rows"] for a in actors) == 600
     assert sum(a["rows"] > 0 for a in actors) >= 2, "rows went to more than one node"
     for a in actors:  # each sized to a share of its own node's memory
         assert a["memory_limit_bytes"] <= nodes[a["node"]]

@@ -67,3 +67,19 @@ def test_actor_memory_bounds_the_cpu_pool():
     assert plan.max_actors == 3 and plan.memory == 2_000_000_000
     with pytest.raises(UserError, match="--actor-memory"):
         plan_pool({"CPU": 2.0, "memory": 1e9}, (1, 1), actor_memory=2_000_000_000)
+
+
+def test_a_resumed_job_leaves_a_cpu_to_the_checkpoint_filter():
+    plan = plan_pool({"CPU": 2.0}, None, ray_cpus=1.0)
+    assert plan.max_actors == 1 and plan.threads == 2
+    assert plan.num_cpus + 1.0 + 1.0 <= 2.0  # the filter actor and a read task fit
+
+
+def test_nodes_each_get_actors_and_one_keeps_a_cpu_for_reads():
+    plan = plan_pool({"CPU": 6.0}, None, node_cpus=[2.0, 2.0, 2.0])
+    assert (plan.max_actors, plan.threads) == (3, 2)
+    assert 2.0 - plan.num_cpus >= 1.0
+    # Actors go where the CPUs are: five on the 16-CPU node, none on the 2-CPU one.
+    mixed = plan_pool({"CPU": 18.0}, None, node_cpus=[16.0, 2.0])
+    assert (mixed.max_actors, mixed.threads) == (5, 3)
+    assert 16.0 - 5 * mixed.num_cpus >= 1.0

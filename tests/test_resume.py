@@ -3,6 +3,7 @@ nothing is lost, nothing duplicated; another job's output is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.dataset as pads
 import pytest
 from helpers import run_job
@@ -49,9 +51,14 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no output files came"
         time.sleep(0.2)
+    # The driver dies, and with it (as on a lost machine) the Ray it started: every
+    # process of its tree, by pid.
+    tree = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(3)  # the embedded Ray's reaper takes the rest down
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
     done = subprocess.run(
         [*args, "--resume"], capture_output=True, text=True, timeout=600
