@@ -320,6 +320,13 @@ def _config(path: str, trust_remote_code: bool) -> PretrainedConfig:
         raise UserError("--model", f"not a directory: {path}")
     if not (Path(path) / "config.json").is_file():
         raise UserError("--model", f"{path} is not a model directory (no config.json)")
+    auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map")
+    if auto_map and not trust_remote_code:
+        raise UserError(
+            "--trust-remote-code",
+            f"{path} brings its own model code ({', '.join(sorted(auto_map))}); "
+            "read it, then pass --trust-remote-code to run it",
+        )
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

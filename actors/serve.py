@@ -17,13 +17,12 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from actors.predictor import Predictor, PredictorConfig
-from actors.tokenize import TokenizeConfig, check_text, tokenize_batch
+from actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
 USAGE = 'expected a JSON object {"inputs": ["text", ...]}'
@@ -71,19 +70,8 @@ class Endpoint:
         return await asyncio.to_thread(self._run, texts)
 
     def _run(self, texts: list[str]) -> list[dict]:
-        text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
-        ids = pa.array([str(i) for i in range(len(texts))], pa.string())
-        rows = pa.table({"id": ids, "_text": text, "_error": error})
-        tokens = tokenize_batch(rows, self.config.tokenize)
-        batch = {
-            n: tokens[n].to_numpy(zero_copy_only=False) for n in tokens.column_names
-        }
-        batch["_ids"] = [
-            None if x is None else np.asarray(x, dtype=np.int32)
-            for x in tokens["_ids"].to_pylist()
-        ]
-        out = self.predictor(batch).drop_columns(["id"])
-        return [_jsonable(row) for row in out.to_pylist()]
+        out = self.predictor(actor_batch(texts, self.config.tokenize))
+        return [_jsonable(row) for row in out.drop_columns(["id"]).to_pylist()]
 
 
 def parse_inputs(body: bytes) -> list[str]:

@@ -86,3 +86,21 @@ def check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         ),
     )
     return text.combine_chunks(), error.combine_chunks()
+
+
+def actor_batch(texts: list[str], config: TokenizeConfig) -> dict[str, object]:
+    """``texts`` as a Predictor receives them from the tokenize stage: ids by position,
+    a bad text (empty, not UTF-8 text, too long) carried as its ``_error``."""
+    text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
+    ids = pa.array([str(i) for i in range(len(texts))], pa.string())
+    tokens = tokenize_batch(
+        pa.table({"id": ids, "_text": text, "_error": error}), config
+    )
+    return {
+        "id": np.array(tokens["id"].to_pylist(), dtype=object),
+        "_ids": [
+            None if x is None else np.asarray(x, dtype=np.int32)
+            for x in tokens["_ids"].to_pylist()
+        ],
+        "_error": np.array(tokens["_error"].to_pylist(), dtype=object),
+    }

@@ -14,8 +14,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,7 @@ from torch import nn
 from actors.loading import ModelSpec, inspect_model
 from actors.predictor import Predictor, PredictorConfig
 from actors.tasks import pool
-from actors.tokenize import TokenizeConfig, tokenize_batch
+from actors.tokenize import TokenizeConfig, actor_batch
 from optimize.calibrate import Batch
 from optimize.context import Context
 
@@ -149,16 +147,4 @@ def _accumulate(
 
 def _token_batch(path: str, texts: list[str], max_length: int) -> dict:
     """The tokenize stage's output for ``texts``, as the actor receives it."""
-    table = pa.table(
-        {
-            "_id": [str(i) for i in range(len(texts))],
-            "_text": texts,
-            "_error": pa.array([None] * len(texts), pa.string()),
-        }
-    )
-    tokens = tokenize_batch(table, TokenizeConfig(path, max_length, min_tokens=1))
-    return {
-        "_id": np.array(tokens["_id"].to_pylist(), dtype=object),
-        "_ids": [np.asarray(x, dtype=np.int32) for x in tokens["_ids"].to_pylist()],
-        "_error": np.array(tokens["_error"].to_pylist(), dtype=object),
-    }
+    return actor_batch(texts, TokenizeConfig(path, max_length, min_tokens=1))
