@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output dir
 
@@ -40,8 +41,14 @@ SINK_PREFIX = "lmbatch-stats-"
 
 
 def start_sink():
-    """This run's StatsSink, under a name of its own (one driver may run many jobs)."""
-    return StatsSink.options(name=SINK_PREFIX + uuid.uuid4().hex[:12]).remote()
+    """This run's StatsSink, under a name of its own (one driver may run many jobs),
+    on the driver's node: a worker node lost mid-job must not take the stats with it."""
+    here = NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    return StatsSink.options(
+        name=SINK_PREFIX + uuid.uuid4().hex[:12], scheduling_strategy=here
+    ).remote()
 
 
 @dataclass

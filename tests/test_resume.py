@@ -20,6 +20,7 @@ from actors.errors import UserError
 from jobs.resume import JOB_FILE
 
 LMBATCH = Path(sys.executable).with_name("lmbatch")
+ROWS = 24_000  # enough that files are written while the job runs: read in 4096s
 
 
 def ids_in(out: Path) -> list[str]:
@@ -36,7 +37,7 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     data.write_text(
         "".join(
             json.dumps({"text": f"the word {i} is one of many"}) + "\n"
-            for i in range(3000)
+            for i in range(ROWS)
         )
     )
     out = tmp_path / "out"
@@ -47,7 +48,7 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     ]  # fmt: skip
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while len(list(out.glob("*.parquet"))) < 4:
+    while not list(out.glob("*.parquet")):  # the first of several files
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no output files came"
         time.sleep(0.2)
@@ -65,13 +66,13 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ids = ids_in(out)
-    assert len(ids) == 3000 and len(set(ids)) == 3000
+    assert len(ids) == ROWS and len(set(ids)) == ROWS
     restored = int(done.stdout.split("restored ")[1].split()[0])
     computed = int(done.stdout.split("computed ")[1].split()[0])
-    assert restored >= 150 and restored + computed == 3000
+    assert restored > 0 and computed > 0 and restored + computed == ROWS
     summary = json.loads((out / "_summary.json").read_text())
     started = sum(a["rows_started"] for a in summary["actors"])
-    fault_report(3000, ids, started, restored=restored)
+    fault_report(ROWS, ids, started, restored=restored)
 
 
 def test_resume_of_a_finished_job_computes_nothing(
