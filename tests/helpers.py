@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 
 from jobs.infer import run_infer
@@ -16,3 +18,13 @@ def run_job(output, **flags) -> tuple[dict, Summary]:
     summary = run_infer(prepare_infer(InferSpec(output=str(output), **flags)))
     table = pq.read_table(output)
     return {row["id"]: row for row in table.to_pylist()}, summary
+
+
+def write_rows(path, n: int) -> None:
+    """``n`` short, distinct JSONL rows: inputs long enough to interrupt."""
+    path.write_text(
+        "".join(
+            json.dumps({"text": f"the word {i} is one of many"}) + "\n"
+            for i in range(n)
+        )
+    )

@@ -3,7 +3,6 @@ and its rows retried; nothing is lost or duplicated."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -12,18 +11,9 @@ import time
 import pyarrow.dataset as pads
 import pytest
 import ray
-from helpers import run_job
+from helpers import run_job, write_rows
 
 from jobs.summary import SINK_PREFIX
-
-
-def write_rows(path, n: int) -> None:
-    path.write_text(
-        "".join(
-            json.dumps({"text": f"the word {i} is one of many"}) + "\n"
-            for i in range(n)
-        )
-    )
 
 
 def kill_a_busy_actor(killed: list[int], stop: threading.Event) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_rows
 
 pytestmark = pytest.mark.cluster
 SCRIPT = Path(__file__).with_name("multinode_run.py")
@@ -24,12 +25,6 @@ def run_script(*args) -> dict:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def write_rows(path, n: int) -> None:
-    path.write_text(
-        "".join(json.dumps({"text": f"the word {i} is one"}) + "\n" for i in range(n))
-    )
 
 
 def test_actors_spread_over_nodes_each_with_its_own_budget(tiny_models, tmp_path):
@@ -59,11 +54,7 @@ def test_a_worker_node_removed_mid_job_loses_nothing(
     tiny_models, tmp_path, fault_report
 ):
     data = tmp_path / "rows.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"text": f"the word {i} is one"}) + "\n" for i in range(1200)
-        )
-    )
+    write_rows(data, 1200)
     out = tmp_path / "out"
     result = run_script(
         tiny_models["gpt2"], data, out, "--remove-node", "task=generate",

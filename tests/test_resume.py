@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pyarrow.dataset as pads
 import pytest
-from helpers import run_job
+from helpers import run_job, write_rows
 
 from actors.errors import UserError
 from jobs.resume import JOB_FILE
@@ -34,12 +34,7 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     tiny_models, tmp_path, fault_report
 ):
     data = tmp_path / "rows.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"text": f"the word {i} is one of many"}) + "\n"
-            for i in range(ROWS)
-        )
-    )
+    write_rows(data, ROWS)
     out = tmp_path / "out"
     args = [
         str(LMBATCH), "infer", "--model", tiny_models["gpt2"], "--task", "generate",
