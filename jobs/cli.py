@@ -1,6 +1,12 @@
 """``lmbatch``: the click launcher.
 
-    lmbatch infer --model DIR --input PATH... --task embed --output DIR
+    lmbatch infer --model DIR --input PATH... --task embed --output DIR [--resume]
+    lmbatch optimize --model DIR --recipe RECIPE.yaml --output DIR
+    lmbatch serve --model DIR --task embed
+    lmbatch jobs list|status|logs|stop          (a cluster's jobs)
+
+``--address http://HEAD:8265`` on infer and optimize submits the same spec to a
+cluster through the Ray Jobs API (jobs/submit.py) instead of running it here.
 
 A user's mistake prints one line naming the flag, field or file, and exits 2 with
 nothing started; anything else is a bug and keeps its traceback.
