@@ -11,6 +11,7 @@ started and take them down when it gets SIGTERM.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ class RayHead:
     address: str  # the Jobs API: http://127.0.0.1:PORT
     token_path: Path
     home: Path
+    temp_dir: str  # Ray's session files
 
     def client_env(self, token: bool = True) -> dict[str, str]:
         """An environment for ``lmbatch`` as a user's shell: the token file, or none."""
@@ -53,6 +55,7 @@ class RayHead:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_head(root: Path, num_cpus: int = 2, timeout_s: float = 120) -> RayHead:
@@ -90,7 +93,11 @@ def start_head(root: Path, num_cpus: int = 2, timeout_s: float = 120) -> RayHead
     log = open(root / "head.log", "w")  # noqa: SIM115 - the head outlives this call
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     head = RayHead(
-        process, f"http://127.0.0.1:{dashboard}", home / ".ray" / "auth_token", home
+        process,
+        f"http://127.0.0.1:{dashboard}",
+        home / ".ray" / "auth_token",
+        home,
+        temp,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
