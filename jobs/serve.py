@@ -92,16 +92,16 @@ def as_infer(spec: ServeSpec) -> InferSpec:
 
 
 def endpoint_config(plan: ServePlan, threads: int) -> EndpointConfig:
-    spec = plan.spec
+    spec, infer_like = plan.spec, as_infer(plan.spec)
     return EndpointConfig(
         predictor=PredictorConfig(
-            model=model_spec(as_infer(spec)),
+            model=model_spec(infer_like),
             info=plan.info,
             threads=threads,
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
         ),
-        tokenize=tokenize_config(as_infer(spec), plan.max_length),
+        tokenize=tokenize_config(infer_like, plan.max_length),
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

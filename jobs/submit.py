@@ -78,9 +78,8 @@ def find_token() -> tuple[str | None, str]:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     where = "RAY_AUTH_TOKEN_PATH" if path else "~/.ray/auth_token"
     path = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), f"{where} ({path})"
-    return None, "nowhere"
+    token = path.read_text().strip() if path.is_file() else ""
+    return (token, f"{where} ({path})") if token else (None, "nowhere")
 
 
 def connect(address: str | None, insecure: bool = False):
