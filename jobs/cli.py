@@ -210,7 +210,7 @@ def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
     type=int,
     default=50_000,
     show_default=True,
-    help="Rows per output file; each written file is a point --resume restarts from.",
+    help="At least this many rows per output file; each file is a --resume point.",
 )
 @click.option(
     "--batch-tokens",

@@ -33,7 +33,7 @@ class InferSpec:
     max_new_tokens: int = 32  # generate only
     actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
     batch_rows: int = 1024  # rows handed to an actor per call
-    rows_per_file: int = 50_000  # output file size; each file is a resume point
+    rows_per_file: int = 50_000  # at least, per output file; each is a resume point
     batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
     int8_threshold: float = 6.0  # LLM.int8 outlier threshold (precision int8)
