@@ -28,3 +28,18 @@ def write_rows(path, n: int) -> None:
             for i in range(n)
         )
     )
+
+
+def working_actors() -> list[dict]:
+    """Stats of the actors that did work in the jobs running now, read from each
+    job's named stats sink (how a test finds what to kill mid-job)."""
+    import ray
+
+    from jobs.summary import SINK_PREFIX
+
+    found = []
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        if named["name"].startswith(SINK_PREFIX):
+            sink = ray.get_actor(named["name"], namespace=named["namespace"])
+            found += [a for a in ray.get(sink.snapshot.remote()) if a["rows"] > 0]
+    return found

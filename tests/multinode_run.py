@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict
 
 import ray
+from helpers import working_actors
 from ray.cluster_utils import Cluster
 
 from jobs.infer import run_infer
 from jobs.spec import InferSpec, prepare_infer
-from jobs.summary import SINK_PREFIX
 
 MIB = 1 << 20
 NODES = [  # (CPUs, memory): the head first
@@ -56,14 +56,11 @@ def remove_a_busy_worker(cluster: Cluster, workers: list, removed: list) -> None
     """Once an actor on a worker node has done work, take that node away."""
     by_id = {w.node_id: w for w in workers}
     while not removed:
-        for named in ray.util.list_named_actors(all_namespaces=True):
-            if named["name"].startswith(SINK_PREFIX):
-                sink = ray.get_actor(named["name"], namespace=named["namespace"])
-                for a in ray.get(sink.snapshot.remote()):
-                    if a["rows"] > 0 and a["node"] in by_id:
-                        cluster.remove_node(by_id[a["node"]], allow_graceful=True)
-                        removed.append(a["node"])
-                        return
+        on_workers = [a for a in working_actors() if a["node"] in by_id]
+        if on_workers:
+            cluster.remove_node(by_id[on_workers[0]["node"]], allow_graceful=True)
+            removed.append(on_workers[0]["node"])
+            return
         time.sleep(0.05)
 
 

@@ -10,24 +10,17 @@ import time
 
 import pyarrow.dataset as pads
 import pytest
-import ray
-from helpers import run_job, write_rows
-
-from jobs.summary import SINK_PREFIX
+from helpers import run_job, working_actors, write_rows
 
 
 def kill_a_busy_actor(killed: list[int], stop: threading.Event) -> None:
-    """Find the running job's stats actor; SIGKILL the first actor that did work."""
+    """SIGKILL the first actor of the running job that did work."""
     while not stop.is_set() and not killed:
-        for named in ray.util.list_named_actors(all_namespaces=True):
-            if not named["name"].startswith(SINK_PREFIX):
-                continue
-            sink = ray.get_actor(named["name"], namespace=named["namespace"])
-            busy = [a for a in ray.get(sink.snapshot.remote()) if a["rows"] > 0]
-            if busy:
-                os.kill(busy[0]["pid"], signal.SIGKILL)
-                killed.append(busy[0]["pid"])
-                return
+        busy = working_actors()
+        if busy:
+            os.kill(busy[0]["pid"], signal.SIGKILL)
+            killed.append(busy[0]["pid"])
+            return
         time.sleep(0.05)
 
 
