@@ -16,12 +16,14 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from ray.data.checkpoint import CheckpointConfig
+from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from actors.errors import UserError
 from jobs.spec import InferPlan
 
 JOB_FILE = "_job.json"
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset
+PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
 
 
 def checkpoint_config(plan: InferPlan) -> CheckpointConfig:
@@ -83,7 +85,7 @@ def begin_output(plan: InferPlan) -> int:
                 f"{plan.spec.output} was written by a different job: {key} was "
                 f"{written.get(key)!r}, now {now!r}; use a new --output",
             )
-    return rows_in(fs, path)
+    return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
 
 
 def _is_empty(fs: pafs.FileSystem, path: str) -> bool:
@@ -92,9 +94,19 @@ def _is_empty(fs: pafs.FileSystem, path: str) -> bool:
     return not fs.get_file_info(pafs.FileSelector(path, recursive=False))
 
 
-def rows_in(fs: pafs.FileSystem, path: str) -> int:
-    """Rows in the output's Parquet files (files starting with '_' are not data)."""
-    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+def committed_rows(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
+    """Rows whose output file Ray Data committed. Not the data files themselves: a
+    file the killed run was still writing is there, half written, until Ray Data's
+    recovery deletes it when the resumed run starts."""
+    found = fs.get_file_info(pafs.FileSelector(checkpoint_dir, allow_not_found=True))
+    committed = [
+        f.path
+        for f in found
+        if f.path.endswith(".parquet") and not f.path.endswith(PENDING_SUFFIX)
+    ]
+    if not committed:
+        return 0
+    return pads.dataset(committed, filesystem=fs, format="parquet").count_rows()
 
 
 def _weights_digest(model: Path) -> str:

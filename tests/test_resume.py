@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from helpers import run_job, write_rows
 
@@ -111,3 +113,22 @@ def test_resume_and_overwrite_together_are_refused(tiny_models, corpus, tmp_path
             tmp_path / "out", model=tiny_models["bert"], inputs=corpus["parquet"],
             task="embed", resume=True, overwrite=True,
         )  # fmt: skip
+
+
+def test_a_half_written_file_of_the_killed_run_is_not_counted_or_kept(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    """What a driver killed mid-write leaves: a data file without its footer and the
+    pending checkpoint naming it. Resume counts committed rows only, and Ray Data's
+    recovery removes the torn file."""
+    out = tmp_path / "out"
+    flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    run_job(out, **flags)
+    torn = "torn_000000"
+    (out / f"{torn}-0.parquet").write_bytes(b"PAR1 half a file")
+    pq.write_table(
+        pa.table({"id": ["x"]}), out / "_checkpoint" / f"{torn}.pending.parquet"
+    )
+    rows, summary = run_job(out, resume=True, **flags)
+    assert (summary.restored, summary.computed) == (120, 0)
+    assert len(rows) == 120 and not (out / f"{torn}-0.parquet").exists()
