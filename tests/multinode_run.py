@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 
 import ray
+import ray.data
 from helpers import working_actors
 from ray.cluster_utils import Cluster
 
@@ -70,6 +71,9 @@ def main(model: str, data: str, output: str, *rest: str) -> None:
     cluster, workers = start_cluster()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
+        # Dispatch only once every actor is up, or on a busy 2-core machine the first
+        # actor ready may take all the batches of so small a job.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 120
         spec = InferSpec(
             model=model,
             inputs=(data,),
