@@ -1,26 +1,84 @@
-"""Measure what one loaded model costs on the device its actors will use.
+"""What a model will hold on a GPU, read off its weight files' headers: no load.
 
-Runs as a Ray task with the actor's own resources, so that a GPU cluster driven from a
-CPU head still measures on a GPU. The pool's GPU fraction comes from this number.
+The pool's GPU fraction must be known before any actor starts. Loading the model on a
+GPU to measure it cost a whole model load (tens of seconds for a large model) before
+the pool could start; the safetensors headers give every tensor's shape for free, and
+the precision gives the bytes per weight. ``gpu_total_bytes`` asks one GPU of the
+cluster how large it is, without loading anything onto it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from pathlib import Path
 
-import torch
+from safetensors import safe_open
 
-from actors.loading import ModelSpec, load_model
+GPU_USABLE = 0.9  # of a GPU's memory; the rest: CUDA contexts and fragmentation
+# Bytes per weight of a quantised Linear: LLM.int8 keeps one byte and an fp32 scale
+# per row; NF4 half a byte plus its absmax per 64 weights (one byte, double quantised).
+QUANTISED_BYTES = {"int8": 1.0, "nf4": 0.5 + 1 / 64}
+FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# Tensors bitsandbytes leaves in the compute dtype besides 1-D ones: embeddings, and
+# the modules load_model skips (loading.SKIP_QUANTIZE).
+NOT_QUANTISED = re.compile(r"embed|wte|wpe|lm_head|classifier|score|pooler")
 
 
-@dataclass(frozen=True)
-class Footprint:
-    model_bytes: int  # weights and buffers as loaded (quantised where asked)
-    device_total_bytes: int  # the GPU's memory; 0 on CPU
+def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
+    """Bytes the weights of ``path`` take once loaded at ``precision`` on ``device``.
+
+    ``precision`` must be concrete (not ``auto``); bitsandbytes computes in fp16 on a
+    GPU and fp32 on CPU, which is what its unquantised tensors are held in.
+    """
+    compute = "fp32" if device == "cpu" else "fp16"
+    dense = FLOAT_BYTES.get(precision, FLOAT_BYTES[compute])
+    total = 0.0
+    for name, shape, integer_bytes in _tensors(Path(path)):
+        count = _numel(shape)
+        if integer_bytes:  # ids, int8 layers, codebook indices: kept as stored
+            total += count * integer_bytes
+        elif precision in QUANTISED_BYTES and _quantised(name, shape):
+            total += count * QUANTISED_BYTES[precision]
+        else:
+            total += count * dense
+    return int(total)
 
 
-def measure_footprint(spec: ModelSpec) -> Footprint:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(spec, device)
-    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
-    return Footprint(int(model.get_memory_footprint()), int(total))
+def gpu_total_bytes() -> int:
+    """The memory of the GPU this process was given (run as a Ray task with a GPU)."""
+    import torch
+
+    return int(torch.cuda.mem_get_info()[1])
+
+
+def _tensors(path: Path):
+    """(name, shape, bytes per element if integer else 0) of every stored tensor."""
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = piece.get_dtype()
+                integer = _integer_bytes(dtype)
+                yield name, piece.get_shape(), integer
+
+
+def _integer_bytes(dtype: str) -> int:
+    """Bytes of an integer or bool safetensors dtype (I8, U8, I64, BOOL...); 0 for
+    floats."""
+    if dtype == "BOOL":
+        return 1
+    match = re.fullmatch(r"[IU](\d+)", dtype)
+    return int(match.group(1)) // 8 if match else 0
+
+
+def _quantised(name: str, shape: list[int]) -> bool:
+    return (
+        len(shape) == 2 and name.endswith("weight") and not NOT_QUANTISED.search(name)
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count

@@ -1,19 +1,21 @@
 """``load_model``: the one place a model is loaded, for every task and precision.
 
-``inspect_model`` reads only configs, so that the driver can refuse a bad model
-directory, or a task the model cannot do, before any actor starts. ``load_model`` runs
-inside each actor. Weights are safetensors only unless the user allows pickles, and
-``trust_remote_code`` stays off unless asked.
+It runs inside each actor (and the optimize task); the driver checks the model from
+its files alone first (``model_info.inspect_model``). Weights are safetensors only
+unless the user allows pickles, and ``trust_remote_code`` stays off unless asked.
+An lmbatch artifact is rebuilt here too (``load_artifact``), from the format
+``artifact.py`` reads.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -21,94 +23,34 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
-    PretrainedConfig,
     PreTrainedModel,
 )
 
+from actors.artifact import META_FILE, ArtifactMeta
 from actors.errors import UserError
+from actors.layers import rebuild, replace_module
+from actors.model_info import (
+    ModelSpec,
+    check_precision,
+    check_runs_on_gpu,
+    check_weights,
+)
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-# int8: bitsandbytes LLM.int8; nf4: bitsandbytes 4-bit NormalFloat, double quantised;
-# cpu-int8: torch's dynamic int8 Linear (fbgemm/onednn), the int8 that is fast on a CPU.
-PRECISIONS = (*FLOAT_DTYPES, "int8", "nf4", "cpu-int8")
 TASK_MODEL_CLASSES = {
     "embed": AutoModel,
     "score": AutoModelForCausalLM,
     "generate": AutoModelForCausalLM,
     "classify": AutoModelForSequenceClassification,
 }
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Modules kept in full precision by every quantised load: the output heads, whose errors
 # reach the result directly, and poolers.
 SKIP_QUANTIZE = ["lm_head", "classifier", "score", "pooler"]
 NF4_CPU_BLOCK = 64  # input features bitsandbytes' 4-bit CPU kernels pack together
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to hold a model: what the actor needs to call ``load_model``."""
-
-    path: str
-    task: str
-    precision: str = "fp32"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    int8_threshold: float = 6.0  # LLM.int8 outlier threshold; 0 turns outliers off
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """Sentence embedding settings; sentence-transformers' own if the model has any."""
-
-    mode: str = "mean"  # mean | cls | max | lasttoken
-    normalize: bool = True
-    max_seq_length: int | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver learns from configs alone."""
-
-    architectures: tuple[str, ...]
-    max_positions: int | None
-    pooling: Pooling
-    id2label: dict[int, str] = field(default_factory=dict)
-
-
-def inspect_model(
-    path: str, task: str, trust_remote_code: bool = False, allow_pickle: bool = False
-) -> ModelInfo:
-    """Check that ``path`` is a model directory fit for ``task``, from configs only.
-
-    Raises:
-        UserError: naming ``--model`` or ``--task``.
-    """
-    config = _config(path, trust_remote_code)
-    arch = tuple(config.architectures or ())
-    if task in ("score", "generate") and not any(
-        a.endswith(CAUSAL_SUFFIXES) for a in arch
-    ):
-        raise UserError(
-            "--task", f"{task} needs a causal language model; {path} is {_name(arch)}"
-        )
-    if task == "classify" and not any(
-        a.endswith("ForSequenceClassification") for a in arch
-    ):
-        raise UserError(
-            "--task",
-            f"classify needs a sequence-classification model; {path} is {_name(arch)}",
-        )
-    _check_weights(Path(path), allow_pickle)
-    return ModelInfo(
-        architectures=arch,
-        max_positions=_max_positions(config),
-        pooling=sentence_pooling(Path(path)),
-        id2label={int(k): v for k, v in (config.id2label or {}).items()},
-    )
 
 
 def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
@@ -118,12 +60,12 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
         UserError: naming ``--precision`` or ``--model``.
     """
     check_precision(spec.precision)
-    if spec.precision == "cpu-int8" and device != "cpu":
-        raise UserError(
-            "--precision", "cpu-int8 runs on CPU only; use int8 or nf4 on a GPU"
-        )
-    _check_weights(Path(spec.path), spec.allow_pickle)
-    spec, skip, artifact = _artifact_spec(spec)
+    check_weights(Path(spec.path), spec.allow_pickle)
+    _check_config(spec)
+    spec, skip, artifact = _artifact_spec(spec, device)
+    if device != "cpu":
+        cpu_only = artifact is not None and artifact.cpu_only
+        check_runs_on_gpu(spec.path, spec.precision, cpu_only)
     cls = TASK_MODEL_CLASSES[spec.task]
     if artifact is not None and (artifact.rebuild or artifact.sparse):
         return _load_rebuilt(spec, cls, artifact, device)
@@ -154,15 +96,46 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
     return model.eval()
 
 
-def _artifact_spec(spec: ModelSpec):
-    """An lmbatch artifact carries its precision: ``--precision`` may only repeat it,
-    or pick one for an artifact saved in fp32. Returns (spec, bnb skips, meta)."""
-    from optimize.artifact import ArtifactMeta
+def _check_config(spec: ModelSpec) -> None:
+    """What transformers alone can tell of config.json (an unknown model_type, say),
+    as one line naming --model rather than a traceback from inside an actor."""
+    try:
+        AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            "--model", f"cannot read {spec.path}/config.json: {str(e).splitlines()[0]}"
+        ) from None
 
+
+def ran_precision(spec: ModelSpec, device: str) -> str:
+    """What ``load_model(spec, device)`` holds the weights in: ``auto`` and an
+    artifact's own precision made concrete, for the summary."""
+    concrete, _, artifact = _artifact_spec(spec, device)
+    mixed = artifact is not None and artifact.precision == "mixed"
+    return "mixed" if mixed else concrete.precision
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` made concrete for ``device``: bf16 on GPUs with bf16 tensor cores
+    (compute capability 8.0, Ampere, and later), fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device == "cpu":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return "bf16" if major >= 8 else "fp16"
+
+
+def _artifact_spec(spec: ModelSpec, device: str):
+    """An lmbatch artifact carries its precision: ``--precision`` may only repeat it,
+    or pick one for an artifact saved in fp32; ``auto`` (and fp32, what ``ModelSpec``
+    means by "as saved") take the artifact's own.
+    Returns (spec with a concrete precision, bnb skips, meta)."""
     meta = ArtifactMeta.read(spec.path)
     if meta is None or meta.precision == "fp32":
-        return spec, [], meta
-    if spec.precision not in ("fp32", meta.precision):
+        precision = resolve_precision(spec.precision, device)
+        return replace(spec, precision=precision), [], meta
+    if spec.precision not in ("auto", "fp32", meta.precision):
         raise UserError(
             "--precision",
             f"{spec.path} is an artifact already in {meta.precision}; "
@@ -180,8 +153,6 @@ def _artifact_spec(spec: ModelSpec):
 
 def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedModel:
     """An artifact with lmbatch's own modules (low-rank, shared, int8, pruned heads)."""
-    from optimize.artifact import load_artifact
-
     if spec.precision in ("int8", "nf4"):
         raise UserError(
             "--precision",
@@ -193,14 +164,6 @@ def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedMode
     if spec.precision == "cpu-int8":
         model = quantize_dynamic_int8(model)
     return model.to(device).eval()
-
-
-def check_precision(precision: str) -> None:
-    """Raises: UserError naming ``--precision`` when it is not one of PRECISIONS."""
-    if precision not in PRECISIONS:
-        raise UserError(
-            "--precision", f"unknown {precision!r}; use {', '.join(PRECISIONS)}"
-        )
 
 
 def bnb_config(spec: ModelSpec, device: str, skip: list[str]) -> BitsAndBytesConfig:
@@ -279,87 +242,39 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def sentence_pooling(path: Path) -> Pooling:
-    """Pooling, normalisation and max length from a sentence-transformers directory.
-
-    A plain transformers directory gets mean pooling, L2-normalised: what
-    sentence-transformers itself does for a model it does not know.
-    """
-    modules_file = path / "modules.json"
-    if not modules_file.is_file():
-        return Pooling()
-    modules = json.loads(modules_file.read_text())
-    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-    mode = "mean"
-    for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            pooling_config = json.loads((path / m["path"] / "config.json").read_text())
-            mode = _pooling_mode(pooling_config)
-    st_file = path / "sentence_bert_config.json"
-    max_len = (
-        json.loads(st_file.read_text()).get("max_seq_length")
-        if st_file.is_file()
-        else None
-    )
-    return Pooling(mode=mode, normalize=normalize, max_seq_length=max_len)
-
-
-def _pooling_mode(config: dict) -> str:
-    if config.get("pooling_mode"):
-        return str(config["pooling_mode"])
-    for mode in ("cls_token", "max_tokens", "lasttoken", "mean_tokens"):
-        if config.get(f"pooling_mode_{mode}"):
-            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(
-                mode, mode
-            )
-    return "mean"
-
-
-def _config(path: str, trust_remote_code: bool) -> PretrainedConfig:
-    if not Path(path).is_dir():
-        raise UserError("--model", f"not a directory: {path}")
-    if not (Path(path) / "config.json").is_file():
-        raise UserError("--model", f"{path} is not a model directory (no config.json)")
-    auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map")
-    if auto_map and not trust_remote_code:
-        raise UserError(
-            "--trust-remote-code",
-            f"{path} brings its own model code ({', '.join(sorted(auto_map))}); "
-            "read it, then pass --trust-remote-code to run it",
-        )
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(
-            "--model", f"cannot read {path}/config.json: {str(e).splitlines()[0]}"
-        ) from None
-
-
-def _check_weights(path: Path, allow_pickle: bool) -> None:
-    if any(path.glob("*.safetensors")):
-        return
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        if allow_pickle:
-            return
+def load_artifact(
+    path: str, cls, meta: ArtifactMeta, dtype: torch.dtype | None
+) -> PreTrainedModel:
+    """Rebuild an artifact whose modules the config alone does not describe."""
+    config = AutoConfig.from_pretrained(path)
+    model = cls.from_config(config)
+    for name, entry in meta.rebuild.items():
+        try:
+            replace_module(model, name, rebuild(entry))
+        except (AttributeError, ValueError, KeyError) as e:
+            raise UserError("--model", f"{path}/{META_FILE}: {name}: {e}") from None
+    state = load_file(str(Path(path) / "model.safetensors"))
+    for key, shape in meta.sparse.items():
+        state[key] = from_bitmask(state, key, shape)
+    for alias, kept in meta.aliases.items():
+        state[alias] = state[kept]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
         raise UserError(
             "--model",
-            f"{path} has only pickle weights (*.bin); "
-            "pass --allow-pickle to trust them",
+            f"{path} does not match its lmbatch.json: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}",
         )
-    raise UserError("--model", f"{path} has no weights (*.safetensors)")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
 
 
-def _max_positions(config: PretrainedConfig) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _name(arch: tuple[str, ...]) -> str:
-    return (
-        ", ".join(arch)
-        if arch
-        else "of unknown architecture (config.architectures is empty)"
-    )
+def from_bitmask(state: dict, key: str, shape: list[int]) -> torch.Tensor:
+    values = state.pop(f"{key}.__values")
+    bits = state.pop(f"{key}.__mask").numpy()
+    n = int(np.prod(shape))
+    mask = torch.from_numpy(np.unpackbits(bits)[:n].astype(bool))
+    dense = torch.zeros(n, dtype=values.dtype)
+    dense[mask] = values
+    return dense.reshape(shape)

@@ -16,9 +16,9 @@ from typing import Protocol
 import psutil
 import torch
 
-SAFETY_MARGIN = (
-    0.25  # of the memory left, kept free for fragmentation and the unexpected
-)
+from actors.footprint import GPU_USABLE
+
+SAFETY_MARGIN = 0.25  # of the memory left, kept free for fragmentation and surprises
 
 
 class DeviceMemory(Protocol):
@@ -42,14 +42,24 @@ class DeviceMemory(Protocol):
 
 
 class CudaMemory:
-    """The CUDA caching allocator's own counters; an overrun raises OutOfMemoryError."""
+    """The CUDA caching allocator's counters, within this actor's share of its GPU.
 
-    def __init__(self, device: torch.device) -> None:
+    Actors that share a GPU each hold a fraction of it (Ray's ``num_gpus``); each
+    sizes its batches to what its own share leaves after what this process holds,
+    and never to more than the device has free. An overrun still raises
+    OutOfMemoryError, which the batcher handles.
+    """
+
+    def __init__(self, device: torch.device, share: float = 1.0) -> None:
         self.device = device
+        self.limit = share_limit(torch.cuda.mem_get_info(device)[1], share)
         self._base = 0
 
     def free(self) -> int:
-        return int(torch.cuda.mem_get_info(self.device)[0])
+        device_free = int(torch.cuda.mem_get_info(self.device)[0])
+        held = int(torch.cuda.memory_allocated(self.device))
+        cached = int(torch.cuda.memory_reserved(self.device)) - held
+        return cuda_free(device_free, cached, held, self.limit)
 
     def start(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -65,7 +75,19 @@ class CudaMemory:
         return False
 
     def capacity(self) -> int:
-        return int(torch.cuda.mem_get_info(self.device)[1])
+        return self.limit
+
+
+def share_limit(total_bytes: int, share: float) -> int:
+    """Bytes an actor holding ``share`` of a GPU of ``total_bytes`` may allocate: its
+    share of the usable part (each process's CUDA context lives outside it)."""
+    return int(total_bytes * GPU_USABLE * min(1.0, max(share, 0.0)))
+
+
+def cuda_free(device_free: int, cached: int, held: int, limit: int) -> int:
+    """What this actor may still allocate: its limit less what it holds, and no more
+    than the device has free plus what this process's allocator caches for reuse."""
+    return max(0, min(device_free + cached, limit - held))
 
 
 class CpuMemory:

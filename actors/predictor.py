@@ -1,13 +1,19 @@
 """The callable class that Ray Data's actor pool runs: one model, many batches.
 
 ``__init__`` loads the model once (``load_model``); ``__call__`` takes a batch of
-tokenized rows, lets the adaptive batcher cut it into micro-batches by token budget,
-runs the task head on each and returns an Arrow table with the task's columns, ``id``
-and ``error``: one output row for every input row, in input order.
+tokenized rows (an Arrow table), lets the adaptive batcher cut it into micro-batches
+by token budget, runs the task head on each and returns an Arrow table with the task's
+columns, ``id`` and ``error``: one output row for every input row, in input order.
+
+On a GPU the host work overlaps the device's: a micro-batch's results are waited for
+only once the next micro-batch is queued, so the GPU computes while the host pads
+the next rows (vectorised, ``padding.py``) and copies the last results out
+(``transfer.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -18,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from actors.batching import TokenBudget, probe_budget, run_batched
-from actors.loading import ModelInfo, ModelSpec, load_model, load_tokenizer
+from actors.loading import load_model, load_tokenizer, ran_precision
 from actors.memory import (
     CpuMemory,
     CudaMemory,
@@ -26,7 +32,14 @@ from actors.memory import (
     activation_floor,
     default_cpu_limit,
 )
+from actors.model_info import ModelInfo, ModelSpec
+from actors.outputs import Outputs
+from actors.padding import TokenRows
 from actors.tasks import Classify, Embed, Generate, Score, TaskHead
+from actors.transfer import HostCopy, start_clock, to_device
+
+log = logging.getLogger(__name__)
+NO_CUDA = "cpu (a GPU was assigned but CUDA is not available)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class PredictorConfig:
 
     model: ModelSpec
     info: ModelInfo
+    device: str = "cpu"  # cuda where the pool gives each actor a share of a GPU
     threads: int = 1  # torch intra-op threads for this actor
     batch_tokens: int | None = None  # fixed budget (--batch-tokens); None adapts
     max_new_tokens: int = 32
@@ -44,14 +58,14 @@ class PredictorConfig:
     stats: object | None = None  # a StatsSink actor handle, or None
 
 
-def make_head(config: PredictorConfig, tokenizer) -> TaskHead:
+def make_head(config: PredictorConfig, model, tokenizer) -> TaskHead:
     task = config.model.task
     if task == "embed":
-        return Embed(config.info.pooling)
+        return Embed(config.info.pooling, model.config.hidden_size)
     if task == "score":
         return Score()
     if task == "classify":
-        return Classify(config.info.id2label)
+        return Classify(config.info.id2label, model.config.num_labels)
     return Generate(config.max_new_tokens, tokenizer)
 
 
@@ -61,12 +75,12 @@ class Predictor:
         # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt")
         self.config = config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device, device_name = actor_device(config.device)
         self.model = load_model(config.model, self.device.type)
         self.tokenizer = load_tokenizer(
             config.model.path, config.model.trust_remote_code
         )
-        self.head = make_head(config, self.tokenizer)
+        self.head = make_head(config, self.model, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
@@ -78,41 +92,46 @@ class Predictor:
             actor=_actor_name(),
             node=_node_id(),
             pid=os.getpid(),
-            device=str(self.device),
+            device=device_name,
+            precision=ran_precision(config.model, self.device.type),
             threads=config.threads,
             memory_limit_bytes=self.memory.capacity(),
             peak_memory_bytes=self.memory.high_water(),  # the model and the probe
         )
         self._report()  # an actor that never gets a batch is in the summary too
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        self.stats.rows_started += len(batch["id"])
+        self.stats.rows_started += batch.num_rows
         self._report()  # were this process to die now, these rows were lost work
-        errors: list[str | None] = list(batch["_error"])
-        todo = np.array([i for i, e in enumerate(errors) if e is None], dtype=np.int64)
-        ids = [batch["_ids"][i] for i in todo]
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        columns = {name: [None] * len(errors) for name in self.head.schema.names}
-
-        def on_row_oom(row: int) -> None:
-            errors[todo[row]] = "out_of_memory: row does not fit even alone"
-
+        tokens = TokenRows.from_arrow(batch["_ids"])
+        todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
+        out = Outputs(self.head.schema, batch.num_rows)
+        too_big: list[int] = []
+        pending = None
         with torch.inference_mode():
-            for rows, result in run_batched(
-                lengths + self.extra_tokens,
+            for rows, copy in run_batched(
+                tokens.lengths[todo] + self.extra_tokens,
                 self.budget,
-                lambda r: self._step(ids, r),
-                on_row_oom,
+                lambda r: self._step(tokens, todo[r]),
+                lambda r: too_big.append(int(todo[r])),
                 over_limit=self.memory.over_limit,
             ):
-                self.stats.add_batch(len(rows), int(lengths[rows].sum()))
-                for name, values in result.items():
-                    for row, value in zip(rows, values, strict=True):
-                        columns[name][todo[row]] = value
-        self.stats.finish_call(len(errors), time.perf_counter() - started, self.budget)
+                self.stats.add_batch(len(rows), int(tokens.lengths[todo[rows]].sum()))
+                if pending is not None:  # waited for only now: the GPU has work
+                    self._collect(out, *pending)
+                pending = (todo[rows], copy)
+            if pending is not None:
+                self._collect(out, *pending)
+        self.stats.finish_call(
+            batch.num_rows, time.perf_counter() - started, self.budget
+        )
         self._report()
-        return self._table(batch["id"], columns, errors)
+        return self._table(batch, out, too_big)
+
+    def _collect(self, out: Outputs, rows: np.ndarray, copy: HostCopy) -> None:
+        out.put(rows, self.head.columns(copy.wait()))
+        self.stats.device_seconds += copy.seconds
 
     def _report(self) -> None:
         if self.config.stats is not None:
@@ -135,42 +154,34 @@ class Predictor:
             (rows, length), self.pad_id, dtype=torch.long, device=self.device
         )
         with torch.inference_mode():
-            self.head(self.model, ids, torch.ones_like(ids))
+            started = start_clock(self.device)
+            HostCopy(self.head(self.model, ids, torch.ones_like(ids)), started).wait()
 
-    def _step(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
+    def _step(self, tokens: TokenRows, rows: np.ndarray) -> HostCopy:
+        """Queue one micro-batch on the device; its results follow asynchronously."""
         self.memory.start()
         try:
-            return self._run_head(ids, rows)
+            ids, mask = to_device(
+                tokens.pad(rows, self.pad_id, self.head.padding_side), self.device
+            )
+            started = start_clock(self.device)
+            return HostCopy(self.head(self.model, ids, mask), started)
         finally:
             self.stats.peak_memory_bytes = max(
                 self.stats.peak_memory_bytes, self.memory.high_water()
             )
 
-    def _run_head(self, ids: list[np.ndarray], rows: np.ndarray) -> dict[str, list]:
-        width = max(len(ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            n = len(ids[r])
-            span = (
-                slice(width - n, width)
-                if self.head.padding_side == "left"
-                else slice(0, n)
-            )
-            input_ids[j, span] = torch.from_numpy(ids[r].astype(np.int64))
-            mask[j, span] = 1
-        return self.head(self.model, input_ids.to(self.device), mask.to(self.device))
-
-    def _table(
-        self, row_ids: np.ndarray, columns: dict[str, list], errors: list
-    ) -> pa.Table:
-        arrays = [pa.array(list(row_ids), pa.string())]
-        arrays += [pa.array(columns[f.name], f.type) for f in self.head.schema]
-        arrays.append(pa.array(errors, pa.string()))
+    def _table(self, batch: pa.Table, out: Outputs, too_big: list[int]) -> pa.Table:
+        errors = batch["_error"]
+        if too_big:
+            values = errors.to_pylist()
+            for row in too_big:
+                values[row] = "out_of_memory: row does not fit even alone"
+            errors = pa.array(values, pa.string())
         schema = pa.schema(
             [("id", pa.string()), *self.head.schema, ("error", pa.string())]
         )
-        return pa.Table.from_arrays(arrays, schema=schema)
+        return pa.Table.from_arrays([batch["id"], *out.arrays(), errors], schema=schema)
 
 
 @dataclass
@@ -180,13 +191,15 @@ class ActorStats:
     actor: str
     node: str  # Ray node id: where the actor ran, in multi-node jobs
     pid: int
-    device: str
+    device: str  # what the model ran on, said plainly when it is not what was planned
+    precision: str  # what the weights ran in (auto made concrete)
     threads: int
     rows: int = 0
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
     tokens: int = 0
     micro_batches: int = 0
-    busy_seconds: float = 0.0
+    busy_seconds: float = 0.0  # in __call__, host work included
+    device_seconds: float = 0.0  # the model's own time on its device
     min_rows: int = 0
     max_rows: int = 0
     budget_history: tuple[int, ...] = ()
@@ -210,15 +223,37 @@ class ActorStats:
         return dict(vars(self))
 
 
+def actor_device(planned: str) -> tuple[torch.device, str]:
+    """The device to run on, and how the summary names it. An actor that Ray gave
+    a GPU but that finds no CUDA (a broken driver, a fake GPU node) runs on CPU,
+    loudly."""
+    if planned != "cuda":
+        return torch.device("cpu"), "cpu"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name()})"
+    log.warning("lmbatch actor: running on CPU: %s", NO_CUDA)
+    return torch.device("cpu"), NO_CUDA
+
+
 def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory:
     if device.type == "cuda":
-        return CudaMemory(device)
+        return CudaMemory(device, _gpu_share())
     return CpuMemory(config.memory_limit or default_cpu_limit(config.actors_per_node))
 
 
 def _dtype_bytes(model) -> int:
     """Bytes of the compute dtype (fp32 for bitsandbytes on CPU, not int8)."""
     return torch.empty((), dtype=model.dtype).element_size()
+
+
+def _gpu_share() -> float:
+    """The fraction of its GPU Ray gave this actor (1.0 outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1.0
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return float(share) if share else 1.0
 
 
 def _node_id() -> str:

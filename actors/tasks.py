@@ -1,22 +1,27 @@
 """Task heads: what each task computes from one padded micro-batch.
 
-Each head names its output columns (an Arrow schema, so every Parquet file of a job
-agrees) and turns ``input_ids``/``attention_mask`` into one Python value per row.
+A head runs on the model's device and returns tensors there (``__call__``); the
+Predictor brings them to host memory in one place (``actors/transfer.py``) and the head
+turns the host arrays into its output columns (``columns``), one entry per row along
+the first axis. Each head names its columns as an Arrow schema, so every Parquet file
+of a job agrees; vectors are fixed-size lists built from one contiguous array.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from actors.loading import Pooling
+from actors.model_info import Pooling
 
-Columns = dict[str, list]
+Tensors = dict[str, torch.Tensor]
+Columns = dict[str, np.ndarray]
 
 
 class TaskHead(Protocol):
@@ -25,7 +30,9 @@ class TaskHead(Protocol):
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Columns: ...
+    ) -> Tensors: ...
+
+    def columns(self, host: Columns) -> Columns: ...
 
 
 @dataclass(frozen=True)
@@ -33,17 +40,24 @@ class Embed:
     """Pooled sentence embedding, as sentence-transformers computes it."""
 
     pooling: Pooling
-    schema = pa.schema([("embedding", pa.list_(pa.float32()))])
+    dim: int  # the embedding's width
     padding_side = "right"
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([("embedding", pa.list_(pa.float32(), self.dim))])
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Columns:
+    ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         pooled = pool(hidden, mask, self.pooling.mode)
         if self.pooling.normalize:
             pooled = F.normalize(pooled, p=2, dim=1)
-        return {"embedding": list(pooled.numpy())}
+        return {"embedding": pooled}
+
+    def columns(self, host: Columns) -> Columns:
+        return host
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -73,7 +87,7 @@ class Score:
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Columns:
+    ) -> Tensors:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:]
         logprobs = (
@@ -83,12 +97,15 @@ class Score:
         )
         predicted = mask[:, 1:].to(logprobs.dtype)
         total = (logprobs * predicted).sum(dim=1).double()
-        count = predicted.sum(dim=1).long()
+        count = predicted.sum(dim=1)
         return {
-            "logprob": total.tolist(),
-            "num_tokens": count.tolist(),
-            "perplexity": torch.exp(-total / count).tolist(),
+            "logprob": total,
+            "num_tokens": count.int(),
+            "perplexity": torch.exp(-total / count),
         }
+
+    def columns(self, host: Columns) -> Columns:
+        return host
 
 
 @dataclass(frozen=True)
@@ -96,26 +113,37 @@ class Classify:
     """Sequence classification: top label, its probability, and every probability."""
 
     id2label: dict[int, str]
-    schema = pa.schema(
-        [
-            ("label", pa.string()),
-            ("score", pa.float32()),
-            ("probs", pa.list_(pa.float32())),
-        ]
-    )
+    num_labels: int
     padding_side = "right"
+    labels: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [self.id2label.get(i, str(i)) for i in range(self.num_labels)]
+        object.__setattr__(self, "labels", np.array(names, dtype=object))
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [
+                ("label", pa.string()),
+                ("score", pa.float32()),
+                ("probs", pa.list_(pa.float32(), self.num_labels)),
+            ]
+        )
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Columns:
-        probs = torch.softmax(
-            model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1
-        )
-        top = probs.argmax(dim=-1).tolist()
+    ) -> Tensors:
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        score, top = probs.max(dim=-1)
+        return {"top": top, "score": score, "probs": probs}
+
+    def columns(self, host: Columns) -> Columns:
         return {
-            "label": [self.id2label.get(i, str(i)) for i in top],
-            "score": probs.max(dim=-1).values.tolist(),
-            "probs": list(probs.numpy()),
+            "label": self.labels[host["top"]],
+            "score": host["score"],
+            "probs": host["probs"],
         }
 
 
@@ -130,7 +158,7 @@ class Generate:
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Columns:
+    ) -> Tensors:
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -139,9 +167,8 @@ class Generate:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        new_tokens = out[:, ids.shape[1] :]
-        return {
-            "generated_text": self.tokenizer.batch_decode(
-                new_tokens, skip_special_tokens=True
-            )
-        }
+        return {"tokens": out[:, ids.shape[1] :]}
+
+    def columns(self, host: Columns) -> Columns:
+        texts = self.tokenizer.batch_decode(host["tokens"], skip_special_tokens=True)
+        return {"generated_text": np.array(texts, dtype=object)}

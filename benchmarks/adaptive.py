@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from actors.loading import ModelSpec, load_model
+from actors.loading import load_model
+from actors.model_info import ModelSpec
 from jobs.infer import run_infer
 from jobs.spec import InferSpec, prepare_infer
 

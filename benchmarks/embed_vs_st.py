@@ -27,18 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import CORPUS, append_results, embeddings, minilm  # isort: skip
+from common import append_results, corpus_rows, embeddings, minilm  # isort: skip
 
 TOOLS = ("lmbatch", "st", "transformers")
-
-
-def make_input(rows: int, path: Path) -> None:
-    """The demo corpus cycled to ``rows`` rows, each with its own id."""
-    texts = pq.read_table(CORPUS)["text"].to_pylist()
-    cycled = [texts[i % len(texts)] for i in range(rows)]
-    pq.write_table(
-        pa.table({"row": [f"r{i}" for i in range(rows)], "text": cycled}), path
-    )
 
 
 def child_st(inp: str, out: str) -> None:
@@ -129,7 +120,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "input.parquet"
-        make_input(args.rows, inp)
+        corpus_rows(args.rows, inp)
         seconds = {tool: timed(tool, inp, Path(tmp) / tool) for tool in TOOLS}
         reference = embeddings(Path(tmp) / "st")
         cosine = {}

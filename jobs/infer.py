@@ -12,55 +12,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 
 import ray
 import ray.data
 
-from actors.footprint import measure_footprint
-from actors.loading import ModelSpec
-from actors.predictor import Predictor, PredictorConfig
-from actors.tokenize import TokenizeConfig, tokenize_batch
-from jobs.pool import PoolPlan, actors_per_gpu, plan_pool
+from actors.model_info import ModelSpec
+from jobs.gpus import choose_device, per_gpu
+from jobs.pool import PoolPlan, plan_pool
 from jobs.resume import begin_output, checkpoint_config
+from jobs.session import ray_session
 from jobs.sources import read_rows
 from jobs.spec import InferPlan, InferSpec
 from jobs.summary import Summary, build_summary, start_sink, write_summary
 
 log = logging.getLogger("lmbatch")
 MAX_TASK_RETRIES = 3
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Attach to ``address``, or start a fresh embedded Ray and stop it afterwards.
-
-    ``address="local"`` always starts a new one: a bare ``ray.init()`` would attach to
-    any cluster left running on this machine, even a dead one.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            address="local",
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
-            log_to_driver=True,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+# Imported while Ray starts (jobs/session.py), not at the top: torch and transformers
+# take seconds to import, and the driver needs them only to hand the actors' classes
+# to Ray Data.
+ACTOR_MODULES = ("actors.predictor", "actors.tokenize")
+TOKENIZE_CPUS = 1.0
 
 
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
-    with ray_session(address):
+    with ray_session(address, warm=ACTOR_MODULES):
         pool = size_pool(plan)  # may still refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
@@ -110,29 +88,31 @@ def model_spec(spec: InferSpec) -> ModelSpec:
 
 
 def size_pool(plan: InferPlan) -> PoolPlan:
-    """The pool for this cluster; on GPUs, packed by the model's measured footprint."""
+    """The pool for this cluster; on GPUs, packed by the model's footprint."""
     spec = plan.spec
     resources = ray.cluster_resources()
-    per_gpu = 1
-    if resources.get("GPU"):
-        measure = ray.remote(num_gpus=1, num_cpus=0)(measure_footprint)
-        footprint = ray.get(measure.remote(model_spec(spec)))
-        per_gpu = actors_per_gpu(
-            footprint.model_bytes, footprint.device_total_bytes, spec.actors_per_gpu
-        )
+    device = choose_device(
+        spec.device, spec.precision, plan.model, resources.get("GPU", 0)
+    )
+    packed = 1
+    if device == "cuda":
+        packed = per_gpu(spec.model, plan.model, spec.precision, spec.actors_per_gpu)
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
     # A resumed job's read passes Ray Data's checkpoint filter, an actor of 1 CPU.
     return plan_pool(
         resources,
         spec.actors,
-        per_gpu,
+        packed,
         spec.actor_memory,
         [n for n in nodes if n],
         ray_cpus=1.0 if spec.resume else 0.0,
+        device=device,
     )
 
 
-def tokenize_config(spec: InferSpec, max_length: int) -> TokenizeConfig:
+def tokenize_config(spec: InferSpec, max_length: int):
+    from actors.tokenize import TokenizeConfig
+
     return TokenizeConfig(
         model_path=spec.model,
         max_length=max_length,
@@ -144,12 +124,16 @@ def tokenize_config(spec: InferSpec, max_length: int) -> TokenizeConfig:
 
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
     """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
+    from actors.predictor import Predictor, PredictorConfig
+    from actors.tokenize import tokenize_batch
+
     spec = plan.spec
     tokenize = tokenize_config(spec, plan.max_length)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     predictor = PredictorConfig(
         model=model_spec(spec),
         info=plan.model,
+        device=pool.device,
         threads=pool.threads,
         batch_tokens=spec.batch_tokens,
         max_new_tokens=spec.max_new_tokens,
@@ -159,17 +143,21 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         stats=sink,
     )
     ds = read_rows(plan.inputs, spec.text_column, spec.id_column)
+    rows = spec.batch_rows or pool.rows_per_call
+    # Tokenizing is a CPU stage of its own tasks, never fused into the actors (their
+    # resources differ), so every free core can feed them.
     ds = ds.map_batches(
         tokenize_batch,
         fn_kwargs={"config": tokenize},
-        batch_size=spec.batch_rows,
+        batch_size=rows,
         batch_format="pyarrow",
+        num_cpus=TOKENIZE_CPUS,
     )
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"config": predictor},
-        batch_size=spec.batch_rows,
-        batch_format="numpy",
+        batch_size=rows,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             min_size=pool.min_actors, max_size=pool.max_actors
         ),

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.errors import UserError
-from actors.loading import CAUSAL_SUFFIXES, inspect_model
-from jobs.infer import ray_session
+from actors.model_info import CAUSAL_SUFFIXES, inspect_model
 from jobs.inputs import resolve_inputs
+from jobs.session import ray_session
 from jobs.spec import TASKS, check_output
 from optimize.pipeline import Texts, run_recipe
 from optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe

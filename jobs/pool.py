@@ -6,9 +6,10 @@ every CPU starves them and the job hangs (seen on 2 cores with 2 actors of 1 CPU
 actor still runs ``threads`` torch threads: the cores it shares with the readers are
 idle whenever the readers are ahead, which is most of the time.
 
-On GPUs, each actor asks for the fraction of a GPU that its model's measured footprint
-plus an equal batch reserve takes, so an 8-bit model packs about twice as many actors
-per GPU as fp16.
+On GPUs, each actor asks for the fraction of a GPU that its model's footprint (read
+off the weight files, ``actors/footprint.py``) plus an equal batch reserve takes, so
+an 8-bit model packs about twice as many actors per GPU as fp16. The whole pool starts
+at once: several actors per GPU keep it busy while each one does its host work.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import math
 from dataclasses import dataclass
 
 from actors.errors import UserError
+from actors.footprint import GPU_USABLE
 
 CPU_THREADS_PER_ACTOR = 4  # torch scales well to about 4 threads on small models
 IO_CPUS = 1.0  # kept free for read and tokenize tasks
 MIN_ACTOR_CPUS = 0.25
-GPU_USABLE = 0.9  # of a GPU's memory; the rest is CUDA context and fragmentation
 MIN_BATCH_RESERVE = 1 << 30  # activations of one micro-batch, at the least
 MAX_ACTORS_PER_GPU = 8
+# Rows handed to an actor per call: on CPU a call of 1,024 rows keeps blocks small;
+# a GPU runs thousands of rows in one micro-batch, and fewer calls mean less of Ray's
+# per-call overhead between them.
+ROWS_PER_CALL = {"cpu": 1024, "cuda": 8192}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class PoolPlan:
     num_gpus: float  # reserved per actor
     threads: int  # torch intra-op threads per actor
     memory: int | None = None  # bytes of Ray's memory resource per actor (CPU)
+    device: str = "cpu"  # cuda: each actor holds num_gpus of a GPU
+
+    @property
+    def rows_per_call(self) -> int:
+        return ROWS_PER_CALL[self.device]
 
 
 def actors_per_gpu(model_bytes: int, gpu_bytes: int, asked: int | None = None) -> int:
@@ -61,6 +71,12 @@ def actors_per_gpu(model_bytes: int, gpu_bytes: int, asked: int | None = None) -
     return min(fits, MAX_ACTORS_PER_GPU)
 
 
+def gpu_fraction(per_gpu: int) -> float:
+    """The ``num_gpus`` each of ``per_gpu`` actors on one GPU asks for (Ray counts
+    GPU fractions to 1e-4; rounded down, so that they all fit)."""
+    return math.floor(1e4 / per_gpu) / 1e4
+
+
 def plan_pool(
     resources: dict[str, float],
     actors: tuple[int, int] | None,
@@ -68,16 +84,18 @@ def plan_pool(
     actor_memory: int | None = None,
     node_cpus: list[float] | None = None,
     ray_cpus: float = 0.0,
+    device: str = "cpu",
 ) -> PoolPlan:
     """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
 
     Args:
-        per_gpu: actors sharing each GPU (``actors_per_gpu``); ignored without GPUs.
+        per_gpu: actors sharing each GPU (``actors_per_gpu``); cuda only.
         actor_memory: bytes each CPU actor may use (``--actor-memory``).
         node_cpus: CPUs of each node; default one node with all of them.
         ray_cpus: CPUs Ray Data's own actors take (1 for the checkpoint filter of a
             resumed job); the pool reserves less, down to nothing, and its actors
             share cores instead of starving the reads.
+        device: cuda for a pool of GPU actors, cpu otherwise.
 
     Raises:
         UserError: naming ``--actors`` or ``--actor-memory`` when the pool cannot fit.
@@ -88,16 +106,16 @@ def plan_pool(
         raise UserError(
             "cluster", f"needs at least 2 CPUs (one for reading), has {cpus:g}"
         )
-    if gpus:
-        lo, hi = actors or (1, gpus * per_gpu)
+    if device == "cuda":
+        lo, hi = actors or (gpus * per_gpu, gpus * per_gpu)
         if hi > gpus * per_gpu:
             raise UserError(
                 "--actors",
                 f"{hi} actors at {per_gpu} per GPU; the cluster has {gpus} GPUs",
             )
-        share = math.floor(1e4 / per_gpu) / 1e4  # Ray counts GPU fractions to 1e-4
+        share = gpu_fraction(per_gpu)
         num_cpus = min(1.0, max(0.0, cpus - IO_CPUS - ray_cpus) / hi)
-        return PoolPlan(lo, hi, num_cpus=num_cpus, num_gpus=share, threads=1)
+        return PoolPlan(lo, hi, num_cpus, num_gpus=share, threads=1, device="cuda")
     return _plan_cpu_pool(
         resources, actors, actor_memory, node_cpus or [cpus], cpus - IO_CPUS, ray_cpus
     )

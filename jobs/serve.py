@@ -14,12 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ray
+
 from actors.errors import UserError
-from actors.loading import ModelInfo, check_precision, inspect_model
+from actors.model_info import ModelInfo, check_precision, inspect_model
 from actors.predictor import PredictorConfig
 from actors.serve import Endpoint, EndpointConfig
-from jobs.infer import model_spec, ray_session, tokenize_config
-from jobs.spec import InferSpec, max_length_of
+from jobs.gpus import choose_device, per_gpu
+from jobs.infer import model_spec, tokenize_config
+from jobs.pool import gpu_fraction
+from jobs.session import ray_session
+from jobs.spec import DEVICES, InferSpec, max_length_of
 from jobs.submit import is_loopback_host
 
 SERVE_TASKS = ("embed", "score", "classify")
@@ -31,7 +36,8 @@ class ServeSpec:
 
     model: str
     task: str  # embed | score | classify
-    precision: str = "fp32"
+    precision: str = "auto"
+    device: str = "auto"  # auto: a GPU share per replica where the cluster has GPUs
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
     max_length: int | None = None  # tokens; None: the model's own limit
@@ -60,6 +66,8 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
             "--task", f"serve runs {', '.join(SERVE_TASKS)}, not {spec.task}"
         )
     check_precision(spec.precision)
+    if spec.device not in DEVICES:
+        raise UserError("--device", f"use {', '.join(DEVICES)}, not {spec.device!r}")
     for flag, value in (
         ("--max-batch-size", spec.max_batch_size),
         ("--replicas", spec.replicas),
@@ -86,17 +94,19 @@ def as_infer(spec: ServeSpec) -> InferSpec:
         output="",
         max_length=spec.max_length,
         precision=spec.precision,
+        device=spec.device,
         trust_remote_code=spec.trust_remote_code,
         allow_pickle=spec.allow_pickle,
     )
 
 
-def endpoint_config(plan: ServePlan, threads: int) -> EndpointConfig:
+def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
     spec, infer_like = plan.spec, as_infer(plan.spec)
     return EndpointConfig(
         predictor=PredictorConfig(
             model=model_spec(infer_like),
             info=plan.info,
+            device=device,
             threads=threads,
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
@@ -113,16 +123,39 @@ def deploy(plan: ServePlan, threads: int | None = None) -> str:
 
     spec = plan.spec
     threads = threads or max(1, (os.cpu_count() or 2) // spec.replicas)
+    device, replica = replica_resources(plan)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     app = Endpoint.options(
         num_replicas=spec.replicas,
         # Serve's default of 5 requests in flight per replica would cap every batch
         # at 5 texts; let twice a batch queue up so the next one fills meanwhile.
         max_ongoing_requests=max(16, 2 * spec.max_batch_size),
-        ray_actor_options={"num_cpus": 1},
-    ).bind(endpoint_config(plan, threads))
+        ray_actor_options=replica,
+    ).bind(endpoint_config(plan, threads, device))
     serve.run(app, name="lmbatch", route_prefix="/")
     return f"http://{spec.host}:{spec.port}/"
+
+
+def replica_resources(plan: ServePlan) -> tuple[str, dict]:
+    """(device, Ray options) of each replica: on GPUs, its share of one, packed by
+    the model's footprint as infer actors are, so replicas spread over the GPUs.
+
+    Raises:
+        UserError: naming ``--replicas`` when they do not fit the cluster's GPUs.
+    """
+    spec = plan.spec
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = choose_device(spec.device, spec.precision, plan.info, gpus)
+    if device == "cpu":
+        return device, {"num_cpus": 1}
+    packed = per_gpu(spec.model, plan.info, spec.precision, None)
+    if spec.replicas > int(gpus) * packed:
+        raise UserError(
+            "--replicas",
+            f"{spec.replicas} replicas at {packed} per GPU; "
+            f"the cluster has {int(gpus)} GPUs",
+        )
+    return device, {"num_cpus": 1, "num_gpus": gpu_fraction(packed)}
 
 
 def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:

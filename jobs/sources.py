@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from actors.tokenize import check_text
+from actors.text import check_text
 from jobs.inputs import ResolvedInputs
 
 ROW_SCHEMA = pa.schema(

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from actors.errors import UserError
-from actors.loading import ModelInfo, check_precision, inspect_model
+from actors.model_info import (
+    ModelInfo,
+    check_precision,
+    check_runs_on_gpu,
+    inspect_model,
+)
 from jobs.inputs import ResolvedInputs, filesystem_of, resolve_inputs
 
 TASKS = ("embed", "score", "classify", "generate")
 ON_LONG = ("truncate", "error")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,11 @@ class InferSpec:
     max_length: int | None = None  # tokens; None: the model's own limit
     max_new_tokens: int = 32  # generate only
     actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
-    batch_rows: int = 1024  # rows handed to an actor per call
+    batch_rows: int | None = None  # rows per actor call; None: 1,024 CPU, 8,192 GPU
     rows_per_file: int = 50_000  # at least, per output file; each is a resume point
     batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
-    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
+    device: str = "auto"  # auto: GPUs where the cluster has them, else CPU
     int8_threshold: float = 6.0  # LLM.int8 outlier threshold (precision int8)
     actor_memory: int | None = None  # bytes per CPU actor; None: an equal node share
     actors_per_gpu: int | None = None  # None: from the model's measured footprint
@@ -68,6 +75,8 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     info = inspect_model(
         spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
     )
+    if spec.device == "cuda":
+        check_runs_on_gpu(spec.model, spec.precision, info.cpu_only)
     inputs = resolve_inputs(
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )
@@ -80,6 +89,8 @@ def _check_choices(spec: InferSpec) -> None:
     if spec.task not in TASKS:
         raise UserError("--task", f"unknown task {spec.task!r}; use {', '.join(TASKS)}")
     check_precision(spec.precision)
+    if spec.device not in DEVICES:
+        raise UserError("--device", f"use {', '.join(DEVICES)}, not {spec.device!r}")
     if spec.on_long not in ON_LONG:
         raise UserError(
             "--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}"

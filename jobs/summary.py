@@ -63,9 +63,11 @@ class Summary:
     output: str = ""
     restored: int = 0  # rows an earlier run wrote (--resume)
     computed: int = 0  # rows this run computed
+    ran: list[str] = field(default_factory=list)  # "DEVICE in PRECISION", each kind
 
     def lines(self) -> list[str]:
         out = [
+            f"ran on {'; '.join(self.ran) or 'no actor'}",
             f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
             f"restored {self.restored}  computed {self.computed}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
@@ -76,11 +78,13 @@ class Summary:
             mean = a["rows"] / max(1, a["micro_batches"])
             out.append(
                 f"actor {a['actor'][:12]} node {a['node'][:8]} {a['device']} "
+                f"{a['precision']} "
                 f"rows {a['rows']} micro-batches "
                 f"{a['micro_batches']} rows/batch {a['min_rows']}-{a['max_rows']} "
                 f"(mean {mean:.1f}) "
                 f"budget {list(a['budget_history'])} ooms {a['ooms']} "
-                f"peak {a['peak_memory_bytes'] / 2**20:.0f} MiB"
+                f"peak {a['peak_memory_bytes'] / 2**20:.0f} MiB "
+                f"model {a['device_seconds']:.1f}s of {a['busy_seconds']:.1f}s busy"
             )
         out.append(f"output {self.output}")
         return out
@@ -116,6 +120,7 @@ def build_summary(
         output=path,
         restored=restored,
         computed=computed,
+        ran=sorted({f"{a['device']} in {a['precision']}" for a in actors}),
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from actors.loading import Pooling
+from actors.model_info import Pooling
 from optimize.calibrate import Batch
 
 

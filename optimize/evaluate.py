@@ -14,11 +14,12 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.loading import ModelSpec, inspect_model
+from actors.model_info import ModelSpec, inspect_model
 from actors.predictor import Predictor, PredictorConfig
 from actors.tasks import pool
 from actors.tokenize import TokenizeConfig, actor_batch
@@ -101,6 +102,7 @@ def throughput(
     config = PredictorConfig(
         model=ModelSpec(path, task),
         info=info,
+        device="cuda" if torch.cuda.is_available() else "cpu",
         threads=os.cpu_count() or 1,
         max_length=max_length,
     )
@@ -145,6 +147,6 @@ def _accumulate(
     totals["n"] += len(ref)
 
 
-def _token_batch(path: str, texts: list[str], max_length: int) -> dict:
+def _token_batch(path: str, texts: list[str], max_length: int) -> pa.Table:
     """The tokenize stage's output for ``texts``, as the actor receives it."""
     return actor_batch(texts, TokenizeConfig(path, max_length, min_tokens=1))

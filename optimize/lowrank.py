@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from actors.layers import LowRankLinear, replace_module
 from optimize.calibrate import linear_stats, target_linears
 from optimize.context import Context
-from optimize.layers import LowRankLinear, replace_module
 from optimize.recipe import Lowrank
 
 

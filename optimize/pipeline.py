@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from actors.loading import ModelSpec, inspect_model, load_model, load_tokenizer
+from actors.loading import load_model, load_tokenizer
+from actors.model_info import ModelSpec, inspect_model
 from optimize.artifact import ArtifactMeta, fingerprint, save_artifact
 from optimize.calibrate import make_batches
 from optimize.context import Context
@@ -144,7 +145,7 @@ def measure(
 def _precision(model: torch.nn.Module, ctx: Context) -> str:
     if ctx.quantization:
         return ctx.quantization["method"]
-    from optimize.layers import CastLinear, Int8Linear
+    from actors.layers import CastLinear, Int8Linear
 
     if any(isinstance(m, CastLinear | Int8Linear) for m in model.modules()):
         return "mixed"

@@ -9,12 +9,14 @@ them on the device that runs the job (its kernels are device-specific).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel
 
 from actors.errors import UserError
+from actors.layers import CastLinear, Int8Linear, quantize_rows, replace_module
 from optimize.calibrate import linear_stats, make_batches, target_linears
 from optimize.context import Context
-from optimize.layers import CastLinear, FakeQuantLinear, Int8Linear, replace_module
 from optimize.recipe import Distill, Quantize
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -96,3 +98,14 @@ def quantization_aware_finetune(
         )
         linear.load_state_dict(fake.state_dict())
         replace_module(model, name, linear)
+
+
+class FakeQuantLinear(nn.Linear):
+    """A Linear trained through its own int8 rounding (straight-through estimator):
+    quantization-aware fine-tuning, turned into an ``Int8Linear`` afterwards."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_rows(self.weight.detach())
+        w_q = q.float() * scale[:, None]
+        w = self.weight + (w_q - self.weight).detach()
+        return F.linear(x, w, self.bias)

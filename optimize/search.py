@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from actors.layers import CastLinear, Int8Linear, LowRankLinear, replace_module
 from optimize.calibrate import target_linears
 from optimize.context import Context
 from optimize.evaluate import fidelity, meets
-from optimize.layers import CastLinear, Int8Linear, LowRankLinear, replace_module
 from optimize.lowrank import factorize
 from optimize.recipe import Lowrank, Search
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from actors.layers import SharedLinear, replace_module
 from optimize.calibrate import target_linears
 from optimize.context import Context
-from optimize.layers import SharedLinear, replace_module
 from optimize.recipe import Share
 
 

@@ -10,13 +10,13 @@ from conftest import sentences
 from helpers import run_job
 
 from actors.batching import probe_budget
-from actors.loading import ModelSpec, inspect_model
 from actors.memory import CpuMemory, activation_floor, rss
+from actors.model_info import ModelSpec, inspect_model
 from actors.predictor import Predictor, PredictorConfig
 from actors.tokenize import TokenizeConfig, tokenize_batch
 
 
-def tokenized(model: str, texts: list[str]) -> dict[str, np.ndarray]:
+def tokenized(model: str, texts: list[str]) -> pa.Table:
     """A batch as the actor receives it from the tokenize stage."""
     table = pa.table(
         {
@@ -25,8 +25,7 @@ def tokenized(model: str, texts: list[str]) -> dict[str, np.ndarray]:
             "_error": pa.nulls(len(texts), pa.string()),
         }
     )
-    out = tokenize_batch(table, TokenizeConfig(model_path=model, max_length=64))
-    return {name: out[name].to_numpy(zero_copy_only=False) for name in out.column_names}
+    return tokenize_batch(table, TokenizeConfig(model_path=model, max_length=64))
 
 
 def predictor(model: str, **kw) -> Predictor:

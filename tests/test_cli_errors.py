@@ -213,3 +213,29 @@ def test_overwrite_deletes_nothing_when_the_pool_is_refused(base, tmp_path):
     (out / "keep.parquet").write_bytes(b"data")
     assert_user_error(run(*base, "--overwrite", "--actors", "9"), "--actors", "at most")
     assert (out / "keep.parquet").read_bytes() == b"data"
+
+
+def test_cpu_only_precision_on_cuda_refused(base):
+    assert_user_error(
+        run(*base, "--precision", "cpu-int8", "--device", "cuda"),
+        "--precision",
+        "CPU only",
+    )
+
+
+def test_cpu_only_artifact_on_cuda_refused(base, tiny_models, tmp_path):
+    import json
+    import shutil
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_models["bert"], artifact)
+    meta = {
+        "base_model": "bert",
+        "base_fingerprint": "0",
+        "task": "embed",
+        "recipe": [],
+        "rebuild": {"encoder.layer.0.output.dense": {"kind": "int8", "shape": [1, 1]}},
+    }
+    (artifact / "lmbatch.json").write_text(json.dumps(meta))
+    args = with_flag(base, "--model", str(artifact))
+    assert_user_error(run(*args, "--device", "cuda"), "--model", "--device cpu")

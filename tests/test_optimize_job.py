@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import run_job
 from test_cli_errors import assert_user_error
 
-from actors.loading import inspect_model
+from actors.model_info import inspect_model
 from jobs.cli import cli
 
 RECIPE = """\

@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import sentences
 
-from actors.loading import ModelSpec, inspect_model, load_model, load_tokenizer
+from actors.layers import Int8Linear, LowRankLinear, SharedLinear
+from actors.loading import load_model, load_tokenizer
+from actors.model_info import ModelSpec, inspect_model
 from optimize.artifact import ArtifactMeta, save_artifact
 from optimize.calibrate import make_batches
 from optimize.context import Context
 from optimize.evaluate import fidelity
-from optimize.layers import Int8Linear, LowRankLinear, SharedLinear
 from optimize.pipeline import APPLY
 from optimize.recipe import to_steps
 

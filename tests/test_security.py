@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from actors.errors import UserError
-from actors.loading import inspect_model
+from actors.model_info import inspect_model
 
 PROBE = """
 import json, socket, urllib.request, psutil
-from jobs.infer import ray_session
+from jobs.session import ray_session
 others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
           if a.family == socket.AF_INET and not a.address.startswith("127.")]
 answers = {}

@@ -167,3 +167,14 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
         out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
     assert "stopping" in out
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_replicas_reserve_no_gpu_without_one_and_refuse_cuda(tiny_models):
+    from jobs.serve import replica_resources
+
+    spec = ServeSpec(model=tiny_models["bert"], task="embed")
+    assert replica_resources(prepare_serve(spec)) == ("cpu", {"num_cpus": 1})
+    cuda = ServeSpec(model=tiny_models["bert"], task="embed", device="cuda")
+    with pytest.raises(UserError, match="--device: cuda asked for"):
+        replica_resources(prepare_serve(cuda))

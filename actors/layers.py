@@ -1,8 +1,9 @@
-"""The modules optimize steps put in place of ``nn.Linear``, and how each is rebuilt.
+"""The modules an artifact may hold in place of ``nn.Linear``, and how each is rebuilt.
 
-An artifact's ``lmbatch.json`` lists, per replaced module, its ``kind`` and shapes
-(``REBUILD``); ``artifact.load_artifact`` builds the model from its config, swaps in an
-empty module of that kind, then loads the safetensors. Each kind keeps its compact form
+Optimize steps put them in place; an artifact's ``lmbatch.json`` lists, per replaced
+module, its ``kind`` and shapes; ``loading.load_artifact`` builds the model from its
+config, swaps in an empty module of that kind (``rebuild``), then loads the
+safetensors. Each kind keeps its compact form
 in its state dict (factors, codebook and uint8 indices, int8 weights and scales), so the
 file on disk is really smaller.
 """
@@ -203,17 +204,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output row: (int8 weights, fp32 scales)."""
     scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-class FakeQuantLinear(nn.Linear):
-    """A Linear trained through its own int8 rounding (straight-through estimator):
-    quantization-aware fine-tuning, turned into an ``Int8Linear`` afterwards."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_rows(self.weight.detach())
-        w_q = q.float() * scale[:, None]
-        w = self.weight + (w_q - self.weight).detach()
-        return F.linear(x, w, self.bias)
 
 
 def rebuild(meta: dict) -> nn.Module:

@@ -1,0 +1,215 @@
+"""What the driver learns about a model from its files alone, before Ray starts.
+
+Reads JSON (``config.json``, sentence-transformers' module files, an artifact's
+``lmbatch.json``) and file names, nothing else: neither torch nor transformers is
+imported here, so a bad ``--model``, ``--task`` or ``--precision`` is one line in a
+fraction of a second, and the driver's heavy imports can overlap Ray's start-up.
+``loading.load_model`` loads the weights, inside each actor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.artifact import ArtifactMeta
+from actors.errors import UserError
+
+# auto: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on CPU.
+# int8: bitsandbytes LLM.int8; nf4: bitsandbytes 4-bit NormalFloat, double quantised;
+# cpu-int8: torch's dynamic int8 Linear (fbgemm/onednn), the int8 that is fast on a CPU.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8")
+CPU_ONLY_PRECISIONS = ("cpu-int8",)
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to hold a model: what the actor needs to call ``load_model``."""
+
+    path: str
+    task: str
+    precision: str = "fp32"  # as saved; the CLI's default is auto
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold; 0 turns outliers off
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """Sentence embedding settings; sentence-transformers' own if the model has any."""
+
+    mode: str = "mean"  # mean | cls | max | lasttoken
+    normalize: bool = True
+    max_seq_length: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learns from configs alone."""
+
+    architectures: tuple[str, ...]
+    max_positions: int | None
+    pooling: Pooling
+    id2label: dict[int, str] = field(default_factory=dict)
+    cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
+    precision: str | None = None  # an artifact's own precision; None: not an artifact
+
+
+def inspect_model(
+    path: str, task: str, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> ModelInfo:
+    """Check that ``path`` is a model directory fit for ``task``, from configs only.
+
+    Raises:
+        UserError: naming ``--model`` or ``--task``.
+    """
+    config = _config(path, trust_remote_code)
+    arch = tuple(config.get("architectures") or ())
+    if task in ("score", "generate") and not any(
+        a.endswith(CAUSAL_SUFFIXES) for a in arch
+    ):
+        raise UserError(
+            "--task", f"{task} needs a causal language model; {path} is {_name(arch)}"
+        )
+    if task == "classify" and not any(
+        a.endswith("ForSequenceClassification") for a in arch
+    ):
+        raise UserError(
+            "--task",
+            f"classify needs a sequence-classification model; {path} is {_name(arch)}",
+        )
+    check_weights(Path(path), allow_pickle)
+    artifact = ArtifactMeta.read(path)
+    return ModelInfo(
+        architectures=arch,
+        max_positions=_max_positions(config),
+        pooling=sentence_pooling(Path(path)),
+        id2label=_id2label(config),
+        cpu_only=artifact is not None and artifact.cpu_only,
+        precision=artifact.precision if artifact is not None else None,
+    )
+
+
+def check_precision(precision: str) -> None:
+    """Raises: UserError naming ``--precision`` when it is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            "--precision", f"unknown {precision!r}; use {', '.join(PRECISIONS)}"
+        )
+
+
+def check_runs_on_gpu(path: str, precision: str, cpu_only: bool = False) -> None:
+    """Raises: UserError naming ``--precision`` or the artifact when what was asked
+    for runs on CPU kernels only."""
+    if precision in CPU_ONLY_PRECISIONS:
+        raise UserError(
+            "--precision",
+            f"{precision} runs on CPU only; on a GPU use int8, nf4, fp16 or bf16, "
+            "or run on CPU (--device cpu)",
+        )
+    if cpu_only:
+        raise UserError(
+            "--model",
+            f"{path} holds int8 layers for torch's CPU kernels (a cpu-int8 "
+            "artifact); run it on CPU (--device cpu)",
+        )
+
+
+def sentence_pooling(path: Path) -> Pooling:
+    """Pooling, normalisation and max length from a sentence-transformers directory.
+
+    A plain transformers directory gets mean pooling, L2-normalised: what
+    sentence-transformers itself does for a model it does not know.
+    """
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    mode = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pooling_config = json.loads((path / m["path"] / "config.json").read_text())
+            mode = _pooling_mode(pooling_config)
+    st_file = path / "sentence_bert_config.json"
+    max_len = (
+        json.loads(st_file.read_text()).get("max_seq_length")
+        if st_file.is_file()
+        else None
+    )
+    return Pooling(mode=mode, normalize=normalize, max_seq_length=max_len)
+
+
+def _pooling_mode(config: dict) -> str:
+    if config.get("pooling_mode"):
+        return str(config["pooling_mode"])
+    for mode in ("cls_token", "max_tokens", "lasttoken", "mean_tokens"):
+        if config.get(f"pooling_mode_{mode}"):
+            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(
+                mode, mode
+            )
+    return "mean"
+
+
+def _config(path: str, trust_remote_code: bool) -> dict:
+    """config.json as data; transformers reads it again, in the actor."""
+    if not Path(path).is_dir():
+        raise UserError("--model", f"not a directory: {path}")
+    if not (Path(path) / "config.json").is_file():
+        raise UserError("--model", f"{path} is not a model directory (no config.json)")
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            "--model", f"cannot read {path}/config.json: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError("--model", f"{path}/config.json names no model_type")
+    auto_map = config.get("auto_map")
+    if auto_map and not trust_remote_code:
+        raise UserError(
+            "--trust-remote-code",
+            f"{path} brings its own model code ({', '.join(sorted(auto_map))}); "
+            "read it, then pass --trust-remote-code to run it",
+        )
+    return config
+
+
+def _id2label(config: dict) -> dict[int, str]:
+    """Label names by index; LABEL_i where none are given (transformers' names)."""
+    given = config.get("id2label")
+    if given:
+        return {int(k): str(v) for k, v in given.items()}
+    return {i: f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
+
+
+def check_weights(path: Path, allow_pickle: bool) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if allow_pickle:
+            return
+        raise UserError(
+            "--model",
+            f"{path} has only pickle weights (*.bin); "
+            "pass --allow-pickle to trust them",
+        )
+    raise UserError("--model", f"{path} has no weights (*.safetensors)")
+
+
+def _max_positions(config: dict) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _name(arch: tuple[str, ...]) -> str:
+    return (
+        ", ".join(arch)
+        if arch
+        else "of unknown architecture (config.architectures is empty)"
+    )

@@ -1,0 +1,47 @@
+"""Token rows from Arrow to padded model inputs, with no Python loop over rows.
+
+The tokenize stage hands each actor a ``list<int32>`` column. Its flat values and
+offsets are all a micro-batch needs: one gather builds the padded ids and the mask
+for any subset of rows, left- or right-padded, so host work stays small next to
+the model's (a GPU must not wait for a Python loop over 8,000 rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Every row's token ids, as one flat array and where each row starts."""
+
+    values: np.ndarray  # int32, all rows' ids back to back
+    starts: np.ndarray  # int64, where each row starts in ``values``
+    lengths: np.ndarray  # int64, tokens per row (0 for a row with an error)
+
+    @classmethod
+    def from_arrow(cls, column: pa.ChunkedArray | pa.Array) -> TokenRows:
+        """From the ``_ids`` column; null rows (rows with an error) have no tokens."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        offsets = column.offsets.to_numpy().astype(np.int64)  # nulls repeat offsets
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+        return cls(values, offsets[:-1], np.diff(offsets))
+
+    def pad(
+        self, rows: np.ndarray, pad_id: int, side: str = "right"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of shape ``len(rows) x longest``, int64, padded on ``side``."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 0
+        position = np.arange(width, dtype=np.int64)[None, :]
+        if side == "left":
+            position = position - (width - lengths)[:, None]
+        mask = (position >= 0) & (position < lengths[:, None])
+        index = self.starts[rows][:, None] + position
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        ids[mask] = self.values[index[mask]]
+        return ids, mask.astype(np.int64)

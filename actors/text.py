@@ -1,0 +1,32 @@
+"""One check of every input text, for every format: null, empty or not a string
+becomes the row's ``error``, never a crashed read. Arrow compute only (the readers
+run it on every block, and the driver imports it without torch).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """-> (text or null, error or null); the error names what is wrong with the row."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if pa.types.is_null(column.type):
+            kind = pa.array(["null_text: text is null"] * len(column), pa.string())
+        else:
+            kind = pa.array(
+                [f"not_string: text is {column.type}"] * len(column), pa.string()
+            )
+        return pa.nulls(len(column), pa.string()), kind
+    text = pc.cast(column, pa.string())
+    error = pc.if_else(
+        pc.is_null(text),
+        "null_text: text is null",
+        pc.if_else(
+            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0),
+            "empty_text: text is empty",
+            pa.scalar(None, pa.string()),
+        ),
+    )
+    return text.combine_chunks(), error.combine_chunks()

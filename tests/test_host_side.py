@@ -1,0 +1,168 @@
+"""The host side of the GPU path, checked on CPU: vectorised padding, contiguous Arrow
+outputs, host copies, GPU shares, footprints read off headers, auto precision, device
+choice and the separate tokenize stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import sentences
+from helpers import run_job
+
+from actors.errors import UserError
+from actors.footprint import GPU_USABLE, model_bytes
+from actors.loading import load_model, resolve_precision
+from actors.memory import cuda_free, share_limit
+from actors.model_info import ModelSpec, inspect_model
+from actors.outputs import Outputs
+from actors.padding import TokenRows
+from actors.predictor import NO_CUDA, Predictor, PredictorConfig
+from actors.transfer import HostCopy, start_clock, to_device
+
+ROWS = pa.array([[5, 6, 7], None, [8], [9, 10, 11, 12], []], pa.list_(pa.int32()))
+
+
+def naive_pad(rows: list[list[int]], pad: int, side: str):
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        fill = [pad] * (width - len(r))
+        ids.append(fill + r if side == "left" else r + fill)
+        ones = [1] * len(r)
+        zeros = [0] * (width - len(r))
+        mask.append(zeros + ones if side == "left" else ones + zeros)
+    return np.array(ids), np.array(mask)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_matches_a_row_by_row_loop(side):
+    tokens = TokenRows.from_arrow(pa.chunked_array([ROWS.slice(0, 2), ROWS.slice(2)]))
+    assert tokens.lengths.tolist() == [3, 0, 1, 4, 0]
+    rows = np.array([3, 0, 2])
+    ids, mask = tokens.pad(rows, pad_id=0, side=side)
+    want_ids, want_mask = naive_pad([[9, 10, 11, 12], [5, 6, 7], [8]], 0, side)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert ids.dtype == mask.dtype == np.int64
+
+
+def test_outputs_are_contiguous_fixed_size_lists_with_nulls_for_missing_rows():
+    schema = pa.schema(
+        [("embedding", pa.list_(pa.float32(), 2)), ("label", pa.string())]
+    )
+    out = Outputs(schema, 4)
+    out.put(
+        np.array([2, 0]),
+        {
+            "embedding": np.array([[1, 2], [3, 4]], np.float32),
+            "label": np.array(["b", "a"], dtype=object),
+        },
+    )
+    embedding, label = out.arrays()
+    assert embedding.type == pa.list_(pa.float32(), 2)
+    assert embedding.to_pylist() == [[3, 4], None, [1, 2], None]
+    assert label.to_pylist() == ["a", None, "b", None]
+    assert Outputs(schema, 2).arrays()[0].null_count == 2  # nothing ran
+
+
+def test_host_copy_brings_halves_back_as_float32():
+    started = start_clock(torch.device("cpu"))
+    tensors = {"x": torch.ones(2, 3, dtype=torch.bfloat16), "n": torch.ones(2)}
+    copy = HostCopy(tensors, started)
+    host = copy.wait()
+    assert host["x"].dtype == np.float32 and host["x"].shape == (2, 3)
+    assert copy.seconds >= 0
+    (ids,) = to_device((np.arange(3),), torch.device("cpu"))
+    assert ids.tolist() == [0, 1, 2]
+
+
+def test_each_actor_sizes_batches_to_its_share_of_the_gpu():
+    gib = 1 << 30
+    assert share_limit(80 * gib, 0.125) == int(80 * gib * GPU_USABLE / 8)
+    limit = share_limit(80 * gib, 0.125)
+    # Another actor holds most of the GPU: the device's free memory bounds us.
+    assert cuda_free(device_free=1 * gib, cached=0, held=2 * gib, limit=limit) == gib
+    # A mostly free GPU: our share, less what this actor holds, bounds us.
+    assert cuda_free(70 * gib, 0, 2 * gib, limit) == limit - 2 * gib
+    assert cuda_free(70 * gib, 0, 20 * gib, limit) == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "nf4"])
+def test_footprint_from_headers_matches_the_loaded_model(precision, tiny_models):
+    path = tiny_models["bert64"]
+    loaded = load_model(ModelSpec(path, "embed", precision), "cpu")
+    estimate = model_bytes(path, precision, "cpu")
+    assert estimate == pytest.approx(loaded.get_memory_footprint(), rel=0.05)
+
+
+def test_int8_and_nf4_footprints_on_a_gpu_are_smaller_than_fp16(tiny_models):
+    path = tiny_models["bert64"]
+    fp16, int8, nf4 = (model_bytes(path, p, "cuda") for p in ("fp16", "int8", "nf4"))
+    assert nf4 < int8 < fp16
+
+
+def test_auto_precision_is_fp32_on_cpu_and_an_actor_without_cuda_says_so(
+    tiny_models,
+):
+    assert resolve_precision("auto", "cpu") == "fp32"
+    path = tiny_models["bert"]
+    spec = ModelSpec(path, "embed", "auto")
+    info = inspect_model(path, "embed")
+    actor = Predictor(PredictorConfig(spec, info, device="cuda", max_length=64))
+    assert actor.device.type == "cpu"  # this machine has no CUDA
+    assert (actor.stats.device, actor.stats.precision) == (NO_CUDA, "fp32")
+    out = actor(_tokens(path, sentences(5)))
+    assert out["embedding"].type == pa.list_(pa.float32(), 32)
+
+
+def _tokens(path: str, texts: list[str]) -> pa.Table:
+    from actors.tokenize import TokenizeConfig, actor_batch
+
+    return actor_batch(texts, TokenizeConfig(path, 64))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_summary_names_what_ran(tiny_models, corpus, tmp_path):
+    _, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=corpus["csv"], task="embed"
+    )
+    assert summary.ran == ["cpu in fp32"]
+    assert summary.lines()[0] == "ran on cpu in fp32"
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_cuda_asked_of_a_cluster_without_gpus_is_one_line(
+    tiny_models, corpus, tmp_path
+):
+    with pytest.raises(UserError, match="--device: cuda asked for"):
+        run_job(
+            tmp_path / "out",
+            model=tiny_models["bert"],
+            inputs=corpus["csv"],
+            task="embed",
+            device="cuda",
+        )
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_tokenize_is_a_stage_of_its_own(tiny_models, corpus, capsys):
+    from jobs.infer import build_dataset
+    from jobs.pool import plan_pool
+    from jobs.spec import InferSpec, prepare_infer
+
+    plan = prepare_infer(
+        InferSpec(
+            model=tiny_models["bert"],
+            inputs=(corpus["csv"],),
+            task="embed",
+            output="unused",
+        )
+    )
+    build_dataset(plan, plan_pool({"CPU": 2.0}, None)).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    operators = [line for line in physical.splitlines() if "MapBatches" in line]
+    assert any(o.endswith("[MapBatches(Predictor)]") for o in operators), operators
+    assert any("tokenize_batch)]" in o and "Predictor" not in o for o in operators)
