@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/embed_vs_st.py --rows 20000
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jobs actors optimize tests benchmarks examples
+	$(VENV)/bin/ruff check jobs actors optimize errors tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from actors.memory import DeviceMemory, Probe
+from lmbatch.actors.memory import DeviceMemory, Probe
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -26,15 +26,15 @@ from transformers import (
     PreTrainedModel,
 )
 
-from actors.artifact import META_FILE, ArtifactMeta
-from actors.errors import UserError
-from actors.layers import rebuild, replace_module
-from actors.model_info import (
+from lmbatch.actors.artifact import META_FILE, ArtifactMeta
+from lmbatch.actors.layers import rebuild, replace_module
+from lmbatch.actors.model_info import (
     ModelSpec,
     check_precision,
     check_runs_on_gpu,
     check_weights,
 )
+from lmbatch.errors import UserError
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

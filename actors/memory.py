@@ -16,7 +16,7 @@ from typing import Protocol
 import psutil
 import torch
 
-from actors.footprint import GPU_USABLE
+from lmbatch.actors.footprint import GPU_USABLE
 
 SAFETY_MARGIN = 0.25  # of the memory left, kept free for fragmentation and surprises
 

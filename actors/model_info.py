@@ -13,14 +13,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.artifact import ArtifactMeta
-from actors.errors import UserError
+from lmbatch.actors.artifact import ArtifactMeta
+from lmbatch.errors import UserError
 
 # auto: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on CPU.
 # int8: bitsandbytes LLM.int8; nf4: bitsandbytes 4-bit NormalFloat, double quantised;
 # cpu-int8: torch's dynamic int8 Linear (fbgemm/onednn), the int8 that is fast on a CPU.
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8")
 CPU_ONLY_PRECISIONS = ("cpu-int8",)
+TASKS = ("embed", "score", "classify", "generate")
+DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 

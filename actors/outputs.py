@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from actors.tasks import Columns
+from lmbatch.actors.tasks import Columns
 
 
 class Outputs:

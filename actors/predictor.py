@@ -23,20 +23,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batching import TokenBudget, probe_budget, run_batched
-from actors.loading import load_model, load_tokenizer, ran_precision
-from actors.memory import (
+from lmbatch.actors.batching import TokenBudget, probe_budget, run_batched
+from lmbatch.actors.loading import load_model, load_tokenizer, ran_precision
+from lmbatch.actors.memory import (
     CpuMemory,
     CudaMemory,
     DeviceMemory,
     activation_floor,
     default_cpu_limit,
 )
-from actors.model_info import ModelInfo, ModelSpec
-from actors.outputs import Outputs
-from actors.padding import TokenRows
-from actors.tasks import Classify, Embed, Generate, Score, TaskHead
-from actors.transfer import HostCopy, start_clock, to_device
+from lmbatch.actors.model_info import ModelInfo, ModelSpec
+from lmbatch.actors.outputs import Outputs
+from lmbatch.actors.padding import TokenRows
+from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
+from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 
 log = logging.getLogger(__name__)
 NO_CUDA = "cpu (a GPU was assigned but CUDA is not available)"

@@ -21,8 +21,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from actors.predictor import Predictor, PredictorConfig
-from actors.tokenize import TokenizeConfig, actor_batch
+from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
 USAGE = 'expected a JSON object {"inputs": ["text", ...]}'

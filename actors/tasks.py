@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from actors.model_info import Pooling
+from lmbatch.actors.model_info import Pooling
 
 Tensors = dict[str, torch.Tensor]
 Columns = dict[str, np.ndarray]

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers.utils import logging as hf_logging
 
-from actors.loading import load_tokenizer
-from actors.text import check_text
+from lmbatch.actors.loading import load_tokenizer
+from lmbatch.actors.text import check_text
 
 TOKEN_SCHEMA = pa.schema(
     [("id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]

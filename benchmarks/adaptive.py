@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from actors.loading import load_model
-from actors.model_info import ModelSpec
-from jobs.infer import run_infer
-from jobs.spec import InferSpec, prepare_infer
+from lmbatch.actors.loading import load_model
+from lmbatch.actors.model_info import ModelSpec
+from lmbatch.jobs.infer import run_infer
+from lmbatch.jobs.spec import InferSpec, prepare_infer
 
 from common import CORPUS, append_results, embeddings, minilm  # isort: skip
 

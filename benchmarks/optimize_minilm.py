@@ -87,7 +87,7 @@ def infer(model: str, precision: str, inp: Path, out: Path) -> float:
 
 
 def fidelity(ref: dict, got: dict, ids: list[str]) -> tuple[float, float, float]:
-    from optimize.evaluate import embedding_fidelity
+    from lmbatch.optimize.evaluate import embedding_fidelity
 
     a = torch.tensor(np.stack([ref[i] for i in ids]))
     b = torch.tensor(np.stack([got[i] for i in ids]))

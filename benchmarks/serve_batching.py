@@ -43,7 +43,7 @@ def post(url: str, text: str) -> float:
 def measure(batch: int, wait_ms: float, texts: list[str], concurrency: int) -> dict:
     from ray import serve
 
-    from jobs.serve import ServeSpec, deploy, prepare_serve
+    from lmbatch.jobs.serve import ServeSpec, deploy, prepare_serve
 
     spec = ServeSpec(
         model=minilm(),

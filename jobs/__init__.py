@@ -1,1 +1,1 @@
-"""What a user launches: the click CLI, job specs and the Ray drivers."""
+"""What a user launches: the click CLI, job specs, the Ray drivers and submission."""

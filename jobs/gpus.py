@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ray
 
-from actors.errors import UserError
-from actors.footprint import gpu_total_bytes, model_bytes
-from actors.model_info import CPU_ONLY_PRECISIONS, ModelInfo
-from jobs.pool import actors_per_gpu
+from lmbatch.actors.footprint import gpu_total_bytes, model_bytes
+from lmbatch.actors.model_info import CPU_ONLY_PRECISIONS, ModelInfo
+from lmbatch.errors import UserError
+from lmbatch.jobs.pool import actors_per_gpu
 
 
 def choose_device(asked: str, precision: str, info: ModelInfo, gpus: float) -> str:

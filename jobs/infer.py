@@ -18,21 +18,21 @@ from collections.abc import Iterator
 import ray
 import ray.data
 
-from actors.model_info import ModelSpec
-from jobs.gpus import choose_device, per_gpu
-from jobs.pool import PoolPlan, plan_pool
-from jobs.resume import begin_output, checkpoint_config
-from jobs.session import ray_session
-from jobs.sources import read_rows
-from jobs.spec import InferPlan, InferSpec
-from jobs.summary import Summary, build_summary, start_sink, write_summary
+from lmbatch.actors.model_info import ModelSpec
+from lmbatch.jobs.gpus import choose_device, per_gpu
+from lmbatch.jobs.pool import PoolPlan, plan_pool
+from lmbatch.jobs.resume import begin_output, checkpoint_config
+from lmbatch.jobs.session import ray_session
+from lmbatch.jobs.sources import read_rows
+from lmbatch.jobs.spec import InferPlan, ModelFlags
+from lmbatch.jobs.summary import Summary, build_summary, start_sink, write_summary
 
 log = logging.getLogger("lmbatch")
 MAX_TASK_RETRIES = 3
 # Imported while Ray starts (jobs/session.py), not at the top: torch and transformers
 # take seconds to import, and the driver needs them only to hand the actors' classes
 # to Ray Data.
-ACTOR_MODULES = ("actors.predictor", "actors.tokenize")
+ACTOR_MODULES = ("lmbatch.actors.predictor", "lmbatch.actors.tokenize")
 TOKENIZE_CPUS = 1.0
 
 
@@ -76,7 +76,7 @@ def data_context(checkpoint) -> Iterator[None]:
         context.checkpoint_config, context.actor_task_retry_on_errors = before
 
 
-def model_spec(spec: InferSpec) -> ModelSpec:
+def model_spec(spec: ModelFlags) -> ModelSpec:
     return ModelSpec(
         spec.model,
         spec.task,
@@ -110,8 +110,8 @@ def size_pool(plan: InferPlan) -> PoolPlan:
     )
 
 
-def tokenize_config(spec: InferSpec, max_length: int):
-    from actors.tokenize import TokenizeConfig
+def tokenize_config(spec: ModelFlags, max_length: int):
+    from lmbatch.actors.tokenize import TokenizeConfig
 
     return TokenizeConfig(
         model_path=spec.model,
@@ -124,8 +124,8 @@ def tokenize_config(spec: InferSpec, max_length: int):
 
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
     """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
-    from actors.predictor import Predictor, PredictorConfig
-    from actors.tokenize import tokenize_batch
+    from lmbatch.actors.predictor import Predictor, PredictorConfig
+    from lmbatch.actors.tokenize import tokenize_batch
 
     spec = plan.spec
     tokenize = tokenize_config(spec, plan.max_length)

@@ -19,33 +19,16 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 
-from actors.errors import UserError
-from actors.model_info import CAUSAL_SUFFIXES, inspect_model
-from jobs.inputs import resolve_inputs
-from jobs.session import ray_session
-from jobs.spec import TASKS, check_output
-from optimize.pipeline import Texts, run_recipe
-from optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
+from lmbatch.actors.model_info import CAUSAL_SUFFIXES, inspect_model
+from lmbatch.errors import UserError
+from lmbatch.jobs.inputs import resolve_inputs
+from lmbatch.jobs.session import ray_session
+from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, check_output
+from lmbatch.optimize.pipeline import Texts, run_recipe
+from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
 EVAL_SHARE = 0.1  # of the calibration text held out when no --eval is given
 MIN_EVAL_ROWS = 16
-
-
-@dataclass(frozen=True)
-class OptimizeSpec:
-    """One optimize job, as the user asked for it."""
-
-    model: str
-    recipe: str  # YAML file
-    output: str  # artifact directory
-    calibration: tuple[str, ...] = ()  # files, globs or directories of text
-    eval: tuple[str, ...] = ()  # held-out text; default: a share of calibration
-    text_column: str = "text"
-    task: str | None = None  # None: from the model's architecture
-    max_rows: int = 4096  # calibration rows read at most
-    eval_rows: int = 512  # evaluation rows at most
-    max_length: int = 128  # tokens per calibration/evaluation row
-    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,18 +43,11 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     """Check model, recipe, text and output; nothing is started or written."""
     steps = load_recipe(spec.recipe)
     task = spec.task or _task_of(spec.model)
-    if task not in TASKS or task == "generate":
+    if task not in OPTIMIZE_TASKS:
         raise UserError(
             "--task", f"optimize measures embed, score or classify, not {task}"
         )
     inspect_model(spec.model, task)
-    for flag, value in (
-        ("--max-rows", spec.max_rows),
-        ("--eval-rows", spec.eval_rows),
-        ("--max-length", spec.max_length),
-    ):
-        if value < 1:
-            raise UserError(flag, f"must be at least 1, got {value}")
     texts = _texts(spec, steps)
     fs, path = check_output(spec.output, spec.overwrite)
     if type(fs).__name__ != "LocalFileSystem":
@@ -102,10 +78,7 @@ def _run(plan: OptimizePlan, output: str, threads: int) -> list[dict]:
 
 def _task_of(model: str) -> str:
     """The task an architecture implies: causal LM -> score, classifier -> classify."""
-    from transformers import AutoConfig
-
-    inspect_model(model, "embed")  # a readable model directory, or a clear error
-    arch = AutoConfig.from_pretrained(model).architectures or []
+    arch = inspect_model(model, "embed").architectures  # or a clear error
     if any(a.endswith(CAUSAL_SUFFIXES) for a in arch):
         return "score"
     if any(a.endswith("ForSequenceClassification") for a in arch):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from actors.errors import UserError
-from actors.footprint import GPU_USABLE
+from lmbatch.actors.footprint import GPU_USABLE
+from lmbatch.errors import UserError
 
 CPU_THREADS_PER_ACTOR = 4  # torch scales well to about 4 threads on small models
 IO_CPUS = 1.0  # kept free for read and tokenize tasks

@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
-from actors.errors import UserError
-from jobs.spec import InferPlan
+from lmbatch.errors import UserError
+from lmbatch.jobs.spec import InferPlan
 
 JOB_FILE = "_job.json"
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset

@@ -1,6 +1,6 @@
 """Run a job spec here, to the end; also the entrypoint a cluster submission runs.
 
-    python -m jobs.run infer|optimize '<spec as JSON>'
+    python -m lmbatch.jobs.run infer|optimize '<spec as JSON>'
 
 On a cluster the Jobs API sets ``RAY_ADDRESS`` to the cluster, so the driver attaches
 to it; a user's mistake found there prints one line and exits 2, as it would here.
@@ -12,25 +12,26 @@ import os
 import sys
 from typing import Any
 
-from actors.errors import find_user_error
+from lmbatch.errors import find_user_error
+from lmbatch.jobs.spec import InferSpec, OptimizeSpec
 
 
 def run_job(kind: str, spec: Any, address: str | None) -> list[str]:
     """Validate ``spec``, run it on ``address`` (None: an embedded local Ray), and
     return the lines that tell the user what happened."""
     if kind == "infer":
-        from jobs.infer import run_infer
-        from jobs.spec import prepare_infer
+        from lmbatch.jobs.infer import run_infer
+        from lmbatch.jobs.spec import prepare_infer
 
         return run_infer(prepare_infer(spec), address).lines()
-    from jobs.optimize import prepare_optimize, run_optimize
+    from lmbatch.jobs.optimize import prepare_optimize, run_optimize
 
     plan = prepare_optimize(spec)
     return optimize_lines(plan, run_optimize(plan, address))
 
 
 def optimize_lines(plan, results: list[dict]) -> list[str]:
-    from optimize.report import FIDELITY
+    from lmbatch.optimize.report import FIDELITY
 
     metric = FIDELITY[plan.task]
     base = results[0]["metrics"]["rows_per_s"]
@@ -46,25 +47,15 @@ def optimize_lines(plan, results: list[dict]) -> list[str]:
     return lines
 
 
-def spec_class(kind: str) -> type:
-    if kind == "infer":
-        from jobs.spec import InferSpec
-
-        return InferSpec
-    if kind == "optimize":
-        from jobs.optimize import OptimizeSpec
-
-        return OptimizeSpec
-    raise SystemExit(f"unknown job kind {kind!r}: infer or optimize")
+SPECS = {"infer": InferSpec, "optimize": OptimizeSpec}
+USAGE = "usage: python -m lmbatch.jobs.run infer|optimize '<spec JSON>'"
 
 
 def main(argv: list[str]) -> int:
-    from jobs.submit import spec_from_json
-
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m jobs.run infer|optimize '<spec JSON>'")
-    spec = spec_from_json(spec_class(argv[0]), argv[1])
+    if len(argv) != 2 or argv[0] not in SPECS:
+        raise SystemExit(USAGE)
     try:
+        spec = SPECS[argv[0]].from_json(argv[1])
         lines = run_job(argv[0], spec, os.environ.get("RAY_ADDRESS") or "auto")
     except Exception as exc:  # noqa: BLE001 - only user errors are reworded
         found = find_user_error(exc)

@@ -16,36 +16,16 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.errors import UserError
-from actors.model_info import ModelInfo, check_precision, inspect_model
-from actors.predictor import PredictorConfig
-from actors.serve import Endpoint, EndpointConfig
-from jobs.gpus import choose_device, per_gpu
-from jobs.infer import model_spec, tokenize_config
-from jobs.pool import gpu_fraction
-from jobs.session import ray_session
-from jobs.spec import DEVICES, InferSpec, max_length_of
-from jobs.submit import is_loopback_host
-
-SERVE_TASKS = ("embed", "score", "classify")
-
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """One endpoint, as the user asked for it."""
-
-    model: str
-    task: str  # embed | score | classify
-    precision: str = "auto"
-    device: str = "auto"  # auto: a GPU share per replica where the cluster has GPUs
-    max_batch_size: int = 32
-    batch_wait_ms: float = 10.0
-    max_length: int | None = None  # tokens; None: the model's own limit
-    replicas: int = 1
-    host: str = "127.0.0.1"
-    port: int = 8000
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+from lmbatch.actors.model_info import ModelInfo, inspect_model
+from lmbatch.actors.predictor import PredictorConfig
+from lmbatch.actors.serve import Endpoint, EndpointConfig
+from lmbatch.errors import UserError
+from lmbatch.jobs.gpus import choose_device, per_gpu
+from lmbatch.jobs.infer import model_spec, tokenize_config
+from lmbatch.jobs.pool import gpu_fraction
+from lmbatch.jobs.session import ray_session
+from lmbatch.jobs.spec import ServeSpec, max_length_of
+from lmbatch.jobs.submit import is_loopback_host
 
 
 @dataclass(frozen=True)
@@ -61,57 +41,24 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     Raises:
         UserError: naming the flag at fault.
     """
-    if spec.task not in SERVE_TASKS:
-        raise UserError(
-            "--task", f"serve runs {', '.join(SERVE_TASKS)}, not {spec.task}"
-        )
-    check_precision(spec.precision)
-    if spec.device not in DEVICES:
-        raise UserError("--device", f"use {', '.join(DEVICES)}, not {spec.device!r}")
-    for flag, value in (
-        ("--max-batch-size", spec.max_batch_size),
-        ("--replicas", spec.replicas),
-        ("--max-length", spec.max_length),
-    ):
-        if value is not None and value < 1:
-            raise UserError(flag, f"must be at least 1, got {value}")
-    if spec.batch_wait_ms < 0:
-        raise UserError("--batch-wait-ms", f"must be >= 0, got {spec.batch_wait_ms}")
-    if not 0 < spec.port < 65536:
-        raise UserError("--port", f"must be 1-65535, got {spec.port}")
     info = inspect_model(
         spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
     )
-    return ServePlan(spec, info, max_length_of(as_infer(spec), info))
-
-
-def as_infer(spec: ServeSpec) -> InferSpec:
-    """The infer job that would load this model the same way."""
-    return InferSpec(
-        model=spec.model,
-        inputs=(),
-        task=spec.task,
-        output="",
-        max_length=spec.max_length,
-        precision=spec.precision,
-        device=spec.device,
-        trust_remote_code=spec.trust_remote_code,
-        allow_pickle=spec.allow_pickle,
-    )
+    return ServePlan(spec, info, max_length_of(spec, info))
 
 
 def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
-    spec, infer_like = plan.spec, as_infer(plan.spec)
+    spec = plan.spec
     return EndpointConfig(
         predictor=PredictorConfig(
-            model=model_spec(infer_like),
+            model=model_spec(spec),
             info=plan.info,
             device=device,
             threads=threads,
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
         ),
-        tokenize=tokenize_config(infer_like, plan.max_length),
+        tokenize=tokenize_config(spec, plan.max_length),
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from actors.text import check_text
-from jobs.inputs import ResolvedInputs
+from lmbatch.actors.text import check_text
+from lmbatch.jobs.inputs import ResolvedInputs
 
 ROW_SCHEMA = pa.schema(
     [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]

@@ -1,56 +1,190 @@
-"""Typed job specs, built from CLI flags and validated before Ray starts.
+"""Job specs: what a user asked for, validated before Ray starts.
 
-The same spec object is what a cluster submission will carry, so validation that needs
-the files (``prepare_infer``) is kept apart from the plain data (``InferSpec``).
+``InferSpec``, ``ServeSpec`` and ``OptimizeSpec`` are pydantic models whose fields are
+their commands' flags (``jobs/options.py``) and whose JSON is what a cluster
+submission carries. Nothing here imports torch: the CLI builds its options from these
+classes. ``prepare_infer`` checks an infer spec against the model directory, the
+inputs and the output, and returns an ``InferPlan``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import pyarrow.fs as pafs
+from pydantic import Field, model_validator
 
-from actors.errors import UserError
-from actors.model_info import (
+from lmbatch.actors.model_info import (
+    DEVICES,
+    PRECISIONS,
+    TASKS,
     ModelInfo,
-    check_precision,
     check_runs_on_gpu,
     inspect_model,
 )
-from jobs.inputs import ResolvedInputs, filesystem_of, resolve_inputs
+from lmbatch.errors import FieldError, UserError
+from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, filesystem_of, resolve_inputs
+from lmbatch.jobs.options import Flag, Spec, parse_auto_int, parse_range, parse_size
 
-TASKS = ("embed", "score", "classify", "generate")
 ON_LONG = ("truncate", "error")
-DEVICES = ("auto", "cuda", "cpu")
+SERVE_TASKS = ("embed", "score", "classify")
+OPTIMIZE_TASKS = ("embed", "score", "classify")
+FORMAT_NAMES = tuple(FORMATS)
+Count = Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True)
-class InferSpec:
+class ModelFlags(Spec):
+    """How to hold a model: the flags infer and serve share."""
+
+    model: Annotated[
+        str, Flag(path=True), Field(description="Model or artifact directory.")
+    ]
+    task: str  # each command narrows it to the tasks it runs
+    precision: Literal[PRECISIONS] = Field(
+        "auto",
+        description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU. "
+        "int8/nf4: bitsandbytes; cpu-int8: torch dynamic int8, fast on CPU.",
+    )
+    device: Literal[DEVICES] = Field(
+        "auto", description="auto: GPUs where the cluster has them, else CPU."
+    )
+    max_length: Count | None = Field(
+        None, description="Max input tokens; default the model's."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model directory's own code."
+    )
+    allow_pickle: bool = Field(False, description="Load pickle (*.bin) weights.")
+    int8_threshold: float = Field(
+        6.0, ge=0.0, description="LLM.int8 outlier threshold (--precision int8)."
+    )
+    on_long: Literal[ON_LONG] = Field(
+        "truncate", description="A text longer than --max-length: cut, or an error row."
+    )
+
+
+class InferSpec(ModelFlags):
     """One offline inference job, as the user asked for it."""
 
-    model: str  # a Hugging Face model directory
-    inputs: tuple[str, ...]  # files, globs, directories or URIs
-    task: str  # embed | score | classify | generate
-    output: str  # directory (or URI) for the Parquet dataset
+    inputs: Annotated[
+        tuple[str, ...],
+        Field(min_length=1),
+        Flag(name="--input", path=True),
+        Field(description="File, glob, directory or URI; more may follow it: "
+              "--input a.csv b.csv"),
+    ]  # fmt: skip
+    task: Literal[TASKS]
+    output: Annotated[
+        str,
+        Flag(path=True),
+        Field(description="Directory for the Parquet output and _summary.json."),
+    ]
     text_column: str = "text"
-    id_column: str | None = None  # None: ids are <file>#<row>
-    input_format: str | None = None  # None: from the file suffix
-    max_length: int | None = None  # tokens; None: the model's own limit
-    max_new_tokens: int = 32  # generate only
-    actors: tuple[int, int] | None = None  # (min, max); None: sized from the cluster
-    batch_rows: int | None = None  # rows per actor call; None: 1,024 CPU, 8,192 GPU
-    rows_per_file: int = 50_000  # at least, per output file; each is a resume point
-    batch_tokens: int | None = None  # fixed micro-batch budget; None adapts
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8 | nf4 | cpu-int8
-    device: str = "auto"  # auto: GPUs where the cluster has them, else CPU
-    int8_threshold: float = 6.0  # LLM.int8 outlier threshold (precision int8)
-    actor_memory: int | None = None  # bytes per CPU actor; None: an equal node share
-    actors_per_gpu: int | None = None  # None: from the model's measured footprint
-    overwrite: bool = False
-    resume: bool = False  # continue the job that wrote --output
-    on_long: str = "truncate"  # truncate | error
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    id_column: str | None = Field(
+        None, description="Column of row ids; default <file>#<row>."
+    )
+    input_format: Literal[FORMAT_NAMES] | None = Field(
+        None, description="Default: from the file suffix."
+    )
+    max_new_tokens: Count = 32
+    actors: Annotated[
+        tuple[Count, Count] | None,
+        Flag(parse=parse_range, metavar="MIN[,MAX]"),
+        Field(description="Actor pool size; default from the cluster's resources."),
+    ] = None
+    batch_rows: Count | None = Field(
+        None,
+        description="Rows handed to an actor per call; default 1,024 on CPU, "
+        "8,192 on GPU.",
+    )
+    rows_per_file: Count = Field(
+        50_000,
+        description="At least this many rows per output file; "
+        "each file is a --resume point.",
+    )
+    batch_tokens: Count | None = Field(
+        None, description="Fix the micro-batch token budget instead of adapting it."
+    )
+    actor_memory: Annotated[
+        Count | None,
+        Flag(parse=parse_size, metavar="SIZE"),
+        Field(description="Memory per CPU actor, e.g. 2GiB; its batches adapt to it."),
+    ] = None
+    actors_per_gpu: Annotated[
+        Count | None,
+        Flag(parse=parse_auto_int, metavar="auto|N"),
+        Field(description="Default auto: from the model's footprint."),
+    ] = None
+    overwrite: bool = Field(False, description="Replace what --output holds.")
+    resume: bool = Field(
+        False,
+        description="Continue the job that wrote --output: finished rows are kept, "
+        "not redone.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferSpec:
+        if self.resume and self.overwrite:
+            raise FieldError("resume", "continues an output; --overwrite replaces it")
+        if self.actors is not None and self.actors[0] > self.actors[1]:
+            low, high = self.actors
+            raise FieldError("actors", f"need MIN <= MAX, got {low},{high}")
+        return self
+
+
+class ServeSpec(ModelFlags):
+    """One endpoint, as the user asked for it."""
+
+    task: Literal[SERVE_TASKS]
+    max_batch_size: Count = Field(
+        32, description="Texts per model call, gathered across requests (@serve.batch)."
+    )
+    batch_wait_ms: float = Field(
+        10.0, ge=0.0, description="How long a batch waits to fill."
+    )
+    replicas: Count = 1
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to listen on; 0.0.0.0 exposes the model to the network.",
+    )
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class OptimizeSpec(Spec):
+    """One optimize job, as the user asked for it."""
+
+    model: Annotated[
+        str, Flag(path=True), Field(description="Hugging Face model directory.")
+    ]
+    recipe: Annotated[
+        str, Flag(path=True), Field(description="YAML recipe: a list of `steps`.")
+    ]
+    output: Annotated[
+        str, Flag(path=True), Field(description="Directory for the artifact.")
+    ]
+    calibration: Annotated[
+        tuple[str, ...],
+        Flag(path=True),
+        Field(description="Text for statistics, training and (a held-out share) "
+              "evaluation."),
+    ] = ()  # fmt: skip
+    eval: Annotated[
+        tuple[str, ...],
+        Flag(path=True),
+        Field(description="Held-out text for the metrics; default: a share of "
+              "--calibration."),
+    ] = ()  # fmt: skip
+    text_column: str = "text"
+    task: Literal[OPTIMIZE_TASKS] | None = Field(
+        None, description="Default: from the architecture (causal LM: score)."
+    )
+    max_rows: Count = Field(4096, description="Calibration rows read at most.")
+    eval_rows: Count = 512
+    max_length: Count = Field(
+        128, description="Tokens per calibration and evaluation row."
+    )
+    overwrite: bool = Field(False, description="Replace what --output holds.")
 
 
 @dataclass(frozen=True)
@@ -71,7 +205,6 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     Raises:
         UserError: naming the flag at fault.
     """
-    _check_choices(spec)
     info = inspect_model(
         spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
     )
@@ -80,51 +213,21 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     inputs = resolve_inputs(
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )
-    max_length = max_length_of(spec, info)
+    max_length = max_length_of(spec, info, spec.max_new_tokens)
     output_fs, output_path = check_output(spec.output, spec.overwrite or spec.resume)
     return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
 
 
-def _check_choices(spec: InferSpec) -> None:
-    if spec.task not in TASKS:
-        raise UserError("--task", f"unknown task {spec.task!r}; use {', '.join(TASKS)}")
-    check_precision(spec.precision)
-    if spec.device not in DEVICES:
-        raise UserError("--device", f"use {', '.join(DEVICES)}, not {spec.device!r}")
-    if spec.on_long not in ON_LONG:
-        raise UserError(
-            "--on-long", f"use {' or '.join(ON_LONG)}, not {spec.on_long!r}"
-        )
-    for flag, value in (
-        ("--batch-rows", spec.batch_rows),
-        ("--rows-per-file", spec.rows_per_file),
-        ("--max-new-tokens", spec.max_new_tokens),
-        ("--batch-tokens", spec.batch_tokens),
-        ("--max-length", spec.max_length),
-        ("--actor-memory", spec.actor_memory),
-        ("--actors-per-gpu", spec.actors_per_gpu),
-    ):
-        if value is not None and value < 1:
-            raise UserError(flag, f"must be at least 1, got {value}")
-    if spec.resume and spec.overwrite:
-        raise UserError("--resume", "continues an output; --overwrite replaces it")
-    if spec.int8_threshold < 0:
-        raise UserError("--int8-threshold", f"must be >= 0, got {spec.int8_threshold}")
-    if spec.actors is not None and not 1 <= spec.actors[0] <= spec.actors[1]:
-        raise UserError(
-            "--actors", f"need 1 <= MIN <= MAX, got {spec.actors[0]},{spec.actors[1]}"
-        )
-
-
-def max_length_of(spec: InferSpec, info: ModelInfo) -> int:
-    """Max input tokens: the user's, else sentence-transformers', else the model's."""
+def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int:
+    """Max input tokens: the user's, else sentence-transformers', else the model's,
+    less ``new_tokens`` where the task generates them."""
     limit = info.max_positions
     if spec.task == "generate" and limit is not None:
-        limit -= spec.max_new_tokens
+        limit -= new_tokens
         if limit < 1:
             raise UserError(
                 "--max-new-tokens",
-                f"{spec.max_new_tokens} leaves no room for a prompt "
+                f"{new_tokens} leaves no room for a prompt "
                 f"in {info.max_positions} positions",
             )
     if spec.max_length is not None:

@@ -1,8 +1,9 @@
 """Cluster submission through the Ray Jobs API.
 
     lmbatch infer ... --address http://HEAD:8265
-        --JobSubmissionClient.submit_job--> `python -m jobs.run infer '<spec as JSON>'`
-        on the cluster, with this project as the runtime_env's working_dir
+        --JobSubmissionClient.submit_job--> on the cluster:
+        python -m lmbatch.jobs.run infer '<spec as JSON>'
+        with the installed lmbatch package shipped in the runtime_env's py_modules
 
 The spec that runs on the cluster is the one built here from the flags, so a submitted
 job and a local one cannot drift apart. Ray 2.60 heads require a token by default; it is
@@ -13,31 +14,25 @@ found where Ray itself looks (``RAY_AUTH_TOKEN``, the file at ``RAY_AUTH_TOKEN_P
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
-import json
 import os
 import shlex
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from actors.errors import UserError
+from lmbatch.errors import UserError
+from lmbatch.jobs.options import Spec
 
-ROOT = Path(__file__).resolve().parents[1]
-# Never shipped to a cluster: environments, caches, outputs.
-EXCLUDES = [
-    ".venv",
-    ".git",
-    "out",
-    "**/__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-]
+# The parts of the lmbatch package (pyproject.toml's packages), shipped with each job.
+PARTS = ("jobs", "actors", "optimize", "errors")
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a copy of the head's "
     "~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
@@ -128,7 +123,7 @@ def connect(address: str | None, insecure: bool = False):
         ) from None
 
 
-def submit(kind: str, spec: Any, options: SubmitOptions, echo: Callable) -> int:
+def submit(kind: str, spec: Spec, options: SubmitOptions, echo: Callable) -> int:
     """Submit ``spec`` to run as ``kind`` on the cluster; return the exit status.
 
     Without ``wait`` that is 0 once the job is accepted; with it, the job's own: 0 when
@@ -136,20 +131,39 @@ def submit(kind: str, spec: Any, options: SubmitOptions, echo: Callable) -> int:
     """
     client = connect(options.address, options.insecure)
     spec = cluster_paths(spec, is_loopback(options.address), echo)
-    runtime_env: dict[str, Any] = {"working_dir": str(ROOT), "excludes": EXCLUDES}
-    if options.pip:
-        runtime_env["pip"] = list(options.pip)
-    entrypoint = f"python -m jobs.run {kind} {shlex.quote(spec_to_json(spec))}"
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        metadata={"lmbatch": kind, "submitted_from": socket.gethostname()},
+    entrypoint = (
+        f"python -m lmbatch.jobs.run {kind} {shlex.quote(spec.model_dump_json())}"
     )
+    with tempfile.TemporaryDirectory(prefix="lmbatch-ship-") as tmp:
+        runtime_env: dict[str, Any] = {"py_modules": [str(ship_package(Path(tmp)))]}
+        if options.pip:
+            runtime_env["pip"] = list(options.pip)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            metadata={"lmbatch": kind, "submitted_from": socket.gethostname()},
+        )
     echo(f"submitted {kind} job {job_id} to {options.address}")
     if not options.wait:
         echo(f"follow it with: lmbatch jobs logs {job_id} --follow")
         return 0
     return follow_logs(client, job_id, echo)
+
+
+def ship_package(into: Path) -> Path:
+    """The installed lmbatch as one package directory for the cluster: each part
+    copied from wherever it is installed (a wheel's site-packages, or an editable
+    checkout's project folders), with an ``__init__.py`` so that it, and not another
+    lmbatch on the cluster, is what the job imports."""
+    package = into / "lmbatch"
+    package.mkdir()
+    (package / "__init__.py").write_text('"""lmbatch, as shipped with a job."""\n')
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in PARTS:
+        found = importlib.util.find_spec(f"lmbatch.{part}")
+        source = Path(found.submodule_search_locations[0])
+        shutil.copytree(source, package / part, ignore=skip)
+    return package
 
 
 def follow_logs(client, job_id: str, echo: Callable) -> int:
@@ -203,49 +217,27 @@ def stop_job(client, job_id: str, timeout_s: float = 60.0) -> str:
     return info.status.value
 
 
-def cluster_paths(spec: Any, loopback: bool, echo: Callable) -> Any:
+def cluster_paths(spec: Spec, loopback: bool, echo: Callable) -> Spec:
     """Local paths made absolute (the job runs in another directory); off this
     machine, a warning for each, since the cluster sees them only on a shared mount."""
     changes = {}
-    for f in fields(spec):
-        if f.name not in PATH_FLAGS:
-            continue
-        value = getattr(spec, f.name)
+    for name, flag in spec.path_fields().items():
+        value = getattr(spec, name)
         paths = value if isinstance(value, tuple) else (value,)
         fixed = tuple(_absolute(p) for p in paths)
         for p in paths:
             if not loopback and "://" not in p:
                 echo(
-                    f"warning: {PATH_FLAGS[f.name]} {p} is a local path; the "
+                    f"warning: {flag} {p} is a local path; the "
                     "cluster must see it at the same path (a shared mount) or use a "
                     "URI such as s3://",
                     err=True,
                 )
-        changes[f.name] = fixed if isinstance(value, tuple) else fixed[0]
-    return replace(spec, **changes)
-
-
-PATH_FLAGS = {  # spec field -> the flag that set it
-    "model": "--model",
-    "inputs": "--input",
-    "output": "--output",
-    "recipe": "--recipe",
-    "calibration": "--calibration",
-    "eval": "--eval",
-}
+        changes[name] = fixed if isinstance(value, tuple) else fixed[0]
+    return spec.model_copy(update=changes)
 
 
 def _absolute(path: str) -> str:
     if "://" in path:
         return path
     return str(Path(path).expanduser().absolute())
-
-
-def spec_to_json(spec: Any) -> str:
-    return json.dumps(asdict(spec), separators=(",", ":"))
-
-
-def spec_from_json(cls: type, text: str) -> Any:
-    """The spec ``spec_to_json`` wrote; JSON lists become the tuples specs hold."""
-    data = json.loads(text)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

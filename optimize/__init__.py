@@ -1,5 +1,6 @@
-"""Model compression recipes (quantize, prune, distill, low-rank, share).
+"""Model -> smaller model: a recipe of steps (quantize, prune, distill, low-rank,
+share, search), each measured, written as an artifact that ``lmbatch infer`` loads.
 
-Empty until the optimize job lands; `actors.loading.load_model` is the seam that will
-load its artifacts.
+Writing the artifact lives here (``artifact.py``); reading it is the actors' business
+(``lmbatch.actors.artifact`` and ``load_model``).
 """

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from actors.errors import UserError
+from lmbatch.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from actors.artifact import META_FILE, ArtifactMeta
-from actors.layers import module_meta
+from lmbatch.actors.artifact import META_FILE, ArtifactMeta
+from lmbatch.actors.layers import module_meta
 
 # Files of the base model an artifact keeps as they are: tokenizer and pooling.
 COPIED = (

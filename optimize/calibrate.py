@@ -83,7 +83,7 @@ def target_linears(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
     """Every Linear a step may change: not the heads, poolers or ``skip`` globs."""
     from fnmatch import fnmatch
 
-    from actors.loading import SKIP_QUANTIZE
+    from lmbatch.actors.loading import SKIP_QUANTIZE
 
     return [
         name

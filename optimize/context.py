@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from actors.model_info import Pooling
-from optimize.calibrate import Batch
+from lmbatch.actors.model_info import Pooling
+from lmbatch.optimize.calibrate import Batch
 
 
 @dataclass

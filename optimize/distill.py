@@ -21,13 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from actors.errors import UserError
-from actors.loading import TASK_MODEL_CLASSES
-from actors.tasks import pool
-from optimize.arch import layer_list
-from optimize.calibrate import Batch, make_batches
-from optimize.context import Context
-from optimize.recipe import Distill
+from lmbatch.actors.loading import TASK_MODEL_CLASSES
+from lmbatch.actors.tasks import pool
+from lmbatch.errors import UserError
+from lmbatch.optimize.arch import layer_list
+from lmbatch.optimize.calibrate import Batch, make_batches
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.recipe import Distill
 
 
 def apply_distill(

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.model_info import ModelSpec, inspect_model
-from actors.predictor import Predictor, PredictorConfig
-from actors.tasks import pool
-from actors.tokenize import TokenizeConfig, actor_batch
-from optimize.calibrate import Batch
-from optimize.context import Context
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.tasks import pool
+from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
+from lmbatch.optimize.calibrate import Batch
+from lmbatch.optimize.context import Context
 
 
 @torch.inference_mode()

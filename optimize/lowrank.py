@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from actors.layers import LowRankLinear, replace_module
-from optimize.calibrate import linear_stats, target_linears
-from optimize.context import Context
-from optimize.recipe import Lowrank
+from lmbatch.actors.layers import LowRankLinear, replace_module
+from lmbatch.optimize.calibrate import linear_stats, target_linears
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.recipe import Lowrank
 
 
 def apply_lowrank(

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from actors.loading import load_model, load_tokenizer
-from actors.model_info import ModelSpec, inspect_model
-from optimize.artifact import ArtifactMeta, fingerprint, save_artifact
-from optimize.calibrate import make_batches
-from optimize.context import Context
-from optimize.distill import apply_distill
-from optimize.evaluate import fidelity, sizes, throughput
-from optimize.lowrank import apply_lowrank
-from optimize.prune import apply_prune
-from optimize.quantize import apply_quantize
-from optimize.recipe import (
+from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.optimize.artifact import ArtifactMeta, fingerprint, save_artifact
+from lmbatch.optimize.calibrate import make_batches
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.distill import apply_distill
+from lmbatch.optimize.evaluate import fidelity, sizes, throughput
+from lmbatch.optimize.lowrank import apply_lowrank
+from lmbatch.optimize.prune import apply_prune
+from lmbatch.optimize.quantize import apply_quantize
+from lmbatch.optimize.recipe import (
     STEP_NAMES,
     Distill,
     Lowrank,
@@ -40,9 +40,9 @@ from optimize.recipe import (
     Step,
     to_dicts,
 )
-from optimize.report import write_report
-from optimize.search import apply_search
-from optimize.share import apply_share
+from lmbatch.optimize.report import write_report
+from lmbatch.optimize.search import apply_search
+from lmbatch.optimize.share import apply_share
 
 log = logging.getLogger("lmbatch")
 APPLY = {
@@ -145,7 +145,7 @@ def measure(
 def _precision(model: torch.nn.Module, ctx: Context) -> str:
     if ctx.quantization:
         return ctx.quantization["method"]
-    from actors.layers import CastLinear, Int8Linear
+    from lmbatch.actors.layers import CastLinear, Int8Linear
 
     if any(isinstance(m, CastLinear | Int8Linear) for m in model.modules()):
         return "mixed"

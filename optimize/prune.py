@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from optimize.arch import Block, blocks
-from optimize.calibrate import linear_stats, target_linears
-from optimize.context import Context
-from optimize.recipe import Distill, Prune, nm_pattern
+from lmbatch.optimize.arch import Block, blocks
+from lmbatch.optimize.calibrate import linear_stats, target_linears
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.recipe import Distill, Prune, nm_pattern
 
 
 def apply_prune(
@@ -30,7 +30,7 @@ def apply_prune(
         sparsity = step.sparsity * (1 - (1 - r / step.rounds) ** 3)
         prune_unstructured(model, step, ctx, sparsity)
         if step.finetune_steps:
-            from optimize.distill import apply_distill
+            from lmbatch.optimize.distill import apply_distill
 
             model = apply_distill(model, Distill(steps=step.finetune_steps), ctx, where)
     if step.storage == "bitmask":
@@ -53,7 +53,7 @@ def prune_unstructured(
             w = w * stats[name].sq_norm.sqrt()[None, :]
         scores[name] = w
     if step.pattern != "unstructured":
-        n, m = nm_pattern(step.pattern, "pattern")
+        n, m = nm_pattern(step.pattern)
         masks = {k: nm_mask(s, n, m) for k, s in scores.items()}
     elif step.scope == "global":
         everything = torch.cat([s.reshape(-1) for s in scores.values()])

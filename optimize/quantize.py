@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from actors.errors import UserError
-from actors.layers import CastLinear, Int8Linear, quantize_rows, replace_module
-from optimize.calibrate import linear_stats, make_batches, target_linears
-from optimize.context import Context
-from optimize.recipe import Distill, Quantize
+from lmbatch.actors.layers import CastLinear, Int8Linear, quantize_rows, replace_module
+from lmbatch.errors import UserError
+from lmbatch.optimize.calibrate import linear_stats, make_batches, target_linears
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.recipe import Distill, Quantize
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -77,7 +77,7 @@ def quantization_aware_finetune(
 ) -> None:
     """Train the model through its int8 rounding against the original, then leave
     plain Linears holding the trained weights for the int8 conversion."""
-    from optimize.distill import distill_loss, train
+    from lmbatch.optimize.distill import distill_loss, train
 
     for name in names:
         linear = model.get_submodule(name)

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from actors.layers import CastLinear, Int8Linear, LowRankLinear, replace_module
-from optimize.calibrate import target_linears
-from optimize.context import Context
-from optimize.evaluate import fidelity, meets
-from optimize.lowrank import factorize
-from optimize.recipe import Lowrank, Search
+from lmbatch.actors.layers import CastLinear, Int8Linear, LowRankLinear, replace_module
+from lmbatch.optimize.calibrate import target_linears
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.evaluate import fidelity, meets
+from lmbatch.optimize.lowrank import factorize
+from lmbatch.optimize.recipe import Lowrank, Search
 
 
 def apply_search(

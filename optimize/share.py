@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from actors.layers import SharedLinear, replace_module
-from optimize.calibrate import target_linears
-from optimize.context import Context
-from optimize.recipe import Share
+from lmbatch.actors.layers import SharedLinear, replace_module
+from lmbatch.optimize.calibrate import target_linears
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.recipe import Share
 
 
 def apply_share(

@@ -6,16 +6,18 @@ import json
 
 import pyarrow.parquet as pq
 
-from jobs.infer import run_infer
-from jobs.spec import InferSpec, prepare_infer
-from jobs.summary import Summary
+from lmbatch.jobs.infer import run_infer
+from lmbatch.jobs.spec import InferSpec, prepare_infer
+from lmbatch.jobs.summary import Summary
 
 
 def run_job(output, **flags) -> tuple[dict, Summary]:
     """-> (rows by id, summary). Flags are InferSpec fields; inputs may be a str."""
     if isinstance(flags.get("inputs"), str):
         flags["inputs"] = (flags["inputs"],)
-    summary = run_infer(prepare_infer(InferSpec(output=str(output), **flags)))
+    summary = run_infer(
+        prepare_infer(InferSpec.from_flags(output=str(output), **flags))
+    )
     table = pq.read_table(output)
     return {row["id"]: row for row in table.to_pylist()}, summary
 
@@ -35,7 +37,7 @@ def working_actors() -> list[dict]:
     job's named stats sink (how a test finds what to kill mid-job)."""
     import ray
 
-    from jobs.summary import SINK_PREFIX
+    from lmbatch.jobs.summary import SINK_PREFIX
 
     found = []
     for named in ray.util.list_named_actors(all_namespaces=True):

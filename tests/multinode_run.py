@@ -23,8 +23,8 @@ import ray.data
 from helpers import working_actors
 from ray.cluster_utils import Cluster
 
-from jobs.infer import run_infer
-from jobs.spec import InferSpec, prepare_infer
+from lmbatch.jobs.infer import run_infer
+from lmbatch.jobs.spec import InferSpec, prepare_infer
 
 MIB = 1 << 20
 NODES = [  # (CPUs, memory): the head first

@@ -23,6 +23,7 @@ from pathlib import Path
 
 RAY = Path(sys.executable).with_name("ray")
 LMBATCH = Path(sys.executable).with_name("lmbatch")
+RAY_MAIN = "import sys; from ray.scripts.scripts import main; sys.exit(main())"
 
 
 def free_port() -> int:
@@ -58,7 +59,12 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(root: Path, num_cpus: int = 2, timeout_s: float = 120) -> RayHead:
+def start_head(
+    root: Path, num_cpus: int = 2, timeout_s: float = 120, python: Path | None = None
+) -> RayHead:
+    """A head on free ports; ``python``: the interpreter it and its jobs run with
+    (default this one, with lmbatch installed)."""
+    ray = [str(RAY)] if python is None else [str(python), "-c", RAY_MAIN]
     home = root / "head-home"
     home.mkdir(parents=True)
     temp = tempfile.mkdtemp(prefix="lmbh", dir="/tmp")  # short: Ray's unix sockets
@@ -77,15 +83,16 @@ def start_head(root: Path, num_cpus: int = 2, timeout_s: float = 120) -> RayHead
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(home)
     subprocess.run(
-        [str(RAY), "get-auth-token", "--generate"],
+        [*ray, "get-auth-token", "--generate"],
         env=env,
         check=True,
         capture_output=True,
     )
-    # The job's entrypoint runs `python`: this interpreter, with lmbatch installed.
-    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
+    # The job's entrypoint runs `python`: the head's own interpreter.
+    bin_dir = (python or RAY).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     cmd = [
-        str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        *ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
         "--dashboard-host", "127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--temp-dir={temp}", "--include-dashboard=true",
         *[f"{flag}={port}" for flag, port in ports.items()],

@@ -9,11 +9,11 @@ import pytest
 from conftest import sentences
 from helpers import run_job
 
-from actors.batching import probe_budget
-from actors.memory import CpuMemory, activation_floor, rss
-from actors.model_info import ModelSpec, inspect_model
-from actors.predictor import Predictor, PredictorConfig
-from actors.tokenize import TokenizeConfig, tokenize_batch
+from lmbatch.actors.batching import probe_budget
+from lmbatch.actors.memory import CpuMemory, activation_floor, rss
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch
 
 
 def tokenized(model: str, texts: list[str]) -> pa.Table:
@@ -119,7 +119,7 @@ def test_nf4_on_cpu_keeps_narrow_layers_in_full_precision(tiny_models):
     """Hidden 32 is narrower than bitsandbytes' 64-wide 4-bit CPU blocks."""
     import torch
 
-    from actors.loading import load_model
+    from lmbatch.actors.loading import load_model
 
     model = load_model(ModelSpec(tiny_models["bert"], "embed", "nf4"))
     reference = load_model(ModelSpec(tiny_models["bert"], "embed"))

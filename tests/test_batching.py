@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.batching import TokenBudget, is_oom, next_batch, run_batched
+from lmbatch.actors.batching import TokenBudget, is_oom, next_batch, run_batched
 
 
 def fake_model(limit: int, lengths: np.ndarray, tried: list[int]):

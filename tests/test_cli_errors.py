@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from lmbatch.jobs.cli import cli
 
 
 def run(*args: str):
@@ -170,7 +170,7 @@ def test_validation_starts_no_ray(base, tmp_path):
     script = (
         "import sys, ray\n"
         "from click.testing import CliRunner\n"
-        "from jobs.cli import cli\n"
+        "from lmbatch.jobs.cli import cli\n"
         "result = CliRunner().invoke(cli, ['infer', *sys.argv[1:]])\n"
         "assert result.exit_code != 0, result.output\n"
         "print('ray started' if ray.is_initialized() else 'no ray')\n"
@@ -198,11 +198,11 @@ def test_negative_int8_threshold(base):
 
 
 def test_parse_size_units():
-    from jobs.cli import parse_size
+    from lmbatch.jobs.options import parse_size
 
-    assert parse_size(None, None, "2GiB") == 2 << 30
-    assert parse_size(None, None, "512MB") == 512_000_000
-    assert parse_size(None, None, "1e9") == 1_000_000_000
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("512MB") == 512_000_000
+    assert parse_size("1e9") == 1_000_000_000
 
 
 @pytest.mark.usefixtures("ray_local")

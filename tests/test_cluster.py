@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from ray_head import LMBATCH, start_head
 
-from jobs.spec import InferSpec
-from jobs.submit import cluster_paths, is_loopback, spec_from_json, spec_to_json
+from lmbatch.jobs.spec import InferSpec
+from lmbatch.jobs.submit import cluster_paths, is_loopback
 
 pytestmark = pytest.mark.cluster
 
@@ -160,7 +160,7 @@ def test_spec_travels_as_json_and_paths_become_absolute(tmp_path, monkeypatch):
         model="m", inputs=("a.csv", "s3://b/c.parquet"), task="embed", output="out",
         actors=(1, 2),
     )  # fmt: skip
-    assert spec_from_json(InferSpec, spec_to_json(spec)) == spec
+    assert InferSpec.from_json(spec.model_dump_json()) == spec
     warnings: list[str] = []
     moved = cluster_paths(spec, False, lambda m, err=False: warnings.append(m))
     assert moved.inputs == (str(tmp_path / "a.csv"), "s3://b/c.parquet")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import run_job
 
-from actors.batching import probe_budget
-from actors.footprint import model_bytes
-from actors.loading import load_model
-from actors.memory import CudaMemory, activation_floor, share_limit
-from actors.model_info import ModelSpec
+from lmbatch.actors.batching import probe_budget
+from lmbatch.actors.footprint import model_bytes
+from lmbatch.actors.loading import load_model
+from lmbatch.actors.memory import CudaMemory, activation_floor, share_limit
+from lmbatch.actors.model_info import ModelSpec
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,8 +91,8 @@ def test_actors_share_a_gpu_and_each_sizes_to_its_share(tiny_models, corpus, tmp
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
-    from optimize.pipeline import Texts, run_recipe
-    from optimize.recipe import to_steps
+    from lmbatch.optimize.pipeline import Texts, run_recipe
+    from lmbatch.optimize.recipe import to_steps
 
     steps = to_steps([{"lowrank": {"rank_ratio": 0.5, "min_saving": 0.0}}])
     texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
@@ -137,7 +137,7 @@ def test_cuda_probe_budget_is_positive_and_bounded(tiny_models):
 
 @pytest.mark.usefixtures("ray_local")
 def test_serve_replicas_reserve_a_gpu_share(tiny_models):
-    from jobs.serve import ServeSpec, prepare_serve, replica_resources
+    from lmbatch.jobs.serve import ServeSpec, prepare_serve, replica_resources
 
     spec = ServeSpec(model=tiny_models["bert64"], task="embed", replicas=2)
     device, options = replica_resources(prepare_serve(spec))

@@ -11,15 +11,15 @@ import torch
 from conftest import sentences
 from helpers import run_job
 
-from actors.errors import UserError
-from actors.footprint import GPU_USABLE, model_bytes
-from actors.loading import load_model, resolve_precision
-from actors.memory import cuda_free, share_limit
-from actors.model_info import ModelSpec, inspect_model
-from actors.outputs import Outputs
-from actors.padding import TokenRows
-from actors.predictor import NO_CUDA, Predictor, PredictorConfig
-from actors.transfer import HostCopy, start_clock, to_device
+from lmbatch.actors.footprint import GPU_USABLE, model_bytes
+from lmbatch.actors.loading import load_model, resolve_precision
+from lmbatch.actors.memory import cuda_free, share_limit
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.outputs import Outputs
+from lmbatch.actors.padding import TokenRows
+from lmbatch.actors.predictor import NO_CUDA, Predictor, PredictorConfig
+from lmbatch.actors.transfer import HostCopy, start_clock, to_device
+from lmbatch.errors import UserError
 
 ROWS = pa.array([[5, 6, 7], None, [8], [9, 10, 11, 12], []], pa.list_(pa.int32()))
 
@@ -118,7 +118,7 @@ def test_auto_precision_is_fp32_on_cpu_and_an_actor_without_cuda_says_so(
 
 
 def _tokens(path: str, texts: list[str]) -> pa.Table:
-    from actors.tokenize import TokenizeConfig, actor_batch
+    from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
     return actor_batch(texts, TokenizeConfig(path, 64))
 
@@ -149,9 +149,9 @@ def test_cuda_asked_of_a_cluster_without_gpus_is_one_line(
 
 @pytest.mark.usefixtures("ray_local")
 def test_tokenize_is_a_stage_of_its_own(tiny_models, corpus, capsys):
-    from jobs.infer import build_dataset
-    from jobs.pool import plan_pool
-    from jobs.spec import InferSpec, prepare_infer
+    from lmbatch.jobs.infer import build_dataset
+    from lmbatch.jobs.pool import plan_pool
+    from lmbatch.jobs.spec import InferSpec, prepare_infer
 
     plan = prepare_infer(
         InferSpec(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.errors import UserError
-from jobs.inputs import resolve_inputs
+from lmbatch.errors import UserError
+from lmbatch.jobs.inputs import resolve_inputs
 
 
 def touch_csv(path):

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from helpers import run_job
 from test_cli_errors import assert_user_error
 
-from actors.model_info import inspect_model
-from jobs.cli import cli
+from lmbatch.actors.model_info import inspect_model
+from lmbatch.jobs.cli import cli
 
 RECIPE = """\
 steps:

@@ -13,15 +13,15 @@ import pytest
 import torch
 from conftest import sentences
 
-from actors.layers import Int8Linear, LowRankLinear, SharedLinear
-from actors.loading import load_model, load_tokenizer
-from actors.model_info import ModelSpec, inspect_model
-from optimize.artifact import ArtifactMeta, save_artifact
-from optimize.calibrate import make_batches
-from optimize.context import Context
-from optimize.evaluate import fidelity
-from optimize.pipeline import APPLY
-from optimize.recipe import to_steps
+from lmbatch.actors.layers import Int8Linear, LowRankLinear, SharedLinear
+from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
+from lmbatch.optimize.calibrate import make_batches
+from lmbatch.optimize.context import Context
+from lmbatch.optimize.evaluate import fidelity
+from lmbatch.optimize.pipeline import APPLY
+from lmbatch.optimize.recipe import to_steps
 
 TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "score"}
 
@@ -51,7 +51,7 @@ def apply(name: str, tiny_models, recipe: list[dict]):
 
 
 def reload(model, ctx: Context, base: str, out: Path, precision: str = "fp32"):
-    from optimize.pipeline import _precision
+    from lmbatch.optimize.pipeline import _precision
 
     meta = ArtifactMeta(
         base_model=base,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.errors import UserError
-from jobs.pool import actors_per_gpu, plan_pool
+from lmbatch.errors import UserError
+from lmbatch.jobs.pool import actors_per_gpu, plan_pool
 
 
 def test_two_cores_one_actor_two_threads_one_cpu_left():

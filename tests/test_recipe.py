@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from actors.errors import UserError
-from optimize.recipe import Distill, Prune, Quantize, load_recipe, to_dicts, to_steps
+from lmbatch.errors import UserError
+from lmbatch.optimize.recipe import (
+    Distill,
+    Prune,
+    Quantize,
+    load_recipe,
+    to_dicts,
+    to_steps,
+)
 
 BAD = [
     ([{"squash": {}}], "steps[0].squash: unknown step"),
@@ -17,7 +24,7 @@ BAD = [
     ),
     (
         [{"prune": {"method": "magnitude", "sparsity": 1.5}}],
-        "steps[0].prune.sparsity: 1.5 is outside",
+        "steps[0].prune.sparsity: input should be less than or equal to 0.99, got 1.5",
     ),
     ([{"prune": {"method": "wavelet"}}], "steps[0].prune.method: unknown 'wavelet'"),
     ([{"prune": {"method": "structured"}}], "steps[0].prune.ffn: structured needs"),
@@ -59,7 +66,7 @@ BAD = [
     ([{"lowrank": {"rank_ratio": 0.5, "energy": 0.9}}], "give rank_ratio or energy"),
     ([{"share": {"clusters": 1024}}], "steps[0].share.clusters"),
     ([{"search": {"floor": {}}}], "steps[0].search.floor"),
-    ([{"search": {"floor": {"bleu": 0.9}}}], "steps[0].search.floor.metric"),
+    ([{"search": {"floor": {"bleu": 0.9}}}], "steps[0].search.floor.bleu: unknown"),
     (
         [{"search": {"floor": {"cosine": 0.99}, "choices": ["bf16"]}}],
         "steps[0].search.choices: must include keep",

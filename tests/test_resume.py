@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import run_job, write_rows
 
-from actors.errors import UserError
-from jobs.resume import JOB_FILE
+from lmbatch.errors import UserError
+from lmbatch.jobs.resume import JOB_FILE
 
 LMBATCH = Path(sys.executable).with_name("lmbatch")
 ROWS = 24_000  # enough that files are written while the job runs: read in 4096s

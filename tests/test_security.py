@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from actors.errors import UserError
-from actors.model_info import inspect_model
+from lmbatch.actors.model_info import inspect_model
+from lmbatch.errors import UserError
 
 PROBE = """
 import json, socket, urllib.request, psutil
-from jobs.session import ray_session
+from lmbatch.jobs.session import ray_session
 others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
           if a.family == socket.AF_INET and not a.address.startswith("127.")]
 answers = {}

@@ -20,8 +20,8 @@ from helpers import run_job
 from ray import serve
 from ray_head import LMBATCH, free_port
 
-from actors.errors import UserError
-from jobs.serve import ServeSpec, deploy, prepare_serve
+from lmbatch.errors import UserError
+from lmbatch.jobs.serve import ServeSpec, deploy, prepare_serve
 
 TEXTS = ["the water is long", "a", "one day they could see the oil", "he was here"]
 
@@ -139,7 +139,9 @@ def test_bound_to_loopback_only(endpoint):
 def test_bad_flags_are_named(tiny_models, flags, where):
     with pytest.raises(UserError) as e:
         prepare_serve(
-            ServeSpec(**{"model": tiny_models["bert"], "task": "embed", **flags})
+            ServeSpec.from_flags(
+                **{"model": tiny_models["bert"], "task": "embed", **flags}
+            )
         )
     assert e.value.where == where
 
@@ -171,7 +173,7 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
 
 @pytest.mark.usefixtures("ray_local")
 def test_replicas_reserve_no_gpu_without_one_and_refuse_cuda(tiny_models):
-    from jobs.serve import replica_resources
+    from lmbatch.jobs.serve import replica_resources
 
     spec = ServeSpec(model=tiny_models["bert"], task="embed")
     assert replica_resources(prepare_serve(spec)) == ("cpu", {"num_cpus": 1})
