@@ -45,10 +45,11 @@ def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
 
 
 def gpu_total_bytes() -> int:
-    """The memory of the GPU this process was given (run as a Ray task with a GPU)."""
+    """The memory of the GPU this process was given (run as a Ray task with a GPU);
+    0 where Ray gave a GPU but CUDA is not there (a fake GPU node, a broken driver)."""
     import torch
 
-    return int(torch.cuda.mem_get_info()[1])
+    return int(torch.cuda.mem_get_info()[1]) if torch.cuda.is_available() else 0
 
 
 def _tensors(path: Path):

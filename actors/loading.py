@@ -28,6 +28,7 @@ from transformers import (
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import rebuild, replace_module
+from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     ModelSpec,
     check_precision,
@@ -60,6 +61,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
         UserError: naming ``--precision`` or ``--model``.
     """
     check_precision(spec.precision)
+    spec = replace(spec, path=fetch_model(spec.path))  # a URI: this node's copy
     check_weights(Path(spec.path), spec.allow_pickle)
     _check_config(spec)
     spec, skip, artifact = _artifact_spec(spec, device)
@@ -110,7 +112,8 @@ def _check_config(spec: ModelSpec) -> None:
 def ran_precision(spec: ModelSpec, device: str) -> str:
     """What ``load_model(spec, device)`` holds the weights in: ``auto`` and an
     artifact's own precision made concrete, for the summary."""
-    concrete, _, artifact = _artifact_spec(spec, device)
+    local = replace(spec, path=fetch_model(spec.path))
+    concrete, _, artifact = _artifact_spec(local, device)
     mixed = artifact is not None and artifact.precision == "mixed"
     return "mixed" if mixed else concrete.precision
 
@@ -231,7 +234,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (GPT-2 style models have none)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code
+            fetch_model(path), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise UserError(

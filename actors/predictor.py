@@ -123,6 +123,7 @@ class Predictor:
                 pending = (todo[rows], copy)
             if pending is not None:
                 self._collect(out, *pending)
+        self.stats.errors += batch.num_rows - len(todo) + len(too_big)
         self.stats.finish_call(
             batch.num_rows, time.perf_counter() - started, self.budget
         )
@@ -196,6 +197,7 @@ class ActorStats:
     threads: int
     rows: int = 0
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
+    errors: int = 0  # rows given an error value
     tokens: int = 0
     micro_batches: int = 0
     busy_seconds: float = 0.0  # in __call__, host work included

@@ -73,7 +73,7 @@ def insecure_option(command: Callable) -> Callable:
 
 
 def job_options(command: Callable) -> Callable:
-    """What every job command takes to run here or on a cluster."""
+    """What every job command takes to run here or on a cluster (SUBMIT_FLAGS)."""
     command = click.option(
         "--pip",
         multiple=True,
@@ -83,23 +83,35 @@ def job_options(command: Callable) -> Callable:
     command = click.option(
         "--no-wait", is_flag=True, help="Submit and return without following the logs."
     )(command)
+    command = click.option(
+        "--shared-paths",
+        is_flag=True,
+        help="Local paths given are on storage every node of the cluster mounts at "
+        "the same path; without it, a submission takes URIs only.",
+    )(command)
     return address_option(insecure_option(command))
 
 
-def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
-    """Run ``spec`` here (or attached to a Ray), or submit it to a cluster."""
+SUBMIT_FLAGS = ("address", "insecure", "no_wait", "pip", "shared_paths")
+
+
+def launch(kind: str, spec_class: type, flags: dict) -> None:
+    """Run the job ``flags`` describe here (or attached to a Ray), or submit it."""
     from lmbatch.jobs.run import run_job
     from lmbatch.jobs.submit import SubmitOptions, is_jobs_address, submit
 
+    address, insecure, no_wait, pip, shared = (flags.pop(k) for k in SUBMIT_FLAGS)
+    spec = spec_class.from_flags(**flags)
     if not is_jobs_address(address):
-        for flag, value in (("--no-wait", no_wait), ("--pip", pip)):
+        given = (("--no-wait", no_wait), ("--pip", pip), ("--shared-paths", shared))
+        for flag, value in given:
             if value:
                 raise UserError(
                     flag, "applies to a submission: --address http://HEAD:8265"
                 )
         click.echo("\n".join(run_job(kind, spec, address)))
         return
-    options = SubmitOptions(address, insecure, not no_wait, tuple(pip))
+    options = SubmitOptions(address, insecure, not no_wait, tuple(pip), shared)
     sys.exit(submit(kind, spec, options, click.echo))
 
 
@@ -108,29 +120,19 @@ def launch(kind: str, spec, address, insecure, no_wait, pip) -> None:
 @click.argument("more_inputs", nargs=-1, metavar="")
 @job_options
 @user_errors
-def infer(
-    more_inputs: tuple[str, ...],
-    address: str | None,
-    insecure: bool,
-    no_wait: bool,
-    pip: tuple[str, ...],
-    **flags,
-) -> None:
+def infer(more_inputs: tuple[str, ...], **flags) -> None:
     """Run a model over a dataset; write Parquet with an id per input row."""
     flags["inputs"] += more_inputs
-    launch("infer", InferSpec.from_flags(**flags), address, insecure, no_wait, pip)
+    launch("infer", InferSpec, flags)
 
 
 @cli.command()
 @spec_options(OptimizeSpec)
 @job_options
 @user_errors
-def optimize(
-    address: str | None, insecure: bool, no_wait: bool, pip: tuple[str, ...], **flags
-) -> None:
+def optimize(**flags) -> None:
     """Compress a model by a recipe; measure every step; save a loadable artifact."""
-    spec = OptimizeSpec.from_flags(**flags)
-    launch("optimize", spec, address, insecure, no_wait, pip)
+    launch("optimize", OptimizeSpec, flags)
 
 
 @cli.command()

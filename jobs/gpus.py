@@ -1,40 +1,76 @@
-"""Where a job's model runs, and how many of its actors share one GPU.
+"""Where a job's model runs, on how many GPUs, and how many actors share each one.
 
-Shared by ``infer`` (the actor pool) and ``serve`` (the replicas): both ask for GPUs
-the same way and pack them by the model's footprint, read off its weight files.
+Shared by ``infer`` (the actor pool), ``serve`` (the replicas) and ``optimize`` (its
+one task): all ask for GPUs the same way, from the cluster's GPUs now and those its
+autoscaler can add (``jobs/cluster.py``), and pack them by the model's footprint read
+off its weight files.
 """
 
 from __future__ import annotations
+
+import logging
 
 import ray
 
 from lmbatch.actors.footprint import gpu_total_bytes, model_bytes
 from lmbatch.actors.model_info import CPU_ONLY_PRECISIONS, ModelInfo
 from lmbatch.errors import UserError
+from lmbatch.jobs.cluster import GpuView
 from lmbatch.jobs.pool import actors_per_gpu
 
+log = logging.getLogger("lmbatch")
+NO_GPU = "the cluster has no GPU, and no node type of its autoscaler has one"
 
-def choose_device(asked: str, precision: str, info: ModelInfo, gpus: float) -> str:
-    """cuda or cpu. ``auto`` takes GPUs where the cluster has them, unless the model
-    runs on CPU kernels only (cpu-int8, a cpu-int8 artifact).
+
+def choose_device(asked: str, precision: str, info: ModelInfo, view: GpuView) -> str:
+    """cuda or cpu. ``auto`` takes GPUs where the cluster has them or its autoscaler
+    can add them, unless the model runs on CPU kernels only (cpu-int8, a cpu-int8
+    artifact).
 
     Raises:
-        UserError: naming ``--device`` when cuda is asked of a cluster without GPUs.
+        UserError: naming ``--device`` when cuda is asked of a cluster that can have
+            no GPU.
     """
-    if asked == "cuda" and not gpus:
-        raise UserError("--device", "cuda asked for; the cluster has no GPU")
+    if asked == "cuda" and not view.most:
+        raise UserError("--device", f"cuda asked for; {NO_GPU}")
     cpu_only = precision in CPU_ONLY_PRECISIONS or info.cpu_only
-    if asked == "cpu" or not gpus or cpu_only:
+    if asked == "cpu" or not view.most or cpu_only:
         return "cpu"
     return "cuda"
 
 
-def per_gpu(model: str, info: ModelInfo, precision: str, asked: int | None) -> int:
+def pool_gpus(asked: int | None, view: GpuView) -> int:
+    """GPUs the pool spreads over: ``--gpus``, else every GPU alive now, else one
+    (which the autoscaler starts).
+
+    Raises:
+        UserError: naming ``--gpus`` when the cluster can never have that many.
+    """
+    gpus = asked or view.now or 1
+    if gpus > view.most:
+        raise UserError(
+            "--gpus", f"{gpus} GPUs asked for; the cluster can have at most {view.most}"
+        )
+    return gpus
+
+
+def per_gpu(
+    model_dir: str, info: ModelInfo, precision: str, asked: int | None, view: GpuView
+) -> int:
     """Actors (or replicas) per GPU: ``asked``, or as many as fit the model's
-    footprint; the GPU's size is asked of one GPU of the cluster, nothing loaded."""
-    ask = ray.remote(num_gpus=1, num_cpus=0)(gpu_total_bytes)
-    weights = model_bytes(model, footprint_precision(info, precision), "cuda")
-    return actors_per_gpu(weights, ray.get(ask.remote()), asked)
+    footprint in the smallest GPU the pool can land on: its memory as the node types
+    declare it, else as one GPU of the cluster says (a task that loads nothing)."""
+    gpu_bytes = view.memory_bytes
+    if gpu_bytes is None:
+        if not view.now:
+            log.info("asking a GPU its size: the autoscaler may be starting a node")
+        ask = ray.remote(num_gpus=1, num_cpus=0)(gpu_total_bytes)
+        gpu_bytes = ray.get(ask.remote())
+    if not gpu_bytes:  # the GPU node has no CUDA: its actors will run on CPU
+        log.warning("a GPU node of this cluster finds no CUDA; one actor per GPU")
+        return asked or 1
+    weights = model_bytes(model_dir, footprint_precision(info, precision), "cuda")
+    return actors_per_gpu(weights, gpu_bytes, asked)
 
 
 def footprint_precision(info: ModelInfo, precision: str) -> str:

@@ -19,8 +19,10 @@ import ray
 import ray.data
 
 from lmbatch.actors.model_info import ModelSpec
-from lmbatch.jobs.gpus import choose_device, per_gpu
+from lmbatch.jobs.cluster import gpu_view
+from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.pool import PoolPlan, plan_pool
+from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.sources import read_rows
@@ -39,13 +41,19 @@ TOKENIZE_CPUS = 1.0
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
     with ray_session(address, warm=ACTOR_MODULES):
-        pool = size_pool(plan)  # may still refuse the job: delete nothing before it
+        pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
         restored = begin_output(plan)
         sink = start_sink()
         started = time.perf_counter()
-        with data_context(checkpoint_config(plan)):
+        with (
+            data_context(checkpoint_config(plan)),
+            quiet_ray_data(plan.spec.verbose),
+            progress(
+                sink, Pool(pool.min_actors, pool.gpus), plan_total(plan), restored
+            ),
+        ):
             build_dataset(plan, pool, sink).write_parquet(
                 plan.output_path,
                 filesystem=plan.output_fs,
@@ -57,8 +65,17 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         summary = build_summary(
             plan.output_fs, plan.output_path, seconds, actors, restored
         )
+        summary.pool = sized
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
+
+
+def plan_total(plan: InferPlan):
+    """Counts the job's input rows, where the files' metadata gives them."""
+    inputs = plan.inputs
+    if inputs.format != "parquet":
+        return lambda: None
+    return lambda: parquet_rows(inputs.filesystem, inputs.paths)
 
 
 @contextlib.contextmanager
@@ -87,19 +104,23 @@ def model_spec(spec: ModelFlags) -> ModelSpec:
     )
 
 
-def size_pool(plan: InferPlan) -> PoolPlan:
-    """The pool for this cluster; on GPUs, packed by the model's footprint."""
+def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
+    """The pool for this cluster, and a line saying how it was sized; on GPUs,
+    packed by the model's footprint, over the GPUs asked for (some of which the
+    autoscaler may still have to start)."""
     spec = plan.spec
-    resources = ray.cluster_resources()
-    device = choose_device(
-        spec.device, spec.precision, plan.model, resources.get("GPU", 0)
-    )
-    packed = 1
+    view = gpu_view()
+    device = choose_device(spec.device, spec.precision, plan.model, view)
+    gpus, packed = 0, 1
     if device == "cuda":
-        packed = per_gpu(spec.model, plan.model, spec.precision, spec.actors_per_gpu)
+        gpus = pool_gpus(spec.gpus, view)
+        packed = per_gpu(
+            plan.model_dir, plan.model, spec.precision, spec.actors_per_gpu, view
+        )
+    resources = ray.cluster_resources()
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
     # A resumed job's read passes Ray Data's checkpoint filter, an actor of 1 CPU.
-    return plan_pool(
+    pool = plan_pool(
         resources,
         spec.actors,
         packed,
@@ -107,7 +128,11 @@ def size_pool(plan: InferPlan) -> PoolPlan:
         [n for n in nodes if n],
         ray_cpus=1.0 if spec.resume else 0.0,
         device=device,
+        gpus=gpus,
+        cpus_per_gpu=view.cpus_per_gpu,
     )
+    why = f" (cluster: {view.describe()})" if device == "cuda" else ""
+    return pool, pool.describe() + why
 
 
 def tokenize_config(spec: ModelFlags, max_length: int):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import UserError
 
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -92,16 +92,6 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
     if not found:
         raise UserError("--input", f"no input files matched {given}")
     return fs, found
-
-
-def filesystem_of(given: str, flag: str) -> tuple[pafs.FileSystem, str]:
-    """A local path (made absolute) or any pyarrow filesystem URI -> (fs, path)."""
-    if "://" not in given:
-        return pafs.LocalFileSystem(), os.path.abspath(given)
-    try:
-        return pafs.FileSystem.from_uri(given)
-    except (pa.ArrowInvalid, ValueError, OSError) as e:
-        raise UserError(flag, f"cannot open {given}: {e}") from None
 
 
 def _listing(fs: pafs.FileSystem, base: str, keep: Callable[[str], bool]) -> list[str]:

@@ -10,17 +10,23 @@ Usage: ``run_optimize(prepare_optimize(spec))``; the CLI does both
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 
-from lmbatch.actors.model_info import CAUSAL_SUFFIXES, inspect_model
+from lmbatch.actors.model_files import fetch_model
+from lmbatch.actors.model_info import CAUSAL_SUFFIXES, ModelInfo, inspect_model
+from lmbatch.actors.storage import filesystem_of, is_local
 from lmbatch.errors import UserError
+from lmbatch.jobs.cluster import gpu_view
+from lmbatch.jobs.gpus import choose_device
 from lmbatch.jobs.inputs import resolve_inputs
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, check_output
@@ -37,43 +43,56 @@ class OptimizePlan:
     task: str
     steps: list[Step]
     texts: Texts
+    info: ModelInfo
 
 
 def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     """Check model, recipe, text and output; nothing is started or written."""
     steps = load_recipe(spec.recipe)
-    task = spec.task or _task_of(spec.model)
+    model_dir = fetch_model(spec.model)
+    task = spec.task or _task_of(model_dir)
     if task not in OPTIMIZE_TASKS:
         raise UserError(
             "--task", f"optimize measures embed, score or classify, not {task}"
         )
-    inspect_model(spec.model, task)
+    info = inspect_model(model_dir, task)
     texts = _texts(spec, steps)
-    fs, path = check_output(spec.output, spec.overwrite)
-    if type(fs).__name__ != "LocalFileSystem":
-        raise UserError(
-            "--output", "optimize writes a local (or shared-mount) directory"
-        )
-    return OptimizePlan(spec, task, steps, texts)
+    check_output(spec.output, spec.overwrite)
+    return OptimizePlan(spec, task, steps, texts, info)
 
 
 def run_optimize(plan: OptimizePlan, address: str | None = None) -> list[dict]:
-    """Run the recipe as a Ray task with a GPU where the cluster has one."""
-    output = Path(plan.spec.output).resolve()  # replaced only when the job succeeds
+    """Run the recipe as one Ray task, with a GPU where the cluster has or can get
+    one (``--device``); the task writes the artifact to ``--output`` itself."""
     with ray_session(address):
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        cpus = max(
-            1, int(max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]))
-        )
+        view = gpu_view()
+        device = choose_device(plan.spec.device, "fp32", plan.info, view)
+        if device == "cuda":
+            gpus, cpus = 1, max(1, int(view.cpus_per_gpu))
+        else:
+            nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]]
+            gpus, cpus = 0, max(1, int(max(nodes)))
         task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_run)
-        return ray.get(task.remote(plan, str(output), cpus))
+        return ray.get(task.remote(plan, cpus))
 
 
-def _run(plan: OptimizePlan, output: str, threads: int) -> list[dict]:
+def _run(plan: OptimizePlan, threads: int) -> list[dict]:
+    """On the node the task got: the model from there, the artifact written locally
+    and, for a URI, copied to it (replacing what --overwrite allowed to replace)."""
     import torch
 
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to 1 in workers
-    return run_recipe(plan.spec.model, plan.task, plan.steps, Path(output), plan.texts)
+    spec = plan.spec
+    model_dir = fetch_model(spec.model)
+    fs, path = filesystem_of(spec.output, "--output")
+    if is_local(fs):
+        return run_recipe(model_dir, plan.task, plan.steps, Path(path), plan.texts)
+    with tempfile.TemporaryDirectory(prefix="lmbatch-artifact-") as tmp:
+        local = Path(tmp) / "artifact"
+        results = run_recipe(model_dir, plan.task, plan.steps, local, plan.texts)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        pafs.copy_files(str(local), path, destination_filesystem=fs)
+    return results
 
 
 def _task_of(model: str) -> str:

@@ -40,6 +40,13 @@ class PoolPlan:
     threads: int  # torch intra-op threads per actor
     memory: int | None = None  # bytes of Ray's memory resource per actor (CPU)
     device: str = "cpu"  # cuda: each actor holds num_gpus of a GPU
+    gpus: int = 0  # GPUs the pool spreads over (cuda)
+
+    def describe(self) -> str:
+        if self.device == "cuda":
+            per = round(1 / self.num_gpus) if self.num_gpus else 0
+            return f"{self.max_actors} GPU actors, {per} per GPU, on {self.gpus} GPUs"
+        return f"{self.max_actors} CPU actors of {self.threads} threads"
 
     @property
     def rows_per_call(self) -> int:
@@ -85,6 +92,8 @@ def plan_pool(
     node_cpus: list[float] | None = None,
     ray_cpus: float = 0.0,
     device: str = "cpu",
+    gpus: int = 0,
+    cpus_per_gpu: float = 1.0,
 ) -> PoolPlan:
     """Size the pool for a cluster with ``resources`` (as ``ray.cluster_resources()``).
 
@@ -96,12 +105,13 @@ def plan_pool(
             resumed job); the pool reserves less, down to nothing, and its actors
             share cores instead of starving the reads.
         device: cuda for a pool of GPU actors, cpu otherwise.
+        gpus: GPUs the pool spreads over (cuda; some may still be starting).
+        cpus_per_gpu: CPUs per GPU of the GPU node with the fewest (cuda).
 
     Raises:
         UserError: naming ``--actors`` or ``--actor-memory`` when the pool cannot fit.
     """
     cpus = float(resources.get("CPU", 0))
-    gpus = int(resources.get("GPU", 0))
     if cpus < 2:
         raise UserError(
             "cluster", f"needs at least 2 CPUs (one for reading), has {cpus:g}"
@@ -111,11 +121,14 @@ def plan_pool(
         if hi > gpus * per_gpu:
             raise UserError(
                 "--actors",
-                f"{hi} actors at {per_gpu} per GPU; the cluster has {gpus} GPUs",
+                f"{hi} actors at {per_gpu} per GPU; the pool has {gpus} GPUs (--gpus)",
             )
         share = gpu_fraction(per_gpu)
-        num_cpus = min(1.0, max(0.0, cpus - IO_CPUS - ray_cpus) / hi)
-        return PoolPlan(lo, hi, num_cpus, num_gpus=share, threads=1, device="cuda")
+        spare = max(0.0, cpus - IO_CPUS - ray_cpus) / hi
+        num_cpus = min(1.0, cpus_per_gpu / per_gpu, spare)
+        return PoolPlan(
+            lo, hi, num_cpus, num_gpus=share, threads=1, device="cuda", gpus=gpus
+        )
     return _plan_cpu_pool(
         resources, actors, actor_memory, node_cpus or [cpus], cpus - IO_CPUS, ray_cpus
     )

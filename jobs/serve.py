@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import ray
-
+from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import ModelInfo, inspect_model
 from lmbatch.actors.predictor import PredictorConfig
 from lmbatch.actors.serve import Endpoint, EndpointConfig
 from lmbatch.errors import UserError
+from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu
 from lmbatch.jobs.infer import model_spec, tokenize_config
 from lmbatch.jobs.pool import gpu_fraction
@@ -32,6 +32,7 @@ from lmbatch.jobs.submit import is_loopback_host
 class ServePlan:
     spec: ServeSpec
     info: ModelInfo
+    model_dir: str  # the model on this machine: --model, or its cached copy
     max_length: int
 
 
@@ -41,10 +42,11 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     Raises:
         UserError: naming the flag at fault.
     """
+    model_dir = fetch_model(spec.model)
     info = inspect_model(
-        spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
+        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle
     )
-    return ServePlan(spec, info, max_length_of(spec, info))
+    return ServePlan(spec, info, model_dir, max_length_of(spec, info))
 
 
 def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
@@ -91,18 +93,19 @@ def replica_resources(plan: ServePlan) -> tuple[str, dict]:
         UserError: naming ``--replicas`` when they do not fit the cluster's GPUs.
     """
     spec = plan.spec
-    gpus = ray.cluster_resources().get("GPU", 0)
-    device = choose_device(spec.device, spec.precision, plan.info, gpus)
+    view = gpu_view()
+    device = choose_device(spec.device, spec.precision, plan.info, view)
     if device == "cpu":
         return device, {"num_cpus": 1}
-    packed = per_gpu(spec.model, plan.info, spec.precision, None)
-    if spec.replicas > int(gpus) * packed:
+    packed = per_gpu(plan.model_dir, plan.info, spec.precision, None, view)
+    if spec.replicas > view.most * packed:
         raise UserError(
             "--replicas",
             f"{spec.replicas} replicas at {packed} per GPU; "
-            f"the cluster has {int(gpus)} GPUs",
+            f"the cluster can have {view.most} GPUs",
         )
-    return device, {"num_cpus": 1, "num_gpus": gpu_fraction(packed)}
+    cpus = min(1.0, view.cpus_per_gpu / packed)
+    return device, {"num_cpus": cpus, "num_gpus": gpu_fraction(packed)}
 
 
 def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
+from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     DEVICES,
     PRECISIONS,
@@ -23,8 +24,9 @@ from lmbatch.actors.model_info import (
     check_runs_on_gpu,
     inspect_model,
 )
+from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import FieldError, UserError
-from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, filesystem_of, resolve_inputs
+from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, resolve_inputs
 from lmbatch.jobs.options import Flag, Spec, parse_auto_int, parse_range, parse_size
 
 ON_LONG = ("truncate", "error")
@@ -111,6 +113,11 @@ class InferSpec(ModelFlags):
         Flag(parse=parse_size, metavar="SIZE"),
         Field(description="Memory per CPU actor, e.g. 2GiB; its batches adapt to it."),
     ] = None
+    gpus: Count | None = Field(
+        None,
+        description="GPUs the pool spreads over (--device cuda); default every GPU "
+        "the cluster has now, or one that its autoscaler starts.",
+    )
     actors_per_gpu: Annotated[
         Count | None,
         Flag(parse=parse_auto_int, metavar="auto|N"),
@@ -121,6 +128,9 @@ class InferSpec(ModelFlags):
         False,
         description="Continue the job that wrote --output: finished rows are kept, "
         "not redone.",
+    )
+    verbose: bool = Field(
+        False, description="Ray Data's own progress tables instead of one line."
     )
 
     @model_validator(mode="after")
@@ -184,6 +194,10 @@ class OptimizeSpec(Spec):
     max_length: Count = Field(
         128, description="Tokens per calibration and evaluation row."
     )
+    device: Literal[DEVICES] = Field(
+        "auto",
+        description="auto: a GPU where the cluster has or can get one, else CPU.",
+    )
     overwrite: bool = Field(False, description="Replace what --output holds.")
 
 
@@ -194,6 +208,7 @@ class InferPlan:
     spec: InferSpec
     inputs: ResolvedInputs
     model: ModelInfo
+    model_dir: str  # the model on this machine: --model, or its cached copy
     max_length: int
     output_fs: pafs.FileSystem
     output_path: str
@@ -205,8 +220,9 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     Raises:
         UserError: naming the flag at fault.
     """
+    model_dir = fetch_model(spec.model)
     info = inspect_model(
-        spec.model, spec.task, spec.trust_remote_code, spec.allow_pickle
+        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle
     )
     if spec.device == "cuda":
         check_runs_on_gpu(spec.model, spec.precision, info.cpu_only)
@@ -215,7 +231,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     output_fs, output_path = check_output(spec.output, spec.overwrite or spec.resume)
-    return InferPlan(spec, inputs, info, max_length, output_fs, output_path)
+    return InferPlan(spec, inputs, info, model_dir, max_length, output_fs, output_path)
 
 
 def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int:

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lmbatch.actors.storage import absolute, is_uri
 from lmbatch.errors import UserError
 from lmbatch.jobs.options import Spec
 
+NODE_LIST_TRIES = 20
 # The parts of the lmbatch package (pyproject.toml's packages), shipped with each job.
 PARTS = ("jobs", "actors", "optimize", "errors")
 TOKEN_HELP = (
@@ -47,6 +49,7 @@ class SubmitOptions:
     insecure: bool = False  # allow a non-loopback address without a token
     wait: bool = True  # follow the logs and exit with the job's status
     pip: tuple[str, ...] = ()  # extra requirements installed for this job
+    shared_paths: bool = False  # local paths are on storage every node mounts
 
 
 def is_jobs_address(address: str | None) -> bool:
@@ -129,8 +132,12 @@ def submit(kind: str, spec: Spec, options: SubmitOptions, echo: Callable) -> int
     Without ``wait`` that is 0 once the job is accepted; with it, the job's own: 0 when
     it SUCCEEDED, 1 otherwise, after its logs were printed as they came.
     """
+    shared = options.shared_paths
+    if not is_loopback(options.address):  # refused before anything is sent
+        spec = cluster_paths(spec, here=False, shared=shared)
     client = connect(options.address, options.insecure)
-    spec = cluster_paths(spec, is_loopback(options.address), echo)
+    # A loopback address may still be a tunnel to a remote cluster (`ray dashboard`).
+    spec = cluster_paths(spec, here=runs_here(client), shared=shared)
     entrypoint = (
         f"python -m lmbatch.jobs.run {kind} {shlex.quote(spec.model_dump_json())}"
     )
@@ -185,9 +192,11 @@ def follow_logs(client, job_id: str, echo: Callable) -> int:
 
 
 def describe(job_id: str, info) -> str:
-    """'ID STATUS', and why, when the cluster says."""
-    why = f": {info.message}" if info.message else ""
-    return f"{job_id} {info.status.value}{why}"
+    """'ID STATUS', and why, when the cluster says: its first line, without the
+    copy of the job's last logs Ray appends (they were printed as they came)."""
+    message = (info.message or "").splitlines()[0] if info.message else ""
+    message = message.split(", last available logs")[0]
+    return f"{job_id} {info.status.value}" + (f": {message}" if message else "")
 
 
 def job_info(client, job_id: str):
@@ -217,27 +226,43 @@ def stop_job(client, job_id: str, timeout_s: float = 60.0) -> str:
     return info.status.value
 
 
-def cluster_paths(spec: Spec, loopback: bool, echo: Callable) -> Spec:
-    """Local paths made absolute (the job runs in another directory); off this
-    machine, a warning for each, since the cluster sees them only on a shared mount."""
+def runs_here(client) -> bool:
+    """Whether every node of the cluster is this machine (its IPs are this
+    machine's), as the dashboard lists them; a cluster behind a tunnel is not."""
+    import psutil
+
+    ips: set[str] = set()
+    for _ in range(NODE_LIST_TRIES):  # a head that just started may list none yet
+        response = client._do_request("GET", "/api/v0/nodes")
+        nodes = response.json().get("data", {}).get("result", {}).get("result", [])
+        ips = {n.get("node_ip") or "" for n in nodes}
+        if ips:
+            break
+        time.sleep(0.5)
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return bool(ips) and all(ip in mine or is_loopback_host(ip) for ip in ips)
+
+
+def cluster_paths(spec: Spec, here: bool, shared: bool = False) -> Spec:
+    """Local paths made absolute (the job runs in another directory). On a cluster
+    not on this machine a local path reaches the nodes only on storage every node
+    mounts at the same path: refused unless ``--shared-paths`` says it is there.
+
+    Raises:
+        UserError: naming the flag of the first local path sent off this machine.
+    """
     changes = {}
     for name, flag in spec.path_fields().items():
         value = getattr(spec, name)
         paths = value if isinstance(value, tuple) else (value,)
-        fixed = tuple(_absolute(p) for p in paths)
-        for p in paths:
-            if not loopback and "://" not in p:
-                echo(
-                    f"warning: {flag} {p} is a local path; the "
-                    "cluster must see it at the same path (a shared mount) or use a "
-                    "URI such as s3://",
-                    err=True,
+        for path in paths:
+            if not (here or shared or is_uri(path)):
+                raise UserError(
+                    flag,
+                    f"{path} is a local path, which the cluster's nodes cannot read: "
+                    "give a URI (s3://, gs://, file:// on a shared mount), or pass "
+                    "--shared-paths if every node mounts it at the same path",
                 )
+        fixed = tuple(absolute(p) for p in paths)
         changes[name] = fixed if isinstance(value, tuple) else fixed[0]
     return spec.model_copy(update=changes)
-
-
-def _absolute(path: str) -> str:
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().absolute())

@@ -64,10 +64,12 @@ class Summary:
     restored: int = 0  # rows an earlier run wrote (--resume)
     computed: int = 0  # rows this run computed
     ran: list[str] = field(default_factory=list)  # "DEVICE in PRECISION", each kind
+    pool: str = ""  # how the pool was sized
 
     def lines(self) -> list[str]:
         out = [
             f"ran on {'; '.join(self.ran) or 'no actor'}",
+            f"pool {self.pool}",
             f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
             f"restored {self.restored}  computed {self.computed}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",

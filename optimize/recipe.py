@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import FieldError, UserError, UserModel, dotted, from_validation
 
 # Module-name globs: a list in YAML, kept as a tuple.
@@ -206,11 +207,15 @@ class Recipe(UserModel):
 
 
 def load_recipe(path: str) -> list[Step]:
-    """Read and validate a recipe file (YAML, safe-loaded: data, never code)."""
+    """Read and validate a recipe file, local or a URI (YAML, safe-loaded: data,
+    never code)."""
+    fs, where = filesystem_of(path, "--recipe")
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with fs.open_input_stream(where) as f:
+            data = yaml.safe_load(f.read().decode())
     except OSError as e:
-        raise UserError("--recipe", f"cannot read {path}: {e.strerror}") from None
+        reason = e.strerror or str(e).splitlines()[0]
+        raise UserError("--recipe", f"cannot read {path}: {reason}") from None
     except yaml.YAMLError as e:
         raise UserError("--recipe", f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("steps"), list):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +30,9 @@ from transformers import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Models fetched from URIs go to a cache of the test session's own, here and in every
+# Ray worker (they inherit this environment when the session's Ray starts).
+os.environ["LMBATCH_CACHE"] = tempfile.mkdtemp(prefix="lmbatch-cache-")
 
 WORDS = """
 the a of and to in is it that for on with as was he she they we you are be this have

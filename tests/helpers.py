@@ -22,12 +22,12 @@ def run_job(output, **flags) -> tuple[dict, Summary]:
     return {row["id"]: row for row in table.to_pylist()}, summary
 
 
-def write_rows(path, n: int) -> None:
+def write_rows(path, n: int, start: int = 0) -> None:
     """``n`` short, distinct JSONL rows: inputs long enough to interrupt."""
     path.write_text(
         "".join(
             json.dumps({"text": f"the word {i} is one of many"}) + "\n"
-            for i in range(n)
+            for i in range(start, start + n)
         )
     )
 

@@ -71,9 +71,14 @@ def main(model: str, data: str, output: str, *rest: str) -> None:
     cluster, workers = start_cluster()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        # Dispatch only once every actor is up, or on a busy 2-core machine the first
-        # actor ready may take all the batches of so small a job.
-        ray.data.DataContext.get_current().wait_for_min_actors_s = 120
+        # Dispatch only once every actor is up, and to any actor with room rather than
+        # the one beside the blocks: on a busy 2-core machine the first actor ready,
+        # on the node where the reads ran, may otherwise take every batch of so small
+        # a job (Ray Data's dispatch, not lmbatch's planning, which is what this
+        # checks).
+        context = ray.data.DataContext.get_current()
+        context.wait_for_min_actors_s = 120
+        context.actor_locality_enabled = False
         spec = InferSpec(
             model=model,
             inputs=(data,),

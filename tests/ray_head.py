@@ -5,11 +5,16 @@ wherever a token exists, so the head's token is made first with
 ``ray get-auth-token --generate``. The head runs with its own HOME: its
 ``~/.ray/auth_token`` is written there and nothing of the user's is read.
 Stopped by its process id: ``--block`` makes ``ray start`` own every process it
-started and take them down when it gets SIGTERM.
+started and take them down when it gets SIGTERM. A head with an autoscaler
+(``autoscaling=``, Ray's fake multi-node provider: its worker nodes are more Ray
+processes on this machine, started by the head's monitor) runs in a process group of
+its own and is stopped by that group's id, workers included; ``ray stop`` would stop
+every Ray on the machine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -50,20 +55,30 @@ class RayHead:
         return env
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_head(
-    root: Path, num_cpus: int = 2, timeout_s: float = 120, python: Path | None = None
+    root: Path,
+    num_cpus: int = 2,
+    timeout_s: float = 120,
+    python: Path | None = None,
+    autoscaling: dict[str, dict] | None = None,
 ) -> RayHead:
-    """A head on free ports; ``python``: the interpreter it and its jobs run with
-    (default this one, with lmbatch installed)."""
+    """A head on free ports.
+
+    Args:
+        python: the interpreter it and its jobs run with (default this one, with
+            lmbatch installed).
+        autoscaling: worker node types (name -> resources, min_workers, max_workers)
+            that the head's autoscaler may start, as fake nodes on this machine.
+    """
     ray = [str(RAY)] if python is None else [str(python), "-c", RAY_MAIN]
     home = root / "head-home"
     home.mkdir(parents=True)
@@ -97,8 +112,17 @@ def start_head(
         f"--temp-dir={temp}", "--include-dashboard=true",
         *[f"{flag}={port}" for flag, port in ports.items()],
     ]  # fmt: skip
+    if autoscaling is not None:
+        config = root / "autoscaling.json"
+        config.write_text(
+            json.dumps(fake_cluster(ports["--port"], num_cpus, autoscaling))
+        )
+        cmd.append(f"--autoscaling-config={config}")
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     log = open(root / "head.log", "w")  # noqa: SIM115 - the head outlives this call
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     head = RayHead(
         process,
         f"http://127.0.0.1:{dashboard}",
@@ -117,6 +141,47 @@ def start_head(
     raise RuntimeError(
         f"no Ray head after {timeout_s}s: {(root / 'head.log').read_text()}"
     )
+
+
+def fake_cluster(port: int, head_cpus: int, workers: dict[str, dict]) -> dict:
+    """An autoscaling config for Ray's fake multi-node provider."""
+    head = {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}
+    types = {"ray.head.default": head}
+    for name, worker in workers.items():
+        types[name] = {"node_config": {}, "min_workers": 0, **worker}
+    return {
+        "cluster_name": "lmbatch-test",
+        "max_workers": sum(t.get("max_workers", 0) for t in workers.values()),
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{port}",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "docker": {},
+        **{
+            key: []
+            for key in (
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+            )
+        },  # fmt: skip
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }
 
 
 def _answers(head: RayHead) -> bool:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray_head import LMBATCH, start_head
 
+from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferSpec
 from lmbatch.jobs.submit import cluster_paths, is_loopback
 
@@ -161,11 +162,51 @@ def test_spec_travels_as_json_and_paths_become_absolute(tmp_path, monkeypatch):
         actors=(1, 2),
     )  # fmt: skip
     assert InferSpec.from_json(spec.model_dump_json()) == spec
-    warnings: list[str] = []
-    moved = cluster_paths(spec, False, lambda m, err=False: warnings.append(m))
+    moved = cluster_paths(spec, here=True)
     assert moved.inputs == (str(tmp_path / "a.csv"), "s3://b/c.parquet")
     assert moved.model == str(tmp_path / "m") and moved.output == str(tmp_path / "out")
-    named = [w.split()[1:3] for w in warnings]
-    assert named == [["--model", "m"], ["--input", "a.csv"], ["--output", "out"]]
+    # Off this machine, a local path is refused unless said to be on shared storage.
+    with pytest.raises(UserError, match="--model: m is a local path"):
+        cluster_paths(spec, here=False)
+    assert cluster_paths(spec, here=False, shared=True) == moved
     assert is_loopback("http://127.0.0.1:8265") and is_loopback("http://localhost:1")
     assert not is_loopback("http://10.0.0.2:8265")
+
+
+def test_a_cluster_on_this_machine_takes_local_paths(head, monkeypatch):
+    from lmbatch.jobs.submit import connect, runs_here
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
+    assert runs_here(connect(head.address))
+
+
+def test_gpus_that_no_node_type_has_are_refused_in_one_line(
+    head, tiny_models, corpus, tmp_path
+):
+    done = lmbatch(
+        head,
+        "infer", "--model", tiny_models["bert"], "--task", "embed",
+        "--input", corpus["parquet"], "--output", str(tmp_path / "o"),
+        "--device", "cuda", "--address", head.address,
+    )  # fmt: skip
+    assert done.returncode == 1
+    errors = [line for line in done.stdout.splitlines() if "Error: " in line]
+    assert errors == [
+        "Error: --device: cuda asked for; the cluster has no GPU, and no node type "
+        "of its autoscaler has one"
+    ], done.stdout[-2000:]
+
+
+def test_a_local_path_sent_off_this_machine_is_refused(tiny_models, corpus):
+    from click.testing import CliRunner
+    from test_cli_errors import assert_user_error
+
+    from lmbatch.jobs.cli import cli
+
+    args = [
+        "infer", "--model", tiny_models["bert"], "--task", "embed",
+        "--input", corpus["parquet"], "--output", "s3://bucket/out",
+        "--address", "http://192.0.2.1:8265",  # TEST-NET: never reached
+    ]  # fmt: skip
+    done = CliRunner().invoke(cli, args, env={"RAY_AUTH_TOKEN": "unused"})
+    assert_user_error(done, "--model", "is a local path", "--shared-paths")

@@ -4,6 +4,7 @@ submits a job as an editable checkout does."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -62,10 +63,15 @@ def bare_python(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def wheel_python(tmp_path_factory) -> Path:
     """A Python where lmbatch is a plain (wheel) install of this checkout."""
-    python, site = bare_python(tmp_path_factory.mktemp("wheel") / "env")
+    root = tmp_path_factory.mktemp("wheel")
+    python, site = bare_python(root / "env")
+    # A copy of the checkout: setuptools' build/ folder would keep deleted modules.
+    source = root / "source"
+    skip = (".venv", ".git", ".gpu", "build", "*.egg-info", "__pycache__", "out")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(site), str(ROOT)],
+         "--no-build-isolation", "--target", str(site), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     return python

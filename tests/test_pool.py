@@ -32,11 +32,19 @@ def test_too_many_actors_refused():
 
 
 def test_one_actor_per_gpu_and_the_whole_pool_starts():
-    plan = plan_pool({"CPU": 8.0, "GPU": 2.0}, None, device="cuda")
+    plan = plan_pool({"CPU": 8.0, "GPU": 2.0}, None, device="cuda", gpus=2)
     assert (plan.min_actors, plan.max_actors, plan.num_gpus) == (2, 2, 1.0)
     assert plan.rows_per_call == 8192 and plan.device == "cuda"
-    with pytest.raises(UserError, match="2 GPUs"):
-        plan_pool({"CPU": 8.0, "GPU": 2.0}, (1, 3), device="cuda")
+    with pytest.raises(UserError, match="at 1 per GPU"):
+        plan_pool({"CPU": 8.0, "GPU": 2.0}, (1, 3), device="cuda", gpus=2)
+
+
+def test_gpu_actors_fit_the_cpus_of_the_gpu_nodes():
+    # GPU nodes with 1 CPU per GPU, 4 actors on each GPU: a quarter CPU each.
+    plan = plan_pool(
+        {"CPU": 8.0}, None, per_gpu=4, device="cuda", gpus=2, cpus_per_gpu=1.0
+    )
+    assert plan.max_actors == 8 and plan.num_cpus == 0.25
 
 
 def test_gpus_unused_unless_the_pool_is_a_gpu_pool():
@@ -50,7 +58,9 @@ def test_int8_packs_about_twice_the_actors_of_fp16():
     int8 = actors_per_gpu(7 * gib, 80 * gib)
     nf4 = actors_per_gpu(int(3.5 * gib), 80 * gib)
     assert (fp16, int8, nf4) == (2, 5, 8)  # nf4: 10 fit, capped at MAX_ACTORS_PER_GPU
-    plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, None, per_gpu=int8, device="cuda")
+    plan = plan_pool(
+        {"CPU": 16.0, "GPU": 2.0}, None, per_gpu=int8, device="cuda", gpus=2
+    )
     assert plan.min_actors == plan.max_actors == 10
     assert plan.num_gpus == pytest.approx(0.2)
 

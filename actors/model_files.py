@@ -1,0 +1,99 @@
+"""Models on shared storage: a URI becomes a local directory, once per node.
+
+``--model`` may be a local directory or any pyarrow filesystem URI (``s3://``,
+``gs://``, ``hdfs://``, ``file://`` on a shared mount). A URI is downloaded into this
+node's cache, ``$LMBATCH_CACHE`` (default ``~/.cache/lmbatch``), in a directory named
+by the digest of the files' content, so two URIs of the same weights share one copy.
+An index keyed by the URI and its listing (names, sizes, modification times) finds that
+copy again without downloading; a lock makes the actors of one node wait for the first
+one's download instead of each fetching the model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from lmbatch.actors.storage import filesystem_of, is_local
+from lmbatch.errors import UserError
+
+CHUNK = 8 << 20
+
+
+def fetch_model(uri: str) -> str:
+    """A local directory holding the model at ``uri``: the directory itself for a
+    local path, else this node's cached copy, downloaded the first time.
+
+    Raises:
+        UserError: naming ``--model`` when the URI cannot be read.
+    """
+    fs, path = filesystem_of(uri, "--model")
+    if is_local(fs):
+        return path
+    files = _listing(fs, path, uri)
+    root = cache_root()
+    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:32]
+    index = root / "index" / f"{key}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / "index" / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download a node; the others wait here
+        if index.is_file():
+            cached = root / "models" / json.loads(index.read_text())["digest"]
+            if (cached / ".complete").is_file():
+                return str(cached)
+        digest = _download(fs, path, [name for name, _, _ in files], root)
+        index.write_text(json.dumps({"uri": uri, "digest": digest}))
+    return str(root / "models" / digest)
+
+
+def cache_root() -> Path:
+    default = Path.home() / ".cache" / "lmbatch"
+    return Path(os.environ.get("LMBATCH_CACHE", default))
+
+
+def _listing(fs: pafs.FileSystem, path: str, uri: str) -> list[tuple[str, int, str]]:
+    """(relative name, size, mtime) of every file under ``path``, sorted."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError("--model", f"cannot list {uri}: {e}") from None
+    files = sorted(
+        (i.path[len(path) :].lstrip("/"), i.size, str(i.mtime))
+        for i in infos
+        if i.type == pafs.FileType.File
+    )
+    if not files:
+        raise UserError("--model", f"{uri} holds no files")
+    return files
+
+
+def _download(fs: pafs.FileSystem, path: str, names: list[str], root: Path) -> str:
+    """Copy every file into the cache, hashing as it streams; returns the digest
+    that names the copy."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root / "models"))
+    digest = hashlib.sha256()
+    for name in names:
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest.update(name.encode() + b"\0")
+        with fs.open_input_stream(f"{path}/{name}") as src, open(target, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+    final = root / "models" / digest.hexdigest()[:32]
+    if (final / ".complete").is_file():  # the same content under another URI
+        shutil.rmtree(staging)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        (staging / ".complete").touch()
+        staging.rename(final)
+    return final.name
