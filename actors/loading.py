@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tokenizers import normalizers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -230,8 +231,10 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (GPT-2 style models have none)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool = False):
+    """The model's tokenizer, with a pad token (GPT-2 style models have none);
+    ``lowercase`` (sentence-transformers' do_lower_case) puts a Lowercase normalizer
+    first, as sentence-transformers does."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             fetch_model(path), trust_remote_code=trust_remote_code
@@ -242,6 +245,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if lowercase:
+        backend = tokenizer.backend_tokenizer
+        rest = [backend.normalizer] if backend.normalizer is not None else []
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
     return tokenizer
 
 

@@ -10,6 +10,8 @@ nothing stops a process that outgrows its share until the kernel kills it.
 from __future__ import annotations
 
 import resource
+import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,10 +20,14 @@ import torch
 
 from lmbatch.actors.footprint import GPU_USABLE
 
+CLEAR_REFS = "/proc/self/clear_refs"
+SAMPLE_EVERY_S = 0.002  # where the kernel's peak cannot be reset
 SAFETY_MARGIN = 0.25  # of the memory left, kept free for fragmentation and surprises
 
 
 class DeviceMemory(Protocol):
+    method: str  # how a batch's peak is measured, for the summary
+
     def free(self) -> int:
         """Bytes this actor may still allocate now."""
 
@@ -49,6 +55,8 @@ class CudaMemory:
     and never to more than the device has free. An overrun still raises
     OutOfMemoryError, which the batcher handles.
     """
+
+    method = "CUDA allocator"
 
     def __init__(self, device: torch.device, share: float = 1.0) -> None:
         self.device = device
@@ -93,27 +101,41 @@ def cuda_free(device_free: int, cached: int, held: int, limit: int) -> int:
 class CpuMemory:
     """Resident memory against a limit.
 
-    The peak is the kernel's high-water mark (``VmHWM``), reset at each ``start``
-    through ``/proc/self/clear_refs``: a batch's activations are freed (and RSS falls
-    back) before anyone could sample them, so only the kernel sees the real peak.
+    A batch's peak is measured one of two ways, named in ``method`` (and in the job
+    summary): the kernel's high-water mark (``VmHWM``), reset at each ``start``
+    through ``/proc/self/clear_refs``, which sees every spike; or, where the peak
+    cannot be reset (not Linux, or a container that forbids the write), the resident
+    set sampled by a thread while the batch runs. Sampling can miss a short spike,
+    which the budget's safety margin covers; a peak that cannot be reset would stay
+    at the process's lifetime maximum, make every batch look over the limit and
+    collapse the budget, so it is never used.
     """
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, clear_refs: str = CLEAR_REFS) -> None:
         self.limit = limit_bytes
+        self._clear_refs = clear_refs
         self._base = 0
+        self._sampler: RssSampler | None = None
+        if not reset_high_water(clear_refs):
+            self._sampler = RssSampler()
+        self.method = "kernel peak" if self._sampler is None else "sampled RSS"
 
     def free(self) -> int:
         return max(0, self.limit - rss())
 
     def start(self) -> None:
-        reset_high_water()
+        if self._sampler is None:
+            reset_high_water(self._clear_refs)
+        else:
+            self._sampler.reset()
         self._base = rss()
 
     def peak(self) -> int:
         return max(0, self.high_water() - self._base)
 
     def high_water(self) -> int:
-        return max(high_water_rss(), rss())
+        measured = self._sampler.peak if self._sampler else high_water_rss()
+        return max(measured, rss())
 
     def over_limit(self) -> bool:
         return self.high_water() > self.limit
@@ -122,16 +144,36 @@ class CpuMemory:
         return self.limit
 
 
+class RssSampler:
+    """The highest resident set seen since ``reset``, sampled every ``every_s`` by
+    a daemon thread (it reads /proc while the batch's kernels release the GIL)."""
+
+    def __init__(self, every_s: float = SAMPLE_EVERY_S) -> None:
+        self.peak = rss()
+        self._every = every_s
+        threading.Thread(target=self._run, daemon=True, name="rss-sampler").start()
+
+    def reset(self) -> None:
+        self.peak = rss()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._every)
+            self.peak = max(self.peak, rss())
+
+
 def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def reset_high_water() -> None:
+def reset_high_water(clear_refs: str = CLEAR_REFS) -> bool:
+    """Reset the kernel's peak RSS to the current RSS; whether that worked."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
+        with open(clear_refs, "w") as f:
+            f.write("5")  # Linux >= 4.0
+        return True
     except OSError:
-        pass  # not Linux, or not allowed: the peak then spans the process's life
+        return False
 
 
 def high_water_rss() -> int:

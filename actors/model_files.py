@@ -97,3 +97,55 @@ def _download(fs: pafs.FileSystem, path: str, names: list[str], root: Path) -> s
         (staging / ".complete").touch()
         staging.rename(final)
     return final.name
+
+
+FINGERPRINT_FILE = ".lmbatch-fingerprint.json"
+
+
+def fingerprint(model_dir: str) -> str:
+    """A digest of the content of every file that shapes the model's outputs
+    (weights, configs, tokenizer, sentence-transformers modules): the identity a
+    resumed job checks. Streamed, and cached beside the model (or, where its folder
+    is read-only, in the lmbatch cache) under the files' names, sizes and times, so a
+    15 GB model is hashed once. A copy from a URI is named by this digest already."""
+    root = Path(model_dir)
+    if root.parent == cache_root() / "models":
+        return root.name
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"
+    )
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in files]  # fmt: skip
+    key = hashlib.sha256(json.dumps([str(root.resolve()), listing]).encode())
+    for cached in (
+        root / FINGERPRINT_FILE,
+        _fingerprints() / f"{key.hexdigest()}.json",
+    ):
+        if cached.is_file():
+            known = json.loads(cached.read_text())
+            if known.get("listing") == json.loads(json.dumps(listing)):
+                return known["digest"]
+    digest = hashlib.sha256()
+    for path, (name, _, _) in zip(files, listing, strict=True):
+        digest.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    record = {"listing": listing, "digest": digest.hexdigest()[:32]}
+    for cached in (
+        root / FINGERPRINT_FILE,
+        _fingerprints() / f"{key.hexdigest()}.json",
+    ):
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(record))
+            break
+        except OSError:  # a read-only model folder: the cache keeps it instead
+            continue
+    return record["digest"]
+
+
+def _fingerprints() -> Path:
+    return cache_root() / "fingerprints"

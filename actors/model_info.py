@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmbatch.actors.artifact import ArtifactMeta
+from lmbatch.actors.sentence import Sentence, read_sentence
 from lmbatch.errors import UserError
 
 # auto: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on CPU.
@@ -23,6 +24,13 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8")
 CPU_ONLY_PRECISIONS = ("cpu-int8",)
 TASKS = ("embed", "score", "classify", "generate")
 DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
+# What each task writes besides id and error (the heads' schemas, actors/tasks.py).
+TASK_COLUMNS = {
+    "embed": ("embedding",),
+    "score": ("logprob", "num_tokens", "perplexity"),
+    "classify": ("label", "score", "probs"),
+    "generate": ("generated_text",),
+}
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -39,21 +47,12 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class Pooling:
-    """Sentence embedding settings; sentence-transformers' own if the model has any."""
-
-    mode: str = "mean"  # mean | cls | max | lasttoken
-    normalize: bool = True
-    max_seq_length: int | None = None
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """What the driver learns from configs alone."""
 
     architectures: tuple[str, ...]
     max_positions: int | None
-    pooling: Pooling
+    sentence: Sentence  # how token states become an embedding (embed)
     id2label: dict[int, str] = field(default_factory=dict)
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
@@ -87,7 +86,7 @@ def inspect_model(
     return ModelInfo(
         architectures=arch,
         max_positions=_max_positions(config),
-        pooling=sentence_pooling(Path(path)),
+        sentence=read_sentence(Path(path)) if task == "embed" else Sentence(),
         id2label=_id2label(config),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
@@ -117,42 +116,6 @@ def check_runs_on_gpu(path: str, precision: str, cpu_only: bool = False) -> None
             f"{path} holds int8 layers for torch's CPU kernels (a cpu-int8 "
             "artifact); run it on CPU (--device cpu)",
         )
-
-
-def sentence_pooling(path: Path) -> Pooling:
-    """Pooling, normalisation and max length from a sentence-transformers directory.
-
-    A plain transformers directory gets mean pooling, L2-normalised: what
-    sentence-transformers itself does for a model it does not know.
-    """
-    modules_file = path / "modules.json"
-    if not modules_file.is_file():
-        return Pooling()
-    modules = json.loads(modules_file.read_text())
-    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-    mode = "mean"
-    for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            pooling_config = json.loads((path / m["path"] / "config.json").read_text())
-            mode = _pooling_mode(pooling_config)
-    st_file = path / "sentence_bert_config.json"
-    max_len = (
-        json.loads(st_file.read_text()).get("max_seq_length")
-        if st_file.is_file()
-        else None
-    )
-    return Pooling(mode=mode, normalize=normalize, max_seq_length=max_len)
-
-
-def _pooling_mode(config: dict) -> str:
-    if config.get("pooling_mode"):
-        return str(config["pooling_mode"])
-    for mode in ("cls_token", "max_tokens", "lasttoken", "mean_tokens"):
-        if config.get(f"pooling_mode_{mode}"):
-            return {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(
-                mode, mode
-            )
-    return "mean"
 
 
 def _config(path: str, trust_remote_code: bool) -> dict:

@@ -32,6 +32,7 @@ from lmbatch.actors.memory import (
     activation_floor,
     default_cpu_limit,
 )
+from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
@@ -58,10 +59,11 @@ class PredictorConfig:
     stats: object | None = None  # a StatsSink actor handle, or None
 
 
-def make_head(config: PredictorConfig, model, tokenizer) -> TaskHead:
+def make_head(config: PredictorConfig, model, tokenizer, device) -> TaskHead:
     task = config.model.task
     if task == "embed":
-        return Embed(config.info.pooling, model.config.hidden_size)
+        model_dir = fetch_model(config.model.path)  # its sentence-transformers modules
+        return Embed(config.info.sentence, model.config.hidden_size, model_dir, device)
     if task == "score":
         return Score()
     if task == "classify":
@@ -80,7 +82,7 @@ class Predictor:
         self.tokenizer = load_tokenizer(
             config.model.path, config.model.trust_remote_code
         )
-        self.head = make_head(config, self.model, self.tokenizer)
+        self.head = make_head(config, self.model, self.tokenizer, self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
@@ -96,6 +98,7 @@ class Predictor:
             precision=ran_precision(config.model, self.device.type),
             threads=config.threads,
             memory_limit_bytes=self.memory.capacity(),
+            memory_probe=self.memory.method,
             peak_memory_bytes=self.memory.high_water(),  # the model and the probe
         )
         self._report()  # an actor that never gets a batch is in the summary too
@@ -179,10 +182,12 @@ class Predictor:
             for row in too_big:
                 values[row] = "out_of_memory: row does not fit even alone"
             errors = pa.array(values, pa.string())
+        kept = list(batch.schema)[3:]  # after id, _ids, _error: kept input columns
         schema = pa.schema(
-            [("id", pa.string()), *self.head.schema, ("error", pa.string())]
+            [("id", pa.string()), *self.head.schema, ("error", pa.string()), *kept]
         )
-        return pa.Table.from_arrays([batch["id"], *out.arrays(), errors], schema=schema)
+        arrays = [batch["id"], *out.arrays(), errors, *(batch[f.name] for f in kept)]
+        return pa.Table.from_arrays(arrays, schema=schema)
 
 
 @dataclass
@@ -207,6 +212,7 @@ class ActorStats:
     budget_history: tuple[int, ...] = ()
     ooms: int = 0
     memory_limit_bytes: int = 0  # what this actor's batches were sized to fit
+    memory_probe: str = ""  # how its peaks were measured
     peak_memory_bytes: int = 0
 
     def add_batch(self, rows: int, tokens: int) -> None:

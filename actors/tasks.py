@@ -10,15 +10,18 @@ of a job agrees; vectors are fixed-size lists built from one contiguous array.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmbatch.actors.model_info import Pooling
+from lmbatch.actors.sentence import Dense, Sentence
 
 Tensors = dict[str, torch.Tensor]
 Columns = dict[str, np.ndarray]
@@ -35,41 +38,96 @@ class TaskHead(Protocol):
     def columns(self, host: Columns) -> Columns: ...
 
 
-@dataclass(frozen=True)
 class Embed:
-    """Pooled sentence embedding, as sentence-transformers computes it."""
+    """Sentence embedding as sentence-transformers computes it: pooling in the
+    model's modes, then its Dense and Normalize modules in their order."""
 
-    pooling: Pooling
-    dim: int  # the embedding's width
     padding_side = "right"
 
-    @property
-    def schema(self) -> pa.Schema:
-        return pa.schema([("embedding", pa.list_(pa.float32(), self.dim))])
+    def __init__(
+        self, sentence: Sentence, hidden_size: int, model_dir: str, device: torch.device
+    ) -> None:
+        self.modes = sentence.modes
+        self.steps = [
+            _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
+            for step in sentence.steps
+        ]
+        width = sentence.width(hidden_size)
+        self.schema = pa.schema([("embedding", pa.list_(pa.float32(), width))])
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        pooled = pool(hidden, mask, self.pooling.mode)
-        if self.pooling.normalize:
-            pooled = F.normalize(pooled, p=2, dim=1)
-        return {"embedding": pooled}
+        embedding = pool(hidden, mask, self.modes)
+        for step in self.steps:
+            embedding = step(embedding)
+        return {"embedding": embedding}
 
     def columns(self, host: Columns) -> Columns:
         return host
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool right-padded token states into one vector a row."""
+ACTIVATIONS = {
+    "identity": nn.Identity,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+}
+
+
+def _dense(model_dir: str, dense: Dense, device: torch.device):
+    """A sentence-transformers Dense module: its Linear, loaded from safetensors."""
+    linear = nn.Linear(dense.in_features, dense.out_features, bias=dense.bias)
+    state = load_file(str(Path(model_dir) / dense.folder / "model.safetensors"))
+    prefix = "linear."
+    linear.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    )
+    linear = linear.float().to(device).eval()
+    activation = ACTIVATIONS[dense.activation]()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        out = activation(linear(x))
+        return out + x if dense.residual else out
+
+    return step
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2, dim=-1)
+
+
+def pool(
+    hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]
+) -> torch.Tensor:
+    """Right-padded token states pooled in each mode, concatenated in that order
+    (sentence-transformers' Pooling: several modes make one wider vector)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-    if mode == "lasttoken":
-        return hidden[torch.arange(hidden.shape[0]), mask.sum(dim=1) - 1]
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[:, 0])
+        elif mode == "max":
+            out.append(hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+        elif mode == "mean":
+            out.append((hidden * m).sum(dim=1) / counts)
+        elif mode == "mean_sqrt_len_tokens":
+            out.append((hidden * m).sum(dim=1) / counts.sqrt())
+        elif mode == "weightedmean":
+            positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device)
+            weights = m * positions.view(1, -1, 1).to(hidden.dtype)
+            total = weights.sum(dim=1).clamp(min=1e-9)
+            out.append((hidden * weights).sum(dim=1) / total)
+        elif mode == "lasttoken":
+            last = mask.sum(dim=1) - 1
+            out.append(hidden[torch.arange(hidden.shape[0]), last])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.cat(out, dim=-1)
 
 
 @dataclass(frozen=True)

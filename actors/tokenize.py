@@ -30,16 +30,20 @@ class TokenizeConfig:
     on_long: str = "truncate"  # truncate | error
     min_tokens: int = 1  # score needs 2: one to condition on, one to predict
     trust_remote_code: bool = False
+    lowercase: bool = False  # sentence-transformers' do_lower_case
 
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
-    """``id``, ``_text``, ``_error`` -> ``id``, ``_ids``, ``_error``.
+    """``id``, ``_text``, ``_error`` (and kept columns) -> ``id``, ``_ids``,
+    ``_error`` (and the kept columns, as they came).
 
     Rows are checked with Arrow compute, not a Python loop: this stage must keep a
     GPU fed with tens of thousands of rows a second.
     """
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
-    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        config.model_path, config.trust_remote_code, config.lowercase
+    )
     ok = pc.is_null(batch["_error"])
     texts = pc.if_else(ok, pc.fill_null(batch["_text"], ""), "").to_pylist()
     truncate = config.on_long == "truncate"
@@ -70,7 +74,10 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
         ),
     )
     ids = pc.if_else(pc.is_null(error), ids, pa.scalar(None, ids.type))
-    return pa.table([batch["id"], ids, error], schema=TOKEN_SCHEMA)
+    tokens = pa.table([batch["id"], ids, error], schema=TOKEN_SCHEMA)
+    for name in batch.column_names[3:]:  # the kept input columns ride along
+        tokens = tokens.append_column(batch.schema.field(name), batch[name])
+    return tokens
 
 
 def actor_batch(texts: list[str], config: TokenizeConfig) -> pa.Table:

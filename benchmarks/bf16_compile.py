@@ -11,13 +11,12 @@ Usage: python benchmarks/bf16_compile.py [--rows 1024]
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import pyarrow.parquet as pq
 import torch
 
-from common import CORPUS, ROOT, append_results, minilm  # isort: skip
+from common import CORPUS, append_results, minilm  # isort: skip
 
 
 def batches(tokenizer, texts: list[str], size: int = 32) -> list[dict]:
@@ -71,5 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

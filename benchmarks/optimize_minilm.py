@@ -145,5 +145,4 @@ def report(n: int, st_seconds: float, rows: list, build: dict[str, float]) -> No
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 
-from common import CORPUS, ROOT, append_results, minilm  # isort: skip
+from common import CORPUS, append_results, minilm  # isort: skip
 
 
 def free_port() -> int:
@@ -43,7 +42,8 @@ def post(url: str, text: str) -> float:
 def measure(batch: int, wait_ms: float, texts: list[str], concurrency: int) -> dict:
     from ray import serve
 
-    from lmbatch.jobs.serve import ServeSpec, deploy, prepare_serve
+    from lmbatch.jobs.serve import deploy, prepare_serve
+    from lmbatch.jobs.spec import ServeSpec
 
     spec = ServeSpec(
         model=minilm(),
@@ -108,5 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

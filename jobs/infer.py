@@ -18,14 +18,14 @@ from collections.abc import Iterator
 import ray
 import ray.data
 
-from lmbatch.actors.model_info import ModelSpec
+from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config
 from lmbatch.jobs.session import ray_session
-from lmbatch.jobs.sources import read_rows
+from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, ModelFlags
 from lmbatch.jobs.summary import Summary, build_summary, start_sink, write_summary
 
@@ -44,7 +44,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
-        restored = begin_output(plan)
+        restored = begin_output(plan, pool.device)
         sink = start_sink()
         started = time.perf_counter()
         with (
@@ -135,7 +135,7 @@ def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
     return pool, pool.describe() + why
 
 
-def tokenize_config(spec: ModelFlags, max_length: int):
+def tokenize_config(spec: ModelFlags, info: ModelInfo, max_length: int):
     from lmbatch.actors.tokenize import TokenizeConfig
 
     return TokenizeConfig(
@@ -144,6 +144,7 @@ def tokenize_config(spec: ModelFlags, max_length: int):
         on_long=spec.on_long,
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,
+        lowercase=info.sentence.lowercase,
     )
 
 
@@ -153,7 +154,7 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
     from lmbatch.actors.tokenize import tokenize_batch
 
     spec = plan.spec
-    tokenize = tokenize_config(spec, plan.max_length)
+    tokenize = tokenize_config(spec, plan.model, plan.max_length)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     predictor = PredictorConfig(
         model=model_spec(spec),
@@ -167,7 +168,8 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,
     )
-    ds = read_rows(plan.inputs, spec.text_column, spec.id_column)
+    columns = Columns(spec.text_column, spec.id_column, plan.keep)
+    ds = read_rows(plan.inputs, columns)
     rows = spec.batch_rows or pool.rows_per_call
     # Tokenizing is a CPU stage of its own tasks, never fused into the actors (their
     # resources differ), so every free core can feed them.

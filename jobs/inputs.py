@@ -7,15 +7,15 @@ is read here; the readers check every other file as they open it.
 
 from __future__ import annotations
 
-import fnmatch
 import json
-from collections.abc import Callable
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
 
 from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import UserError
@@ -26,6 +26,10 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "csv": (".csv",),
 }
 GLOB_CHARS = "*?["
+# A bad line is the reader's to report as a row; quoted values may span lines.
+CSV_PARSE = pacsv.ParseOptions(
+    invalid_row_handler=lambda row: "skip", newlines_in_values=True
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,11 @@ class ResolvedInputs:
     paths: list[str]
     format: str
     filesystem: pafs.FileSystem
-    columns: list[str]  # of the first file
+    schema: pa.Schema  # of the first file
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
 
 
 def resolve_inputs(
@@ -67,44 +75,54 @@ def resolve_inputs(
         others = [p for p in paths if _suffix_format(p) != fmt]
         if others:
             raise UserError("--input", f"mixed formats: {others[0]} is not {fmt}")
-    columns = read_columns(filesystem, paths[0], fmt)
+    schema = read_schema(filesystem, paths[0], fmt)
+    columns = schema.names
     for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
         if column is not None and column not in columns:
             raise UserError(flag, f"no column {column!r} in {paths[0]} (has {columns})")
-    return ResolvedInputs(sorted(dict.fromkeys(paths)), fmt, filesystem, columns)
+    return ResolvedInputs(sorted(dict.fromkeys(paths)), fmt, filesystem, schema)
 
 
 def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
-    """One --input value -> its files. Directories recurse; names starting with '.' or
-    '_' (``_SUCCESS``, ``.crc``, our own ``_summary.json``) are skipped."""
+    """One --input value -> its files, by the usual glob rules (fsspec's: ``*`` and
+    ``?`` stay within a path component, ``**`` crosses directories). Below the
+    directory or the glob's fixed part, any component starting with '.' or '_' is
+    skipped at every depth (``_SUCCESS``, ``.crc``, an lmbatch output's
+    ``_checkpoint/`` and ``_summary.json``), so an lmbatch output read as input gives
+    its data files only."""
     fs, path = filesystem_of(given, "--input")
     glob_at = [path.find(c) for c in GLOB_CHARS if c in path]
     if glob_at:
         base = path[: min(glob_at)].rsplit("/", 1)[0] or "/"
-        found = _listing(fs, base, lambda p: fnmatch.fnmatch(p, path))
+        pattern = re.compile(glob_translate(path))
+        found = [p for p in _listing(fs, base) if pattern.fullmatch(p)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return fs, [path]
         if info.type == pafs.FileType.NotFound:
             raise UserError("--input", f"no such file or directory: {given}")
-        found = _listing(fs, path, lambda p: _suffix_format(p) is not None)
+        found = [p for p in _listing(fs, path) if _suffix_format(p) is not None]
     if not found:
         raise UserError("--input", f"no input files matched {given}")
     return fs, found
 
 
-def _listing(fs: pafs.FileSystem, base: str, keep: Callable[[str], bool]) -> list[str]:
+def _listing(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Files under ``base`` (pyarrow's recursive listing) with no component below it
+    starting with '.' or '_'."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    skip = (".", "_")
     return [
         i.path
         for i in infos
         if i.type == pafs.FileType.File
-        and not i.base_name.startswith((".", "_"))
-        and keep(i.path)
+        and not any(
+            part.startswith(skip) for part in i.path[len(base) :].split("/") if part
+        )
     ]
 
 
@@ -123,17 +141,19 @@ def _format_of(paths: list[str]) -> str:
     return fmt
 
 
-def read_columns(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
-    """Column names of one file, reading only its head."""
+def read_schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema:
+    """The columns of one file and their types, reading only its head: Parquet's
+    own; CSV's are text as the file has it; JSONL's those of the first non-null value
+    of each key in the first lines."""
     try:
         if fmt == "parquet":
             with fs.open_input_file(path) as f:
-                return list(pq.read_schema(f).names)
+                return pq.read_schema(f)
         with fs.open_input_stream(path) as f:
             if fmt == "csv":
-                return list(pacsv.open_csv(f).schema.names)
-            first = _first_line(f)
-            return list(json.loads(first).keys()) if first.strip() else []
+                names = pacsv.open_csv(f, parse_options=CSV_PARSE).schema.names
+                return pa.schema([(n, pa.string()) for n in names])
+            return _jsonl_schema(_head_lines(f))
     except (
         pa.ArrowInvalid,
         json.JSONDecodeError,
@@ -145,11 +165,29 @@ def read_columns(fs: pafs.FileSystem, path: str, fmt: str) -> list[str]:
         ) from None
 
 
-def _first_line(f: pa.NativeFile, chunk: int = 1 << 20) -> bytes:
-    head = b""
-    while b"\n" not in head:
-        more = f.read(chunk)
-        if not more:
-            break
-        head += more
-    return head.split(b"\n", 1)[0]
+def _jsonl_schema(lines: list[bytes]) -> pa.Schema:
+    first = json.loads(lines[0]) if lines else {}
+    if not isinstance(first, dict):
+        raise ValueError("the first line is not a JSON object")
+    types: dict[str, pa.DataType] = dict.fromkeys(first, pa.null())
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a bad line is the reader's to report, as a row
+        for key, value in row.items() if isinstance(row, dict) else ():
+            if types.get(key, pa.null()) == pa.null() and value is not None:
+                types[key] = pa.array([value]).type
+    return pa.schema(
+        [(k, pa.string() if t == pa.null() else t) for k, t in types.items()]
+    )
+
+
+def _head_lines(f: pa.NativeFile, limit: int = 1 << 20) -> list[bytes]:
+    """The non-empty lines of the first ``limit`` bytes (the last one, cut, dropped
+    unless the file ended)."""
+    head = f.read(limit)
+    lines = head.split(b"\n")
+    if len(head) == limit:
+        lines.pop()
+    return [line for line in lines if line.strip()][:1000]

@@ -82,6 +82,7 @@ def spec_options(spec: type[Spec]) -> Callable[[Callable], Callable]:
 def option(name: str, field: FieldInfo) -> Callable[[Callable], Callable]:
     flag = _flag(field)
     kind, multiple = _click_type(field.annotation)
+    multiple = multiple and flag.parse is None  # a parser takes the whole text
     required = field.is_required()
     default = None if required else field.default
     kwargs: dict[str, Any] = dict(
@@ -94,8 +95,7 @@ def option(name: str, field: FieldInfo) -> Callable[[Callable], Callable]:
     if kind is bool:
         kwargs.update(is_flag=True, default=bool(default))
     elif flag.parse is not None:
-        kwargs["callback"] = _parsed(flag.parse)
-        kwargs["default"] = None if default is None else str(default)
+        kwargs.update(callback=_parsed(flag.parse, default), default=None)
     else:
         kwargs["type"] = kind
     kwargs["show_default"] = default not in (None, False, ())
@@ -126,10 +126,10 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _parsed(parse: Callable[[str], Any]) -> Callable:
+def _parsed(parse: Callable[[str], Any], default: Any) -> Callable:
     def callback(ctx: click.Context, param: click.Parameter, value: str | None):
         if value is None:
-            return None
+            return default
         try:
             return parse(value)
         except ValueError as e:
@@ -173,6 +173,14 @@ def parse_range(value: str) -> tuple[int, int]:
     if len(parts) not in (1, 2):
         raise ValueError(f"expected MIN or MIN,MAX, got {value!r}")
     return (parts[0], parts[-1])
+
+
+def parse_columns(value: str) -> tuple[str, ...]:
+    """'url,lang' -> ('url', 'lang'); '*' -> ('*',)."""
+    columns = tuple(c.strip() for c in value.split(",") if c.strip())
+    if not columns:
+        raise ValueError(f"expected COL[,COL...] or *, got {value!r}")
+    return columns
 
 
 def parse_auto_int(value: str) -> int | None:

@@ -9,15 +9,15 @@ of two different jobs.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
+from lmbatch.actors.model_files import fingerprint
+from lmbatch.actors.storage import absolute
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferPlan
 
@@ -36,23 +36,48 @@ def checkpoint_config(plan: InferPlan) -> CheckpointConfig:
     )
 
 
-def job_record(plan: InferPlan) -> dict:
-    """Everything that decides what a row of the output holds."""
+# Every field of the record that decides a value of the output, and its flag.
+RECORD_FLAGS = {
+    "model": "--model",
+    "model_content": "--model (the content of its files)",
+    "task": "--task",
+    "precision": "--precision",
+    "device": "--device",
+    "int8_threshold": "--int8-threshold",
+    "inputs": "--input",
+    "input_format": "--input-format",
+    "text_column": "--text-column",
+    "id_column": "--id-column",
+    "keep_columns": "--keep-columns",
+    "max_length": "--max-length",
+    "max_new_tokens": "--max-new-tokens",
+    "on_long": "--on-long",
+}
+
+
+def job_record(plan: InferPlan, device: str) -> dict:
+    """Everything that decides what a row of the output holds: the model by the
+    content of its files, and every option that changes a value or a column."""
     spec = plan.spec
     return {
-        "model": str(Path(spec.model).absolute()),
-        "model_weights": _weights_digest(Path(spec.model)),
+        "model": absolute(spec.model),
+        "model_content": fingerprint(plan.model_dir),
         "task": spec.task,
         "precision": spec.precision,
+        "device": device,
+        "int8_threshold": spec.int8_threshold if spec.precision == "int8" else None,
         "inputs": sorted(plan.inputs.paths),
+        "input_format": plan.inputs.format,
         "text_column": spec.text_column,
         "id_column": spec.id_column,
+        "keep_columns": [f"{name}:{kind}" for name, kind in plan.keep.items()],
         "max_length": plan.max_length,
         "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
+        "on_long": spec.on_long,
     }
 
 
-def begin_output(plan: InferPlan) -> int:
+def begin_output(plan: InferPlan, device: str) -> int:
     """Record a new job, or check that ``--resume`` continues the same one.
 
     Returns:
@@ -64,7 +89,7 @@ def begin_output(plan: InferPlan) -> int:
             retry loop may pass ``--resume`` every time.
     """
     fs, path = plan.output_fs, plan.output_path
-    record = job_record(plan)
+    record = job_record(plan, device)
     if not plan.spec.resume or _is_empty(fs, path):  # a retry loop's first run
         fs.create_dir(path, recursive=True)
         _write(fs, f"{path}/{JOB_FILE}", record)
@@ -82,7 +107,7 @@ def begin_output(plan: InferPlan) -> int:
         if written.get(key) != now:
             raise UserError(
                 "--resume",
-                f"{plan.spec.output} was written by a different job: {key} was "
+                f"{plan.spec.output} was written with another {RECORD_FLAGS[key]}: "
                 f"{written.get(key)!r}, now {now!r}; use a new --output",
             )
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
@@ -107,18 +132,6 @@ def committed_rows(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
     if not committed:
         return 0
     return pads.dataset(committed, filesystem=fs, format="parquet").count_rows()
-
-
-def _weights_digest(model: Path) -> str:
-    """Names and sizes of the weight files plus the config: cheap, and changes when
-    the model does (hashing every weight of a large model would take minutes)."""
-    digest = hashlib.sha256()
-    for file in sorted(model.glob("*")):
-        if file.suffix in (".safetensors", ".bin"):
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        elif file.name in ("config.json", "lmbatch.json"):
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _write(fs: pafs.FileSystem, path: str, record: dict) -> None:

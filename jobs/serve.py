@@ -60,7 +60,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
         ),
-        tokenize=tokenize_config(spec, plan.max_length),
+        tokenize=tokenize_config(spec, plan.info, plan.max_length),
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

@@ -1,18 +1,23 @@
-"""Ray Data readers that give every row a stable id and a checked text.
+"""Ray Data readers that give every row a stable id, a checked text, and the input
+columns the user keeps.
 
 Ray's file-based datasource does discovery, filesystems, retries and parallel read
 tasks; we override only ``_read_stream`` (its extension point) to add what Ray's own
 readers lack for every format: the row's position in its file, so that the id
-``<path>#<row>`` is stable across re-runs, and one normalisation of the text column:
-null, empty or non-string text becomes an ``error`` value, never a crashed read.
+``<path>#<row>`` is stable across re-runs, one normalisation of the text column (null,
+empty or non-string text becomes an ``error`` value, never a crashed read), and bad
+input as bad rows: a malformed CSV line or JSONL line, or a kept cell that does not
+convert to its column's type, is that row's ``error`` and the file goes on. Only a
+file that cannot be read at all becomes one ``bad_file`` row.
 
-Every block leaves here with three columns: ``id``, ``_text``, ``_error``.
+Every block leaves here with ``id``, ``_text``, ``_error`` and the kept columns.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,121 +29,236 @@ from ray.data.datasource import FileBasedDatasource
 from lmbatch.actors.text import check_text
 from lmbatch.jobs.inputs import ResolvedInputs
 
-ROW_SCHEMA = pa.schema(
-    [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
-)
+ROW_FIELDS = [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
 JSONL_CHUNK_ROWS = 4096
+READ_ERRORS = (pa.ArrowException, OSError, ValueError)  # what an unreadable file raises
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The input columns a job reads."""
+
+    text: str
+    id: str | None = None
+    keep: dict[str, pa.DataType] = field(default_factory=dict)  # name -> its type
+
+    def schema(self) -> pa.Schema:
+        return pa.schema(ROW_FIELDS + list(self.keep.items()))
 
 
 class _RowSource(FileBasedDatasource):
-    """Base: subclasses yield raw Arrow tables; this adds ids and checks text."""
+    """Base: subclasses yield raw Arrow tables with ``_row`` (the row's position in
+    its file) and, where they found a row bad, ``_bad``; this adds ids, checks text
+    and conforms the kept columns."""
 
-    def __init__(self, paths: list[str], text_column: str, id_column: str | None, **kw):
+    def __init__(self, paths: list[str], columns: Columns, **kw):
         super().__init__(paths, **kw)
-        self._text_column, self._id_column = text_column, id_column
+        self._columns = columns
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         raise NotImplementedError
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        offset = 0
-        try:
-            for table in self._tables(f, path):
-                yield self._checked(table, path, offset)
-                offset += table.num_rows
-        except (pa.ArrowException, OSError, ValueError) as e:
-            # A corrupt or truncated file: one row says where reading stopped and why;
-            # the job and the other files go on.
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            error = f"bad_file: {path} unreadable from row {offset}: {reason}"
-            yield pa.table(
-                [[f"{path}#{offset}"], pa.nulls(1, pa.string()), [error]],
-                schema=ROW_SCHEMA,
-            )
+        tables = self._tables(f, path)
+        position = 0
+        while True:
+            try:  # reading only: a bug in what follows is a bug, not bad data
+                table = next(tables, None)
+            except READ_ERRORS as e:
+                yield self._unreadable(path, position, e)
+                return
+            if table is None:
+                return
+            if table.num_rows:
+                position = max(position, pc.max(table["_row"]).as_py() + 1)
+                yield self._checked(table, path)
 
-    def _checked(self, table: pa.Table, path: str, offset: int) -> pa.Table:
-        # Only the first file is checked before the job; a later file without the
+    def _unreadable(self, path: str, position: int, e: Exception) -> pa.Table:
+        """A corrupt or truncated file: one row says where reading stopped and why;
+        the job and the other files go on."""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        error = f"bad_file: {path} unreadable from row {position}: {reason}"
+        schema = self._columns.schema()
+        row = {"id": [f"{path}#{position}"], "_error": [error]}
+        return pa.table(
+            [pa.array(row.get(f.name, [None]), f.type) for f in schema], schema=schema
+        )
+
+    def _checked(self, table: pa.Table, path: str) -> pa.Table:
+        # Only the first file is checked before the job; a later file without a
         # column gives rows with an error naming it, never a crashed job.
-        wanted = (self._text_column, self._id_column)
-        missing = [c for c in wanted if c and c not in table.column_names]
-        for column in missing:
-            table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
-        out = self._normalise(table, path, offset)
+        c = self._columns
+        wanted = [c.text, *([c.id] if c.id else []), *c.keep]
+        missing = [name for name in wanted if name not in table.column_names]
+        for name in missing:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        out = self._normalise(table, path)
         if missing:
             error = f"missing_column: {path} has no column {missing[0]!r}"
             out = out.set_column(2, "_error", pa.array([error] * len(out), pa.string()))
         return out
 
-    def _normalise(self, table: pa.Table, path: str, offset: int) -> pa.Table:
-        """ids, text and errors; a ``_bad`` column (what a reader found wrong with a
-        row, e.g. bad UTF-8) comes before the text checks."""
-        bad = table["_bad"] if "_bad" in table.column_names else None
-        if bad is not None:
-            table = table.drop_columns(["_bad"])
-        n = table.num_rows
-        derived = pa.array(
-            [f"{path}#{i}" for i in range(offset, offset + n)], pa.string()
+    def _normalise(self, table: pa.Table, path: str) -> pa.Table:
+        """ids, text, errors and kept columns; what a reader found wrong with a row
+        (``_bad``, e.g. bad UTF-8) comes before the text checks."""
+        c = self._columns
+        derived = pc.binary_join_element_wise(
+            f"{path}#", pc.cast(table["_row"], pa.string()), ""
         )
         ids = derived
-        if self._id_column is not None:
-            given = pc.cast(table[self._id_column], pa.string())
+        if c.id is not None:
+            given = pc.cast(table[c.id], pa.string())
             ids = pc.if_else(pc.is_null(given), derived, given)
-        text, error = check_text(table[self._text_column])
-        if self._id_column is not None:
-            missing = pc.is_null(table[self._id_column])
+        text, error = check_text(table[c.text])
+        if c.id is not None:
+            missing = pc.is_null(table[c.id])
             error = pc.if_else(
                 pc.and_(missing, pc.is_null(error)),
                 "null_id: no id, used file#row",
                 error,
             )
-        if bad is not None:
-            error = pc.coalesce(bad, error)
-        return pa.table([ids, text, error], schema=ROW_SCHEMA)
+        kept = []
+        for name, kind in c.keep.items():
+            values, bad = conform(table[name], kind, name)
+            kept.append(values)
+            error = pc.coalesce(error, bad)
+        if "_bad" in table.column_names:
+            error = pc.coalesce(table["_bad"], error)
+        return pa.table([ids, text, error, *kept], schema=c.schema())
+
+
+def conform(
+    values: pa.ChunkedArray | pa.Array | list, kind: pa.DataType, name: str
+) -> tuple[pa.Array, pa.Array]:
+    """A kept column (Arrow, or the Python values of a JSONL chunk) as ``kind``, its
+    type in the first input file, and per row the error of a cell that does not
+    convert (that cell becomes null)."""
+    mismatch = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+    no_error = pa.nulls(len(values), pa.string())
+    try:
+        if isinstance(values, list):
+            return pa.array(values, kind), no_error
+        values = (
+            values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        )
+        return (values if values.type == kind else pc.cast(values, kind)), no_error
+    except mismatch:
+        cells = values if isinstance(values, list) else values.to_pylist()
+    converted, errors = [], []
+    for value in cells:
+        try:
+            converted.append(pa.array([value], kind)[0].as_py())
+            errors.append(None)
+        except mismatch:
+            converted.append(None)
+            errors.append(f"bad_value: column {name!r}: {value!r} is not {kind}")
+    return pa.array(converted, kind), pa.array(errors, pa.string())
+
+
+def _positioned(table: pa.Table, start: int) -> pa.Table:
+    return table.append_column(
+        "_row", pa.array(range(start, start + table.num_rows), pa.int64())
+    )
 
 
 class ParquetRows(_RowSource):
     _FILE_EXTENSIONS = ["parquet", "pq"]
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
-        return filesystem.open_input_file(
-            path
-        )  # Parquet reads its footer first: seekable
+        # Parquet reads its footer first: seekable.
+        return filesystem.open_input_file(path)
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         pfile = pq.ParquetFile(f)
-        columns = [
-            c
-            for c in (self._text_column, self._id_column)
-            if c in pfile.schema_arrow.names
-        ]
-        for batch in pfile.iter_batches(columns=columns or None):
-            yield pa.Table.from_batches([batch])
+        c = self._columns
+        names = pfile.schema_arrow.names
+        wanted = [n for n in (c.text, c.id, *c.keep) if n and n in names]
+        start = 0
+        for batch in pfile.iter_batches(columns=list(dict.fromkeys(wanted)) or None):
+            yield _positioned(pa.Table.from_batches([batch]), start)
+            start += batch.num_rows
 
 
 class CSVRows(_RowSource):
+    """Text, id and kept columns as bytes, decoded here: as strings "007" would
+    become 7, "" a null, and one invalid UTF-8 byte would fail the whole file (a
+    kept CSV column is text, as the file has it). A line that does not parse (a
+    field too many or too few) is skipped by pyarrow's ``invalid_row_handler`` and
+    comes back as an error row at its own position."""
+
     _FILE_EXTENSIONS = ["csv"]
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        # Text and id as bytes, decoded here: as strings "007" would become 7, "" a
-        # null, and one invalid UTF-8 byte would fail the whole file.
-        columns = [c for c in (self._text_column, self._id_column) if c]
+        c = self._columns
+        columns = list(dict.fromkeys(n for n in (c.text, c.id, *c.keep) if n))
+        invalid: list[pacsv.InvalidRow] = []
+
+        def skip(row: pacsv.InvalidRow) -> str:
+            invalid.append(row)
+            return "skip"
+
         reader = pacsv.open_csv(
             f,
             read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(
+                invalid_row_handler=skip, newlines_in_values=True
+            ),
             convert_options=pacsv.ConvertOptions(
                 column_types=dict.fromkeys(columns, pa.binary())
             ),
         )
+        positions = _Positions()
         for batch in reader:
+            positions.skip(row.number - 2 for row in invalid)  # 1: the header row
             table = pa.Table.from_batches([batch])
-            bad: list[str | None] = [None] * table.num_rows
-            for column in columns:
-                if column in table.column_names:
-                    i = table.column_names.index(column)
-                    table = table.set_column(
-                        i, column, _decode(table[column], column, bad)
-                    )
-            yield table.append_column("_bad", pa.array(bad, pa.string()))
+            yield self._decoded(table, columns, positions.take(table.num_rows))
+            if invalid:
+                yield self._invalid(table.schema, invalid)
+                invalid.clear()
+
+    def _decoded(self, table: pa.Table, columns: list[str], rows: list[int]):
+        bad: list[str | None] = [None] * table.num_rows
+        for name in columns:
+            if name in table.column_names:
+                i = table.column_names.index(name)
+                table = table.set_column(i, name, _decode(table[name], name, bad))
+        table = table.append_column("_bad", pa.array(bad, pa.string()))
+        return table.append_column("_row", pa.array(rows, pa.int64()))
+
+    def _invalid(self, schema: pa.Schema, rows: list[pacsv.InvalidRow]) -> pa.Table:
+        columns = {
+            f.name: pa.nulls(len(rows), pa.string()) for f in schema if f.name
+        }  # every field null: the row has no values to trust
+        columns["_bad"] = pa.array(
+            [
+                f"bad_csv: line has {r.actual_columns} fields, expected "
+                f"{r.expected_columns}"
+                for r in rows
+            ],
+            pa.string(),
+        )
+        columns["_row"] = pa.array([r.number - 2 for r in rows], pa.int64())
+        return pa.table(columns)
+
+
+class _Positions:
+    """Row positions in a CSV file for the rows that parsed: counting, and
+    stepping over the positions of rows that did not."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.skipped: set[int] = set()
+
+    def skip(self, positions) -> None:
+        self.skipped.update(positions)
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.next not in self.skipped:
+                out.append(self.next)
+            self.next += 1
+        return out
 
 
 class JSONLRows(_RowSource):
@@ -153,40 +273,38 @@ class JSONLRows(_RowSource):
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         rows: list[dict] = []
+        start = 0
         for line in _lines(f):
             if line.strip():
-                rows.append(_parse_line(line, self._text_column))
+                rows.append(_parse_line(line, self._columns.text))
             if len(rows) == JSONL_CHUNK_ROWS:
-                yield self._rows_table(rows)
+                yield _positioned(self._rows_table(rows), start)
+                start += len(rows)
                 rows = []
         if rows:
-            yield self._rows_table(rows)
+            yield _positioned(self._rows_table(rows), start)
 
     def _rows_table(self, rows: list[dict]) -> pa.Table:
-        text = self._text_column
-        values = [r.get(text) for r in rows]
+        c = self._columns
+        values = [r.get(c.text) for r in rows]
         columns = {
-            text: pa.array(
+            c.text: pa.array(
                 [v if isinstance(v, str) else None for v in values], pa.string()
             )
         }
-        if self._id_column:
-            columns[self._id_column] = pa.array(
-                [
-                    None if r.get(self._id_column) is None else str(r[self._id_column])
-                    for r in rows
-                ],
+        if c.id:
+            columns[c.id] = pa.array(
+                [None if r.get(c.id) is None else str(r[c.id]) for r in rows],
                 pa.string(),
             )
+        bad = [_bad_value(r, v) for r, v in zip(rows, values, strict=True)]
+        for name, kind in c.keep.items():
+            if name not in columns:
+                cells, errors = conform([r.get(name) for r in rows], kind, name)
+                columns[name] = cells
+                bad = [b or e for b, e in zip(bad, errors.to_pylist(), strict=True)]
         table = pa.table(columns)
-        table = table.append_column(
-            "_bad",
-            pa.array(
-                [_bad_value(r, v) for r, v in zip(rows, values, strict=True)],
-                pa.string(),
-            ),
-        )
-        return table
+        return table.append_column("_bad", pa.array(bad, pa.string()))
 
 
 def _decode(column: pa.ChunkedArray, name: str, bad: list[str | None]) -> pa.Array:
@@ -231,7 +349,7 @@ def _bad_value(row: dict, value: object) -> str | None:
     if "__bad__" in row:
         return row["__bad__"]
     if value is None or isinstance(value, str):
-        return None  # null and empty are named by _check_text, as for every format
+        return None  # null and empty are named by check_text, as for every format
     return f"not_string: text is {type(value).__name__}"
 
 
@@ -242,15 +360,9 @@ SOURCES: dict[str, type[_RowSource]] = {
 }
 
 
-def read_rows(
-    inputs: ResolvedInputs, text_column: str, id_column: str | None
-) -> ray.data.Dataset:
-    """A streamed dataset of ``id``, ``_text``, ``_error`` rows over all inputs."""
+def read_rows(inputs: ResolvedInputs, columns: Columns) -> ray.data.Dataset:
+    """A streamed dataset of ``id``, ``_text``, ``_error`` and kept columns."""
     source = SOURCES[inputs.format](
-        inputs.paths,
-        text_column=text_column,
-        id_column=id_column,
-        filesystem=inputs.filesystem,
-        file_extensions=None,
+        inputs.paths, columns, filesystem=inputs.filesystem, file_extensions=None
     )
     return ray.data.read_datasource(source)

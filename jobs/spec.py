@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
@@ -19,6 +20,7 @@ from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     DEVICES,
     PRECISIONS,
+    TASK_COLUMNS,
     TASKS,
     ModelInfo,
     check_runs_on_gpu,
@@ -27,7 +29,14 @@ from lmbatch.actors.model_info import (
 from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, resolve_inputs
-from lmbatch.jobs.options import Flag, Spec, parse_auto_int, parse_range, parse_size
+from lmbatch.jobs.options import (
+    Flag,
+    Spec,
+    parse_auto_int,
+    parse_columns,
+    parse_range,
+    parse_size,
+)
 
 ON_LONG = ("truncate", "error")
 SERVE_TASKS = ("embed", "score", "classify")
@@ -86,6 +95,12 @@ class InferSpec(ModelFlags):
     id_column: str | None = Field(
         None, description="Column of row ids; default <file>#<row>."
     )
+    keep_columns: Annotated[
+        tuple[str, ...],
+        Flag(parse=parse_columns, metavar="COL[,COL...]|*"),
+        Field(description="Input columns copied to the output unchanged (types "
+              "kept; CSV columns are text); * for all of them."),
+    ] = ()  # fmt: skip
     input_format: Literal[FORMAT_NAMES] | None = Field(
         None, description="Default: from the file suffix."
     )
@@ -212,6 +227,7 @@ class InferPlan:
     max_length: int
     output_fs: pafs.FileSystem
     output_path: str
+    keep: dict[str, pa.DataType]  # --keep-columns and their types
 
 
 def prepare_infer(spec: InferSpec) -> InferPlan:
@@ -230,8 +246,37 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
+    keep = kept_columns(spec, inputs.schema)
     output_fs, output_path = check_output(spec.output, spec.overwrite or spec.resume)
-    return InferPlan(spec, inputs, info, model_dir, max_length, output_fs, output_path)
+    return InferPlan(
+        spec, inputs, info, model_dir, max_length, output_fs, output_path, keep
+    )
+
+
+RESERVED = ("id", "error", "_text", "_error", "_ids")  # the pipeline's own columns
+
+
+def kept_columns(spec: InferSpec, schema: pa.Schema) -> dict[str, pa.DataType]:
+    """``--keep-columns`` resolved against the first input file: name -> type.
+
+    Raises:
+        UserError: naming ``--keep-columns`` for a column the input lacks or the
+            output already has.
+    """
+    names = schema.names if spec.keep_columns == ("*",) else spec.keep_columns
+    taken = {*RESERVED, *TASK_COLUMNS[spec.task]}
+    for name in names:
+        if name not in schema.names:
+            raise UserError(
+                "--keep-columns",
+                f"no column {name!r} in the input (has {schema.names})",
+            )
+        if name in taken:
+            raise UserError(
+                "--keep-columns",
+                f"{name!r} is a column of the output already (--task {spec.task})",
+            )
+    return {name: schema.field(name).type for name in names}
 
 
 def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int:
@@ -253,8 +298,9 @@ def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int
                 f"{spec.max_length} is more than the model's {limit} positions",
             )
         return spec.max_length
-    if spec.task == "embed" and info.pooling.max_seq_length:
-        return min(info.pooling.max_seq_length, limit or info.pooling.max_seq_length)
+    st_limit = info.sentence.max_seq_length
+    if spec.task == "embed" and st_limit:
+        return min(st_limit, limit or st_limit)
     return limit or 512
 
 

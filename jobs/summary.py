@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
@@ -86,6 +87,7 @@ class Summary:
                 f"(mean {mean:.1f}) "
                 f"budget {list(a['budget_history'])} ooms {a['ooms']} "
                 f"peak {a['peak_memory_bytes'] / 2**20:.0f} MiB "
+                f"({a['memory_probe']}) "
                 f"model {a['device_seconds']:.1f}s of {a['busy_seconds']:.1f}s busy"
             )
         out.append(f"output {self.output}")
@@ -103,12 +105,7 @@ def build_summary(
 
     ``restored``: rows an earlier run of a resumed job had written; speeds count only
     the rows this run computed."""
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    errors: Counter[str] = Counter()
-    rows = 0
-    for batch in dataset.to_batches(columns=["error"]):
-        rows += batch.num_rows
-        errors.update(e.split(":", 1)[0] for e in batch.column(0).to_pylist() if e)
+    rows, errors = count_errors(pads.dataset(path, filesystem=fs, format="parquet"))
     tokens = sum(a["tokens"] for a in actors)
     computed = rows - restored
     return Summary(
@@ -117,13 +114,28 @@ def build_summary(
         seconds=round(seconds, 3),
         rows_per_second=round(computed / seconds, 2) if seconds else 0.0,
         tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
-        errors=dict(errors),
+        errors=errors,
         actors=actors,
         output=path,
         restored=restored,
         computed=computed,
         ran=sorted({f"{a['device']} in {a['precision']}" for a in actors}),
     )
+
+
+def count_errors(dataset: pads.Dataset) -> tuple[int, dict[str, int]]:
+    """(rows, errors by kind) of an output, counted by Arrow compute batch by batch:
+    a kind is the ``error`` value up to its first colon. No loop over rows, so a
+    hundred million rows count in the time it takes to read one column."""
+    rows, kinds = 0, Counter()
+    for batch in dataset.to_batches(columns=["error"]):
+        rows += batch.num_rows
+        errors = batch.column(0).drop_null()
+        if len(errors):
+            kind = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+            for found in pc.value_counts(kind).to_pylist():
+                kinds[found["values"]] += found["counts"]
+    return rows, dict(kinds)
 
 
 def write_summary(fs: pafs.FileSystem, path: str, summary: Summary) -> None:

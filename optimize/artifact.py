@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import module_meta
+from lmbatch.actors.sentence import module_folders
 
 # Files of the base model an artifact keeps as they are: tokenizer and pooling.
 COPIED = (
@@ -65,8 +66,8 @@ def save_artifact(
     for name in COPIED:
         if (base / name).is_file():
             shutil.copy(base / name, out / name)
-    for pooling in base.glob("*_Pooling"):
-        shutil.copytree(pooling, out / pooling.name)
+    for folder in module_folders(base):  # sentence-transformers' Pooling, Dense...
+        shutil.copytree(base / folder, out / folder)
     (out / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from lmbatch.actors.model_info import Pooling
+from lmbatch.actors.sentence import Sentence
 from lmbatch.optimize.calibrate import Batch
 
 
@@ -16,7 +16,7 @@ class Context:
     teacher: PreTrainedModel  # the original model, frozen: every step's reference
     tokenizer: object
     task: str  # embed | score | classify: decides losses and metrics
-    pooling: Pooling
+    sentence: Sentence
     calibration: list[str]  # text for statistics and training
     batches: list[Batch]  # the calibration text, tokenized once
     eval_batches: list[Batch]  # held-out text for fidelity

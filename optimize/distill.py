@@ -79,8 +79,8 @@ def distill_loss(
     mask = batch["attention_mask"]
     if ctx.task == "embed":
         t_hidden, s_hidden = teacher.last_hidden_state, out.last_hidden_state
-        t = F.normalize(pool(t_hidden, mask, ctx.pooling.mode), dim=-1)
-        s = F.normalize(pool(s_hidden, mask, ctx.pooling.mode), dim=-1)
+        t = F.normalize(pool(t_hidden, mask, ctx.sentence.modes), dim=-1)
+        s = F.normalize(pool(s_hidden, mask, ctx.sentence.modes), dim=-1)
         loss = (1 - (t * s).sum(dim=-1)).mean()
         if step.loss in ("auto", "mse"):
             loss = loss + hidden_loss(teacher.hidden_states, out.hidden_states, mask)

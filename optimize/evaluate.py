@@ -128,7 +128,9 @@ def sizes(model: nn.Module, path: Path, masks: dict[str, torch.Tensor]) -> dict:
 
 def _embed(model: nn.Module, batch: Batch, ctx: Context) -> torch.Tensor:
     hidden = model(**batch).last_hidden_state.float()
-    return F.normalize(pool(hidden, batch["attention_mask"], ctx.pooling.mode), dim=-1)
+    return F.normalize(
+        pool(hidden, batch["attention_mask"], ctx.sentence.modes), dim=-1
+    )
 
 
 def _accumulate(

@@ -78,7 +78,7 @@ def run_recipe(
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        pooling=info.pooling,
+        sentence=info.sentence,
         calibration=texts.calibration,
         batches=make_batches(
             tokenizer,

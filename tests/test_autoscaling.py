@@ -5,6 +5,8 @@ run on CPU and say so, which is what a broken driver would look like too."""
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,13 +39,18 @@ def infer(cluster, tiny_models, corpus, out, *flags: str):
     )  # fmt: skip
 
 
+def succeeds(cluster, tiny_models, corpus, out, *flags: str):
+    """(the command's output, the job's summary) of a job that must succeed."""
+    done = infer(cluster, tiny_models, corpus, out, *flags)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, json.loads((out / "_summary.json").read_text())
+
+
 def test_a_gpu_job_has_the_autoscaler_start_a_gpu_node(
     cluster, tiny_models, corpus, tmp_path
 ):
     out = tmp_path / "out"
-    done = infer(cluster, tiny_models, corpus, out, "--device", "cuda")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((out / "_summary.json").read_text())
+    printed, summary = succeeds(cluster, tiny_models, corpus, out, "--device", "cuda")
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
     assert sorted(ids) == [f"doc-{i:03d}" for i in range(120)]
     assert summary["ran"] == [f"{NO_CUDA} in fp32"]
@@ -53,22 +60,35 @@ def test_a_gpu_job_has_the_autoscaler_start_a_gpu_node(
     # Sized for the smaller of the two GPU types, before either had started.
     assert "up to 2; sized for the smallest, 2 GB (gpu.small)" in summary["pool"]
     # The job said what it waited for (the node, then its actor), not silence.
-    assert "(waiting for 1 of 1 GPU actors" in done.stdout
+    assert "(waiting for 1 of 1 GPU actors" in printed
 
 
 def test_auto_takes_the_gpus_the_autoscaler_can_add(
     cluster, tiny_models, corpus, tmp_path
 ):
-    out = tmp_path / "out"
-    done = infer(cluster, tiny_models, corpus, out, "--gpus", "2")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((out / "_summary.json").read_text())
+    _, summary = succeeds(cluster, tiny_models, corpus, tmp_path / "out", "--gpus", "2")
     assert summary["rows"] == 120
     assert summary["pool"].startswith("2 GPU actors, 1 per GPU, on 2 GPUs")
-    # The whole pool started, one actor on each GPU node the autoscaler added (120
-    # rows may all go to the first one up: the pool does not wait to dispatch).
-    nodes = {a["node"] for a in summary["actors"]}
-    assert len(nodes) == 2 and all(n.startswith("ffffffff") for n in nodes)
+    # The whole pool was asked for, so the autoscaler brought up a node of each type
+    # (120 rows may be done before the second node's actor starts: the pool does
+    # not wait to dispatch).
+    assert all(a["node"].startswith("ffffffff") for a in summary["actors"])
+    deadline = time.monotonic() + 60
+    while gpus_up(cluster) < 2:
+        assert time.monotonic() < deadline, "the autoscaler did not add the GPUs"
+        time.sleep(1)
+
+
+def gpus_up(cluster) -> int:
+    """GPUs of the cluster's live nodes, as its dashboard lists them."""
+    request = urllib.request.Request(
+        cluster.address + "/api/v0/nodes",
+        headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        nodes = json.loads(r.read())["data"]["result"]["result"]
+    alive = [n for n in nodes if n["state"] == "ALIVE"]
+    return int(sum(n["resources_total"].get("GPU", 0) for n in alive))
 
 
 def test_more_gpus_than_the_cluster_can_have_is_one_line(

@@ -89,11 +89,19 @@ def test_each_actor_sizes_batches_to_its_share_of_the_gpu():
     assert cuda_free(70 * gib, 0, 20 * gib, limit) == 0
 
 
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, ON_CUDA])]
+)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "nf4"])
-def test_footprint_from_headers_matches_the_loaded_model(precision, tiny_models):
+def test_footprint_from_headers_matches_the_loaded_model(
+    device, precision, tiny_models
+):
     path = tiny_models["bert64"]
-    loaded = load_model(ModelSpec(path, "embed", precision), "cpu")
-    estimate = model_bytes(path, precision, "cpu")
+    loaded = load_model(ModelSpec(path, "embed", precision), device)
+    estimate = model_bytes(path, precision, device)
     assert estimate == pytest.approx(loaded.get_memory_footprint(), rel=0.05)
 
 

@@ -68,3 +68,44 @@ def test_filesystem_uris_resolve_like_paths(tmp_path):
     assert got.paths == [str(tmp_path / "d" / "a.csv")]
     directory = resolve_inputs([f"file://{tmp_path}/d"], None, "text", None)
     assert directory.paths == got.paths
+
+
+def test_underscore_and_dot_folders_are_skipped_at_every_depth(tmp_path):
+    """d/{a.csv, sub/b.csv, _checkpoint/c.csv, sub/.cache/e.csv}: only the data."""
+    for name in ("a.csv", "sub/b.csv", "_checkpoint/c.csv", "sub/.cache/e.csv"):
+        touch_csv(tmp_path / "d" / name)
+    data = [str(tmp_path / "d" / "a.csv"), str(tmp_path / "d" / "sub" / "b.csv")]
+    assert resolve_inputs([str(tmp_path / "d")], None, "text", None).paths == data
+    both = resolve_inputs([str(tmp_path / "d" / "**" / "*.csv")], None, "text", None)
+    assert both.paths == data
+
+
+def test_a_star_stops_at_a_slash_and_two_cross_directories(tmp_path):
+    for name in ("a.csv", "sub/b.csv", "sub/deeper/c.csv"):
+        touch_csv(tmp_path / "d" / name)
+    top = resolve_inputs([str(tmp_path / "d" / "*.csv")], None, "text", None)
+    assert top.paths == [str(tmp_path / "d" / "a.csv")]
+    one_down = resolve_inputs([str(tmp_path / "d" / "*" / "*.csv")], None, "text", None)
+    assert one_down.paths == [str(tmp_path / "d" / "sub" / "b.csv")]
+    every = resolve_inputs([str(tmp_path / "d" / "**" / "*.csv")], None, "text", None)
+    assert len(every.paths) == 3
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_lmbatch_output_read_as_input_gives_its_data_only(
+    tiny_models, corpus, tmp_path
+):
+    from helpers import run_job
+
+    first, _ = run_job(
+        tmp_path / "first", model=tiny_models["bert"], inputs=corpus["parquet"],
+        task="embed", id_column="doc",
+    )  # fmt: skip
+    assert (tmp_path / "first" / "_checkpoint").is_dir()
+    got = resolve_inputs([str(tmp_path / "first")], None, "id", None)
+    assert got.paths and all("/_" not in p for p in got.paths)
+    again, summary = run_job(
+        tmp_path / "again", model=tiny_models["bert"], inputs=str(tmp_path / "first"),
+        task="embed", text_column="id", id_column="id",
+    )  # fmt: skip
+    assert summary.rows == 120 and set(again) == set(first)

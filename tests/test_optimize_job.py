@@ -82,9 +82,9 @@ def test_optimize_writes_a_measured_artifact_that_infer_loads(
     assert summary.rows == 120 and not summary.errors
     assert len(next(iter(rows.values()))["embedding"]) == 32
     # The base's sentence-transformers pooling (CLS, not normalised) came along.
-    base = inspect_model(tiny_models["bert_st"], "embed").pooling
-    assert inspect_model(str(out), "embed").pooling == base
-    assert base.mode == "cls" and not base.normalize
+    base = inspect_model(tiny_models["bert_st"], "embed").sentence
+    assert inspect_model(str(out), "embed").sentence == base
+    assert base.modes == ("cls",) and "normalize" not in base.steps
 
 
 def test_optimize_causal_lm_reports_perplexity(

@@ -34,7 +34,7 @@ def context(path: str, task: str) -> Context:
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        pooling=inspect_model(path, task).pooling,
+        sentence=inspect_model(path, task).sentence,
         calibration=texts,
         batches=make_batches(tokenizer, texts, 32, 16),
         eval_batches=make_batches(tokenizer, sentences(32, seed=2), 32, 16),

@@ -21,7 +21,8 @@ from ray import serve
 from ray_head import LMBATCH, free_port
 
 from lmbatch.errors import UserError
-from lmbatch.jobs.serve import ServeSpec, deploy, prepare_serve
+from lmbatch.jobs.serve import deploy, prepare_serve
+from lmbatch.jobs.spec import ServeSpec
 
 TEXTS = ["the water is long", "a", "one day they could see the oil", "he was here"]
 

@@ -1,0 +1,185 @@
+"""sentence-transformers models, built with its own classes from a tiny BERT: for every
+module combination lmbatch runs, its embeddings equal ``SentenceTransformer.encode``;
+anything else is refused with one line naming the module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentences
+from helpers import run_job
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer import modules as st
+
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
+from lmbatch.errors import UserError
+from lmbatch.jobs.spec import InferSpec, max_length_of
+
+# Mixed case, and long enough that max_seq_length cuts some of them.
+TEXTS = [t.upper() if i % 3 == 0 else t for i, t in enumerate(sentences(24, seed=5))]
+TEXTS += ["the WATER is long", "the water is long"]
+WIDE = 32 * 2  # hidden 32, two pooling modes
+
+
+def build(root, name, tiny_models, modules, max_seq_length=None, lowercase=False):
+    """Save ``Transformer + modules`` with sentence-transformers; return its dir."""
+    transformer = st.Transformer(
+        tiny_models["bert"], max_seq_length=max_seq_length, do_lower_case=lowercase
+    )
+    model = SentenceTransformer(modules=[transformer, *modules(transformer)])
+    path = root / name
+    model.save(str(path))
+    return str(path)
+
+
+COMBINATIONS = {
+    **{
+        mode: lambda t, m=mode: [st.Pooling(32, pooling_mode=m)]
+        for mode in (
+            "cls",
+            "max",
+            "mean",
+            "mean_sqrt_len_tokens",
+            "weightedmean",
+            "lasttoken",
+        )
+    },  # fmt: skip
+    "cls+max, normalized": lambda t: [
+        st.Pooling(32, pooling_mode=("cls", "max")),
+        st.Normalize(),
+    ],
+    "mean, dense tanh, normalized": lambda t: [
+        st.Pooling(32, pooling_mode="mean"),
+        st.Dense(32, 16, activation_function=torch.nn.Tanh()),
+        st.Normalize(),
+    ],
+    "weightedmean+lasttoken, two dense": lambda t: [
+        st.Pooling(32, pooling_mode=("weightedmean", "lasttoken")),
+        st.Dense(WIDE, 24, activation_function=torch.nn.GELU()),
+        st.Dense(24, 8, bias=False, activation_function=torch.nn.Identity()),
+    ],
+    "dense with a residual": lambda t: [
+        st.Pooling(32, pooling_mode="max"),
+        st.Dense(32, 32, activation_function=torch.nn.ReLU(), use_residual=True),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def st_models(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("st")
+    made = {
+        name: build(root, name.replace(" ", "_"), tiny_models, modules)
+        for name, modules in COMBINATIONS.items()
+    }
+    made["lowercase, 12 tokens"] = legacy_lowercase(root, tiny_models)
+    return made
+
+
+def legacy_lowercase(root, tiny_models) -> str:
+    """An older layout: sentence_bert_config.json holds max_seq_length and
+    do_lower_case, the Pooling config one flag per mode, module types under
+    sentence_transformers.models."""
+    path = build(
+        root, "legacy", tiny_models, lambda t: [st.Pooling(32, pooling_mode="mean")]
+    )
+    (root / "legacy" / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 12, "do_lower_case": True})
+    )
+    (root / "legacy" / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
+    listing = root / "legacy" / "modules.json"
+    modules = json.loads(listing.read_text())
+    for m, kind in zip(modules, ["Transformer", "Pooling"], strict=True):
+        m["type"] = f"sentence_transformers.models.{kind}"
+    listing.write_text(json.dumps(modules))
+    return path
+
+
+def lmbatch_embeddings(path: str) -> np.ndarray:
+    info = inspect_model(path, "embed")
+    max_length = max_length_of(InferSpec(model=path, inputs=("x",), task="embed",
+                                         output="o"), info)  # fmt: skip
+    actor = Predictor(
+        PredictorConfig(ModelSpec(path, "embed"), info, max_length=max_length)
+    )
+    tokens = TokenizeConfig(path, max_length, lowercase=info.sentence.lowercase)
+    out = actor(actor_batch(TEXTS, tokens))
+    assert out["error"].null_count == len(TEXTS)
+    return np.array(out["embedding"].to_pylist(), dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", [*COMBINATIONS, "lowercase, 12 tokens"])
+def test_embeddings_equal_sentence_transformers(name, st_models):
+    path = st_models[name]
+    want = SentenceTransformer(path, device="cpu").encode(TEXTS, batch_size=7)
+    got = lmbatch_embeddings(path)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_lowercasing_and_the_length_limit_are_honoured(st_models):
+    got = lmbatch_embeddings(st_models["lowercase, 12 tokens"])
+    np.testing.assert_array_equal(got[-2], got[-1])  # "WATER" is "water"
+    info = inspect_model(st_models["lowercase, 12 tokens"], "embed")
+    assert (info.sentence.max_seq_length, info.sentence.lowercase) == (12, True)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_whole_job_matches_too(st_models, corpus, tmp_path):
+    path = st_models["mean, dense tanh, normalized"]
+    rows, _ = run_job(
+        tmp_path / "out", model=path, inputs=corpus["parquet"], task="embed",
+        id_column="doc",
+    )  # fmt: skip
+    want = SentenceTransformer(path, device="cpu").encode(corpus["texts"])
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda d: _module(d, "sentence_transformers.models.LayerNorm"), "LayerNorm"),
+        (lambda d: _module(d, "my_package.MyPooling"), "my_package.MyPooling"),
+        (lambda d: _pooling(d, {"pooling_mode": "median"}), "pooling ['median']"),
+        (
+            lambda d: _dense_activation(d, "torch.nn.modules.activation.Softmax"),
+            "activation torch.nn.modules.activation.Softmax",
+        ),
+    ],  # fmt: skip
+)
+def test_what_lmbatch_cannot_run_is_refused_naming_the_module(
+    change, named, st_models, tmp_path
+):
+    path = tmp_path / "model"
+    shutil.copytree(st_models["mean, dense tanh, normalized"], path)
+    change(path)
+    with pytest.raises(UserError) as e:
+        inspect_model(str(path), "embed")
+    assert e.value.where == "--model" and named in e.value.message
+    assert "modules.json: module" in e.value.message
+
+
+def _module(path, kind: str) -> None:
+    listing = json.loads((path / "modules.json").read_text())
+    listing.append({"idx": 9, "name": "9", "path": "9_X", "type": kind})
+    (path / "modules.json").write_text(json.dumps(listing))
+
+
+def _pooling(path, config: dict) -> None:
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+
+
+def _dense_activation(path, name: str) -> None:
+    file = path / "2_Dense" / "config.json"
+    config = json.loads(file.read_text())
+    config["activation_function"] = name
+    file.write_text(json.dumps(config))
