@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -59,10 +59,11 @@ class PredictorConfig:
     stats: object | None = None  # a StatsSink actor handle, or None
 
 
-def make_head(config: PredictorConfig, model, tokenizer, device) -> TaskHead:
+def make_head(
+    config: PredictorConfig, model_dir: str, model, tokenizer, device
+) -> TaskHead:
     task = config.model.task
     if task == "embed":
-        model_dir = fetch_model(config.model.path)  # its sentence-transformers modules
         return Embed(config.info.sentence, model.config.hidden_size, model_dir, device)
     if task == "score":
         return Score()
@@ -78,11 +79,13 @@ class Predictor:
         warnings.filterwarnings("ignore", message="MatMul8bitLt")
         self.config = config
         self.device, device_name = actor_device(config.device)
-        self.model = load_model(config.model, self.device.type)
-        self.tokenizer = load_tokenizer(
-            config.model.path, config.model.trust_remote_code
+        # A URI's copy on this node, fetched once: weights, tokenizer, ST modules.
+        spec = replace(config.model, path=fetch_model(config.model.path))
+        self.model = load_model(spec, self.device.type)
+        self.tokenizer = load_tokenizer(spec.path, spec.trust_remote_code)
+        self.head = make_head(
+            config, spec.path, self.model, self.tokenizer, self.device
         )
-        self.head = make_head(config, self.model, self.tokenizer, self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
@@ -95,7 +98,7 @@ class Predictor:
             node=_node_id(),
             pid=os.getpid(),
             device=device_name,
-            precision=ran_precision(config.model, self.device.type),
+            precision=ran_precision(spec, self.device.type),
             threads=config.threads,
             memory_limit_bytes=self.memory.capacity(),
             memory_probe=self.memory.method,

@@ -63,9 +63,8 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         actors = ray.get(sink.snapshot.remote())
         ray.kill(sink)  # named actors outlive their handles
         summary = build_summary(
-            plan.output_fs, plan.output_path, seconds, actors, restored
+            plan.output_fs, plan.output_path, seconds, actors, restored, sized
         )
-        summary.pool = sized
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 

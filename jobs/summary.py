@@ -100,6 +100,7 @@ def build_summary(
     seconds: float,
     actors: list[dict],
     restored: int = 0,
+    pool: str = "",
 ) -> Summary:
     """Count rows and errors in the written output and merge the actors' stats.
 
@@ -120,6 +121,7 @@ def build_summary(
         restored=restored,
         computed=computed,
         ran=sorted({f"{a['device']} in {a['precision']}" for a in actors}),
+        pool=pool,
     )
 
 
