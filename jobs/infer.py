@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 
 import ray
@@ -179,19 +180,25 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
         batch_format="pyarrow",
         num_cpus=TOKENIZE_CPUS,
     )
-    return ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"config": predictor},
-        batch_size=rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            min_size=pool.min_actors, max_size=pool.max_actors
-        ),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus or None,
-        memory=pool.memory,
-        # A killed or preempted actor always comes back; a batch that kills its actor
-        # MAX_TASK_RETRIES times fails the job (then --resume) instead of looping.
-        max_restarts=-1,
-        max_task_retries=MAX_TASK_RETRIES,
-    )
+    # Ray 2.60 has no named parameter for the retry limits and warns about every
+    # keyword it passes on to the actors; pyproject keeps ray below 2.64, where that
+    # pass-through is removed.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"config": predictor},
+            batch_size=rows,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=pool.min_actors, max_size=pool.max_actors
+            ),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+            memory=pool.memory,
+            # A killed or preempted actor always comes back; a batch that kills its
+            # actor MAX_TASK_RETRIES times fails the job (then --resume) instead of
+            # looping.
+            max_restarts=-1,
+            max_task_retries=MAX_TASK_RETRIES,
+        )
