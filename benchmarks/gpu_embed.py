@@ -19,7 +19,8 @@ Models are directories (``../shared/gpu/make_models.py`` writes minilm, bertbase
 llama1b with random weights; both tools load the same weights).
 
 Usage: python benchmarks/gpu_embed.py [--rows 1000000] [--models /tmp/models]
-           [--only embed,precision,score,generate] [--device cuda]
+           [--only embed,precision,score,generate] [--embed-models minilm,bertbase]
+           [--device cuda]
 """
 
 from __future__ import annotations
@@ -208,11 +209,12 @@ HEADER = [
 ]
 
 
-def embed_part(models: Path, rows: int, device: str, tmp: Path) -> list[str]:
+def embed_part(models: Path, names: list[str], rows: int, device: str,
+               tmp: Path) -> list[str]:  # fmt: skip
     inp = tmp / f"rows-{rows}.parquet"
     corpus_rows(rows, inp)
     lines = []
-    for name in ("minilm", "bertbase"):
+    for name in names:
         model = str(models / name)
         st = baseline("st", model, inp, tmp / f"st-{name}", device)
         half = HALF[device]
@@ -258,7 +260,7 @@ def llm_part(kind: str, models: Path, rows: int, device: str, tmp: Path) -> list
 
 def gpu_name(device: str) -> str:
     if device != "cuda":
-        return f"CPU, {os.cpu_count()} cores"
+        return "CPU"  # append_results adds the core count
     import torch
 
     return torch.cuda.get_device_name()
@@ -270,25 +272,29 @@ def main() -> None:
     parser.add_argument("--llm-rows", type=int, default=4000)
     parser.add_argument("--models", type=Path, default=Path("/tmp/models"))
     parser.add_argument("--only", default=",".join(PARTS))
+    parser.add_argument("--embed-models", default="minilm,bertbase")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    lines = []
+    parts = args.only.split(",")
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"--only: unknown part {sorted(unknown)}; use {PARTS}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for part in args.only.split(","):
+        # Each part is recorded as soon as it ends: a GPU machine's time is short, and
+        # a run cut off by its time limit keeps what it finished.
+        for part in parts:
             if part == "embed":
-                lines += embed_part(args.models, args.rows, args.device, tmp)
+                names = args.embed_models.split(",")
+                lines = embed_part(args.models, names, args.rows, args.device, tmp)
             elif part == "precision":
-                lines += precision_part(args.models, args.llm_rows, args.device, tmp)
-            elif part in ("score", "generate"):
-                lines += llm_part(part, args.models, args.llm_rows, args.device, tmp)
+                lines = precision_part(args.models, args.llm_rows, args.device, tmp)
             else:
-                raise SystemExit(f"--only: unknown part {part!r}; use {PARTS}")
-    append_results(f"gpu_embed on {gpu_name(args.device)}", lines)
+                lines = llm_part(part, args.models, args.llm_rows, args.device, tmp)
+            append_results(f"gpu_embed {part} on {gpu_name(args.device)}", lines)
 
 
 if __name__ == "__main__":
