@@ -47,11 +47,25 @@ def job(tmp_path, tiny_models, corpus, task: str, precision: str, **flags):
     )
 
 
+@pytest.fixture(scope="module")
+def cpu_rows(tiny_models, corpus, tmp_path_factory):
+    """cpu_rows(task): the fp32 CPU job's rows, one job per task for all precisions."""
+    done: dict[str, dict] = {}
+
+    def rows(task: str) -> dict:
+        if task not in done:
+            out = tmp_path_factory.mktemp(f"cpu-{task}")
+            done[task], _ = job(out, tiny_models, corpus, task, "fp32", device="cpu")
+        return done[task]
+
+    return rows
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("task", list(TASK_MODELS))
 def test_every_task_and_precision_runs_on_cuda(
-    task, precision, tiny_models, corpus, tmp_path
+    task, precision, tiny_models, corpus, cpu_rows, tmp_path
 ):
     rows, summary = job(tmp_path, tiny_models, corpus, task, precision)
     assert summary.rows == len(rows) == 120 and summary.errors == {}
@@ -62,8 +76,7 @@ def test_every_task_and_precision_runs_on_cuda(
     assert all(r.startswith("cuda (") for r in summary.ran), summary.ran
     if precision == "nf4" or task == "generate":
         return  # 4-bit drifts too far on 32-wide layers; greedy text may differ
-    cpu, _ = job(tmp_path, tiny_models, corpus, task, "fp32", device="cpu")
-    assert_close(task, rows, cpu, TOLERANCE[precision])
+    assert_close(task, rows, cpu_rows(task), TOLERANCE[precision])
 
 
 def assert_close(task: str, got: dict, want: dict, tolerance: float) -> None:
