@@ -9,6 +9,7 @@ cluster how large it is, without loading anything onto it.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
     dense = FLOAT_BYTES.get(precision, FLOAT_BYTES[compute])
     total = 0.0
     for name, shape, integer_bytes in _tensors(Path(path)):
-        count = _numel(shape)
+        count = math.prod(shape)
         if integer_bytes:  # ids, int8 layers, codebook indices: kept as stored
             total += count * integer_bytes
         elif precision in QUANTISED_BYTES and _quantised(name, shape):
@@ -76,10 +77,3 @@ def _quantised(name: str, shape: list[int]) -> bool:
     return (
         len(shape) == 2 and name.endswith("weight") and not NOT_QUANTISED.search(name)
     )
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count

@@ -119,10 +119,9 @@ def fingerprint(model_dir: str) -> str:
     listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                for p in files]  # fmt: skip
     key = hashlib.sha256(json.dumps([str(root.resolve()), listing]).encode())
-    for cached in (
-        root / FINGERPRINT_FILE,
-        _fingerprints() / f"{key.hexdigest()}.json",
-    ):
+    # Beside the model, or where its folder is read-only, in the lmbatch cache.
+    places = (root / FINGERPRINT_FILE, _fingerprints() / f"{key.hexdigest()}.json")
+    for cached in places:
         if cached.is_file():
             known = json.loads(cached.read_text())
             if known.get("listing") == json.loads(json.dumps(listing)):
@@ -134,15 +133,12 @@ def fingerprint(model_dir: str) -> str:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
     record = {"listing": listing, "digest": digest.hexdigest()[:32]}
-    for cached in (
-        root / FINGERPRINT_FILE,
-        _fingerprints() / f"{key.hexdigest()}.json",
-    ):
+    for cached in places:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(record))
             break
-        except OSError:  # a read-only model folder: the cache keeps it instead
+        except OSError:  # a read-only model folder
             continue
     return record["digest"]
 

@@ -32,7 +32,7 @@ LEGACY_MODES = {
 # Dense activations by the class name sentence-transformers saves: a whitelist, never
 # an import of whatever a config names.
 ACTIVATIONS = {
-    f"torch.nn.modules.{module}.{name}": name.lower()
+    f"torch.nn.modules.{module}.{name}": name
     for module, name in [
         ("linear", "Identity"),
         ("activation", "Tanh"),
@@ -52,7 +52,7 @@ class Dense:
     in_features: int
     out_features: int
     bias: bool
-    activation: str  # a value of ACTIVATIONS
+    activation: str  # a torch.nn class name, a value of ACTIVATIONS
     residual: bool = False  # out = activation(linear(x)) + x
 
 
