@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -216,7 +217,7 @@ class CSVRows(_RowSource):
                 yield self._invalid(table.schema, invalid)
                 invalid.clear()
 
-    def _decoded(self, table: pa.Table, columns: list[str], rows: list[int]):
+    def _decoded(self, table: pa.Table, columns: list[str], rows: np.ndarray):
         bad: list[str | None] = [None] * table.num_rows
         for name in columns:
             if name in table.column_names:
@@ -252,12 +253,15 @@ class _Positions:
     def skip(self, positions) -> None:
         self.skipped.update(positions)
 
-    def take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.next not in self.skipped:
-                out.append(self.next)
-            self.next += 1
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` positions, without a Python loop over the rows."""
+        if n == 0:
+            return np.empty(0, np.int64)
+        ahead = [p for p in self.skipped if p >= self.next]
+        span = np.arange(self.next, self.next + n + len(ahead), dtype=np.int64)
+        out = span[~np.isin(span, ahead)][:n]
+        self.next = int(out[-1]) + 1
+        self.skipped = {p for p in ahead if p >= self.next}
         return out
 
 
