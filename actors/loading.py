@@ -237,7 +237,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool =
     first, as sentence-transformers does."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            fetch_model(path), trust_remote_code=trust_remote_code
+            fetch_model(path, weights=False), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise UserError(

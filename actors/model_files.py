@@ -6,7 +6,8 @@ node's cache, ``$LMBATCH_CACHE`` (default ``~/.cache/lmbatch``), in a directory 
 by the digest of the files' content, so two URIs of the same weights share one copy.
 An index keyed by the URI and its listing (names, sizes, modification times) finds that
 copy again without downloading; a lock makes the actors of one node wait for the first
-one's download instead of each fetching the model.
+one's download instead of each fetching the model. The tokenize tasks, which may run
+on nodes that hold no actor, fetch everything but the weights.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from lmbatch.actors.storage import filesystem_of, is_local
 from lmbatch.errors import UserError
 
 CHUNK = 8 << 20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
 
 
-def fetch_model(uri: str) -> str:
+def fetch_model(uri: str, weights: bool = True) -> str:
     """A local directory holding the model at ``uri``: the directory itself for a
-    local path, else this node's cached copy, downloaded the first time.
+    local path, else this node's cached copy, downloaded the first time. Without
+    ``weights``, the copy holds the configs and tokenizer files only.
 
     Raises:
         UserError: naming ``--model`` when the URI cannot be read.
@@ -39,6 +42,8 @@ def fetch_model(uri: str) -> str:
     if is_local(fs):
         return path
     files = _listing(fs, path, uri)
+    if not weights:
+        files = [f for f in files if not f[0].endswith(WEIGHT_SUFFIXES)]
     root = cache_root()
     key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:32]
     index = root / "index" / f"{key}.json"

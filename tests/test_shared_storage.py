@@ -118,6 +118,18 @@ def test_a_node_downloads_a_model_once_into_a_cache_keyed_by_content(
     ).read_text()
 
 
+def test_the_tokenize_stage_fetches_a_model_without_its_weights(bucket, tiny_models):
+    from lmbatch.actors.loading import load_tokenizer
+
+    uri = bucket.upload(tiny_models["bert"], "models/tokenizer-only")
+    path = Path(fetch_model(uri, weights=False))
+    names = {p.name for p in path.iterdir()}
+    assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
+    assert path != Path(fetch_model(uri))  # the whole model is a copy of its own
+    tokenizer = load_tokenizer(uri)
+    assert tokenizer("a text")["input_ids"]
+
+
 def test_an_optimize_artifact_written_to_object_storage_and_read_back(
     bucket, tiny_models, corpus, tmp_path
 ):
