@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict
 
 import ray
@@ -78,7 +79,9 @@ def main(model: str, data: str, output: str, *rest: str) -> None:
         # checks).
         context = ray.data.DataContext.get_current()
         context.wait_for_min_actors_s = 120
-        context.actor_locality_enabled = False
+        with warnings.catch_warnings():  # deprecated in 2.60, still honoured
+            warnings.simplefilter("ignore")
+            context.execution_options.actor_locality_enabled = False
         spec = InferSpec(
             model=model,
             inputs=(data,),

@@ -28,14 +28,19 @@ def run_script(*args) -> dict:
 
 
 def test_actors_spread_over_nodes_each_with_its_own_budget(tiny_models, tmp_path):
-    # Three files: three read tasks, so blocks exist for every actor to take one.
+    # Six files: six read tasks, so blocks exist for every actor to take some.
     data, out = tmp_path / "rows", tmp_path / "out"
     data.mkdir()
-    for i in range(3):
-        write_rows(data / f"part-{i}.jsonl", 200, start=200 * i)
+    for i in range(6):
+        write_rows(data / f"part-{i}.jsonl", 100, start=100 * i)
+    # Ray Data hands a block to the least busy actor: were each block done before the
+    # next one is tokenized, the first actor would be the least busy every time and
+    # take them all. 48 new tokens a row (of the tiny model's 64 positions) keep an
+    # actor busy that long.
     result = run_script(
-        tiny_models["gpt2"], data, out, "task=generate", "batch_rows=20"
-    )
+        tiny_models["gpt2"], data, out, "task=generate", "batch_rows=20",
+        "max_new_tokens=48",
+    )  # fmt: skip
     summary, nodes = result["summary"], result["nodes"]
 
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
