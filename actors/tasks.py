@@ -58,11 +58,16 @@ class Embed:
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        embedding = pool(hidden, mask, self.modes)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return {"embedding": self.embedding(hidden, mask)}
+
+    def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Right-padded token states to the model's sentence embedding (also what an
+        optimize job measures fidelity on and distils towards)."""
+        embedding = pool(hidden.float(), mask, self.modes)
         for step in self.steps:
             embedding = step(embedding)
-        return {"embedding": embedding}
+        return embedding
 
     def columns(self, host: Columns) -> Columns:
         return host
@@ -76,7 +81,7 @@ def _dense(model_dir: str, dense: Dense, device: torch.device):
     linear.load_state_dict(
         {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     )
-    linear = linear.float().to(device).eval()
+    linear = linear.float().to(device).eval().requires_grad_(False)
     activation = getattr(nn, dense.activation)()  # whitelisted by read_sentence
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from lmbatch.actors.sentence import Sentence
+from lmbatch.actors.model_info import inspect_model
+from lmbatch.actors.tasks import Embed
 from lmbatch.optimize.calibrate import Batch
 
 
@@ -16,7 +17,7 @@ class Context:
     teacher: PreTrainedModel  # the original model, frozen: every step's reference
     tokenizer: object
     task: str  # embed | score | classify: decides losses and metrics
-    sentence: Sentence
+    embed: Embed | None  # the infer job's embedding head (embed): pooling, Dense, ...
     calibration: list[str]  # text for statistics and training
     batches: list[Batch]  # the calibration text, tokenized once
     eval_batches: list[Batch]  # held-out text for fidelity
@@ -34,3 +35,13 @@ class Context:
         with torch.no_grad():
             for name, mask in self.masks.items():
                 model.get_parameter(name).mul_(mask)
+
+
+def embed_head(path: str, task: str, teacher: PreTrainedModel) -> Embed | None:
+    """The infer job's embedding head for the model at ``path`` (None for other
+    tasks): fidelity and distillation compare the vectors a user gets, after every
+    sentence-transformers module, not the pooled token states."""
+    if task != "embed":
+        return None
+    sentence = inspect_model(path, task).sentence
+    return Embed(sentence, teacher.config.hidden_size, path, teacher.device)

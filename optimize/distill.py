@@ -3,8 +3,8 @@ original model (the teacher).
 
 Losses by task: logits (causal LM, classifier) get KL(teacher_T || student_T) x T^2,
 weighted ``alpha`` against the hard next-token loss where the text is its own label;
-embedding models get 1 - cosine of the pooled, normalised embeddings plus the MSE of
-the token states when both have the same width. The student is the model itself
+embedding models get 1 - cosine of the final embeddings (the infer head's) plus the
+MSE of the token states when both have the same width. The student is the model itself
 (recovery after pruning), every k-th teacher block (``layers``, as DistilBERT was
 initialised), or a smaller model from a directory.
 """
@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmbatch.actors.loading import TASK_MODEL_CLASSES
-from lmbatch.actors.tasks import pool
 from lmbatch.errors import UserError
 from lmbatch.optimize.arch import layer_list
 from lmbatch.optimize.calibrate import Batch, make_batches
@@ -79,8 +78,8 @@ def distill_loss(
     mask = batch["attention_mask"]
     if ctx.task == "embed":
         t_hidden, s_hidden = teacher.last_hidden_state, out.last_hidden_state
-        t = F.normalize(pool(t_hidden, mask, ctx.sentence.modes), dim=-1)
-        s = F.normalize(pool(s_hidden, mask, ctx.sentence.modes), dim=-1)
+        t = F.normalize(ctx.embed.embedding(t_hidden, mask), dim=-1)
+        s = F.normalize(ctx.embed.embedding(s_hidden, mask), dim=-1)
         loss = (1 - (t * s).sum(dim=-1)).mean()
         if step.loss in ("auto", "mse"):
             loss = loss + hidden_loss(teacher.hidden_states, out.hidden_states, mask)
@@ -164,5 +163,12 @@ def _load_student(path: str, ctx: Context, where: str) -> PreTrainedModel:
             f"{where}.student",
             f"vocabulary of {student.config.vocab_size} tokens differs from the "
             f"teacher's {ctx.teacher.config.vocab_size}; they must share a tokenizer",
+        )
+    width, teacher_width = student.config.hidden_size, ctx.teacher.config.hidden_size
+    if ctx.task == "embed" and width != teacher_width:
+        raise UserError(  # the artifact keeps the teacher's pooling and Dense modules
+            f"{where}.student",
+            f"hidden size {width} differs from the teacher's {teacher_width}; an "
+            "embedding model's student must keep its width",
         )
     return student

@@ -21,7 +21,6 @@ from torch import nn
 
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predictor import Predictor, PredictorConfig
-from lmbatch.actors.tasks import pool
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 from lmbatch.optimize.calibrate import Batch
 from lmbatch.optimize.context import Context
@@ -127,10 +126,8 @@ def sizes(model: nn.Module, path: Path, masks: dict[str, torch.Tensor]) -> dict:
 
 
 def _embed(model: nn.Module, batch: Batch, ctx: Context) -> torch.Tensor:
-    hidden = model(**batch).last_hidden_state.float()
-    return F.normalize(
-        pool(hidden, batch["attention_mask"], ctx.sentence.modes), dim=-1
-    )
+    hidden = model(**batch).last_hidden_state
+    return F.normalize(ctx.embed.embedding(hidden, batch["attention_mask"]), dim=-1)
 
 
 def _accumulate(

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from lmbatch.actors.loading import load_model, load_tokenizer
-from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.model_info import ModelSpec
 from lmbatch.optimize.artifact import ArtifactMeta, fingerprint, save_artifact
 from lmbatch.optimize.calibrate import make_batches
-from lmbatch.optimize.context import Context
+from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import apply_distill
 from lmbatch.optimize.evaluate import fidelity, sizes, throughput
 from lmbatch.optimize.lowrank import apply_lowrank
@@ -73,12 +73,11 @@ def run_recipe(
     teacher = load_model(ModelSpec(model_dir, task), device)
     teacher.requires_grad_(False)
     tokenizer = load_tokenizer(model_dir)
-    info = inspect_model(model_dir, task)
     ctx = Context(
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        sentence=info.sentence,
+        embed=embed_head(model_dir, task, teacher),
         calibration=texts.calibration,
         batches=make_batches(
             tokenizer,

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import sentences
+from transformers import BertConfig, BertModel
 
 from lmbatch.actors.layers import Int8Linear, LowRankLinear, SharedLinear
 from lmbatch.actors.loading import load_model, load_tokenizer
-from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.model_info import ModelSpec
+from lmbatch.errors import UserError
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import make_batches
-from lmbatch.optimize.context import Context
+from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.evaluate import fidelity
-from lmbatch.optimize.pipeline import APPLY
+from lmbatch.optimize.pipeline import APPLY, STEP_NAMES
 from lmbatch.optimize.recipe import to_steps
 
 TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "score"}
@@ -34,7 +36,7 @@ def context(path: str, task: str) -> Context:
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        sentence=inspect_model(path, task).sentence,
+        embed=embed_head(path, task, teacher),
         calibration=texts,
         batches=make_batches(tokenizer, texts, 32, 16),
         eval_batches=make_batches(tokenizer, sentences(32, seed=2), 32, 16),
@@ -46,7 +48,8 @@ def apply(name: str, tiny_models, recipe: list[dict]):
     ctx = context(tiny_models[name], TASK[name])
     model = copy.deepcopy(ctx.teacher).requires_grad_(True)
     for i, step in enumerate(to_steps(recipe)):
-        model = APPLY[type(step)](model, step, ctx, f"steps[{i}]")
+        where = f"steps[{i}].{STEP_NAMES[type(step)]}"  # as the optimize job names it
+        model = APPLY[type(step)](model, step, ctx, where)
     return model.eval(), ctx
 
 
@@ -186,6 +189,18 @@ def test_distill_student_has_the_layers_asked(name, tiny_models, tmp_path):
     assert params(model) < params(ctx.teacher)
     loaded = reload(model, ctx, tiny_models[name], tmp_path / "a")
     torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_a_narrower_embedding_student_is_refused(tiny_models, tmp_path):
+    # The artifact keeps the teacher's pooling (and any Dense): they take its width.
+    config = BertConfig.from_pretrained(tiny_models["bert"])
+    config.hidden_size, config.intermediate_size = 16, 24
+    BertModel(config).save_pretrained(tmp_path / "narrow")
+    recipe = [{"distill": {"student": str(tmp_path / "narrow"), "steps": 1}}]
+    with pytest.raises(UserError) as e:
+        apply("bert", tiny_models, recipe)
+    assert e.value.where == "steps[0].distill.student"
+    assert "hidden size 16 differs from the teacher's 32" in e.value.message
 
 
 def test_distill_brings_a_pruned_student_closer(tiny_models):

@@ -4,6 +4,7 @@ anything else is refused with one line naming the module."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -15,11 +16,15 @@ from helpers import run_job
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as st
 
+from lmbatch.actors.loading import load_model, load_tokenizer
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predictor import Predictor, PredictorConfig
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferSpec, max_length_of
+from lmbatch.optimize.calibrate import make_batches
+from lmbatch.optimize.context import Context, embed_head
+from lmbatch.optimize.evaluate import fidelity
 
 # Mixed case, and long enough that max_seq_length cuts some of them.
 TEXTS = [t.upper() if i % 3 == 0 else t for i, t in enumerate(sentences(24, seed=5))]
@@ -142,6 +147,36 @@ def test_a_whole_job_matches_too(st_models, corpus, tmp_path):
     want = SentenceTransformer(path, device="cpu").encode(corpus["texts"])
     got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):
+    """Doubling the last token states leaves the pooled vectors' directions as they
+    were, but not what the Dense module and its tanh make of them: fidelity must
+    see that, as sentence-transformers itself would."""
+    path = st_models["mean, dense tanh, normalized"]
+    teacher = load_model(ModelSpec(path, "embed"))
+    tokenizer = load_tokenizer(path)
+    batches = make_batches(tokenizer, TEXTS, 64, 8)
+    ctx = Context(
+        teacher, tokenizer, "embed", embed_head(path, "embed", teacher),
+        calibration=TEXTS, batches=batches, eval_batches=batches,
+    )  # fmt: skip
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        norm = student.encoder.layer[-1].output.LayerNorm
+        norm.weight.mul_(2)
+        norm.bias.mul_(2)
+    got = fidelity(student, ctx, batches)
+
+    changed = tmp_path / "student"
+    shutil.copytree(path, changed)
+    student.save_pretrained(changed)  # the Transformer module sits at the root
+    a = SentenceTransformer(path, device="cpu").encode(TEXTS)
+    b = SentenceTransformer(str(changed), device="cpu").encode(TEXTS)
+    cosines = (a * b).sum(axis=1)  # both normalized by the model's Normalize
+    assert cosines.mean() < 0.999, "the change must show after the Dense module"
+    assert got["cosine"] == pytest.approx(float(cosines.mean()), abs=1e-5)
+    assert got["min_cosine"] == pytest.approx(float(cosines.min()), abs=1e-5)
 
 
 @pytest.mark.parametrize(
