@@ -13,7 +13,6 @@ writing it is this module's. Safetensors only: an artifact never holds a pickle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -92,16 +91,6 @@ def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:
         ):
             entries[name] = meta
     return entries
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 of the base weight files: the artifact names what it came from."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def to_bitmask(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import ModelSpec
-from lmbatch.optimize.artifact import ArtifactMeta, fingerprint, save_artifact
+from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import apply_distill
@@ -94,7 +95,7 @@ def run_recipe(
     results = [measure("original", base, ctx, texts, [])]
     meta = ArtifactMeta(
         base_model=str(base),
-        base_fingerprint=fingerprint(base),
+        base_fingerprint=fingerprint(model_dir),  # what a resumed infer job checks
         task=task,
         recipe=to_dicts(steps),
     )
