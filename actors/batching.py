@@ -135,13 +135,14 @@ def probe_budget(
 def next_batch(lengths: np.ndarray, start: int, budget: int) -> int:
     """End index of the micro-batch from ``start`` over ascending ``lengths``.
 
-    Rows are sorted ascending, so the padded size of rows[start:end] is
-    ``(end - start) * lengths[end - 1]``; at least one row is always taken.
+    Rows are sorted ascending, so taking ``k`` rows pads them to
+    ``k * lengths[start + k - 1]`` tokens, which never falls as ``k`` grows: one
+    search finds the most rows that fit (no Python loop over rows; a GPU call holds
+    thousands). At least one row is always taken.
     """
-    end = start + 1
-    while end < len(lengths) and (end + 1 - start) * lengths[end] <= budget:
-        end += 1
-    return end
+    window = lengths[start : start + max(1, budget)]  # every row holds >= 1 token
+    padded = np.arange(1, len(window) + 1) * window
+    return start + max(1, int(np.searchsorted(padded, budget, side="right")))
 
 
 def run_batched(

@@ -119,7 +119,8 @@ def pool(
             out.append((hidden * weights).sum(dim=1) / total)
         elif mode == "lasttoken":
             last = mask.sum(dim=1) - 1
-            out.append(hidden[torch.arange(hidden.shape[0]), last])
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            out.append(hidden[rows, last])
         else:
             raise ValueError(f"unknown pooling mode {mode!r}")
     return torch.cat(out, dim=-1)

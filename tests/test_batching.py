@@ -31,6 +31,19 @@ def test_next_batch_fills_the_budget_over_sorted_lengths():
     assert next_batch(lengths, 0, 1) == 1
 
 
+def test_next_batch_takes_the_most_rows_that_fit():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = np.sort(rng.integers(1, 300, size=int(rng.integers(1, 500))))
+        start = int(rng.integers(0, len(lengths)))
+        budget = int(rng.integers(1, 20_000))
+        end = next_batch(lengths, start, budget)
+        assert start < end <= len(lengths)
+        assert end == start + 1 or (end - start) * lengths[end - 1] <= budget
+        if end < len(lengths):  # one more row would not fit
+            assert (end + 1 - start) * lengths[end] > budget
+
+
 def test_oom_halves_retries_same_rows_and_loses_nothing():
     lengths = np.full(16, 10)
     tried: list[int] = []
