@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import run_job
 
-from lmbatch.actors.batching import probe_budget
+from lmbatch.actors.batching import THROUGHPUT_CEILING, probe_budget
 from lmbatch.actors.loading import load_model
 from lmbatch.actors.memory import CudaMemory, activation_floor, share_limit
 from lmbatch.actors.model_info import ModelSpec
@@ -136,7 +136,7 @@ def test_cuda_probe_budget_is_positive_and_bounded(tiny_models):
         activation_floor(64, 2),
         64,
     )
-    assert 64 <= budget.tokens <= 1 << 20
+    assert 64 <= budget.tokens <= THROUGHPUT_CEILING["cuda"]
 
 
 @pytest.mark.usefixtures("ray_local")
