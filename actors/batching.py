@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # MiniLM with 2 threads (cache-sized GEMMs, benchmarks/RESULTS.md). On a GPU, padding
 # decides: the fewer micro-batches an 8,192-row call is cut into, the wider the span
 # of lengths each pads to. On the demo corpus 32k, 64k, 256k and 1M padded tokens
-# waste 12%, 20%, 42% and 68% of the model's work on padding
+# waste 12%, 20%, 43% and 68% of the model's work on padding
 # (benchmarks/host_feed.py), while 32k tokens already keep a GPU busy (a MiniLM
 # forward of 32k tokens is about 0.7 TFLOP; a 1B model's, 64).
 THROUGHPUT_CEILING = {"cpu": 2048, "cuda": 1 << 15}
