@@ -1,38 +1,60 @@
 #!/bin/bash
-# Issue 10's GPU checks as one device call, in the order they matter, each step within
-# its own time limit so a slow one cannot eat the rest. What a step learns is written
-# under $OUT as soon as it ends (logs, pytest's JUnit XML, benchmarks/RESULTS.md).
+# Issue 10's GPU checks as one device call, in the order they matter. Each step runs
+# within its own time limit and within the call's deadline (END, epoch seconds), so a
+# slow step cannot eat the rest and the call ends before the device tool stops it.
+# What a step learns is written under $OUT as soon as it ends (logs, pytest's JUnit
+# XML, benchmarks/RESULTS.md); gpu_embed.py prints each run's line as it ends.
 #
 # On the GPU machine, from the project root (after `bash ../shared/gpu/pack` here):
-#   bash .gpu/run bash benchmarks/gpu_check.sh    # tests, then MiniLM: fits one 600 s call
-#   STEPS=bench-bert bash .gpu/run bash benchmarks/gpu_check.sh
-# Steps: tests, bench-minilm, bench-bert, bench-llm (precision, score, generate).
-# ROWS (default 1,000,000) and DEVICE (default cuda; cpu with small ROWS checks the
-# script itself) pass on to gpu_embed.py.
+#   END=$(( $(date +%s) + 570 )) bash .gpu/run bash benchmarks/gpu_check.sh
+#   STEPS="bench-bert llm" bash .gpu/run bash benchmarks/gpu_check.sh
+# Steps: tests, bench-minilm, precision-bert, actors-minilm, precision-llama,
+# bench-bert, llm (score and generate). ROWS (default 1,000,000), PREC_ROWS (BERT-base
+# rows per precision, default 100,000) and DEVICE (default cuda; cpu with small ROWS
+# checks the script itself) pass on to gpu_embed.py.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-steps=${STEPS:-tests bench-minilm}
-bench=(python benchmarks/gpu_embed.py --device "${DEVICE:-cuda}" --rows "${ROWS:-1000000}")
+steps=${STEPS:-tests bench-minilm precision-bert actors-minilm precision-llama}
+end=${END:-$(($(date +%s) + 3600))}
+bench=(python benchmarks/gpu_embed.py --device "${DEVICE:-cuda}" --rows "${ROWS:-1000000}"
+  --precision-rows "${PREC_ROWS:-100000}")
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 secs=$2
+step() { # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2 left=$((end - $(date +%s)))
   shift 2
+  if ((left < 30)); then
+    echo "== $name: skipped, ${left}s left before the deadline"
+    return
+  fi
+  ((secs > left)) && secs=$left
   echo "== $name (at most ${secs}s): $*"
-  timeout "$secs" "$@" >"$out/$name.log" 2>&1
+  timeout -k 10 "$secs" "$@" >"$out/$name.log" 2>&1
   echo "rc=$?" >>"$out/$name.log"
-  tail -4 "$out/$name.log"
+  tail -8 "$out/$name.log"
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
 
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+# A test stuck on CUDA fails alone rather than taking the step's whole limit; tests run
+# in parallel workers (each its own local Ray) where pytest-xdist is installed.
+per_test=()
+python -c "import pytest_timeout" 2>/dev/null && per_test+=(--timeout=90)
+python -c "import xdist" 2>/dev/null && per_test+=(-n "${TEST_WORKERS:-6}")
+{ nvidia-smi; python -m pip list 2>/dev/null |
+  grep -iE '^(torch|transformers|ray|bitsandbytes|sentence-transformers) '; } >"$out/env.txt" 2>&1
 for s in $steps; do
   case $s in
-    tests) step tests 240 python -m pytest -m gpu -q -p no:cacheprovider \
-      --junitxml="$out/gpu-tests.xml" tests/test_gpu.py tests/test_host_side.py ;;
-    bench-minilm) step bench-minilm 340 "${bench[@]}" --only embed --embed-models minilm ;;
-    bench-bert) step bench-bert 570 "${bench[@]}" --only embed --embed-models bertbase ;;
-    bench-llm) step bench-llm 570 "${bench[@]}" --only precision,score,generate ;;
+    tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests 200 python -m pytest -m gpu -q \
+      -rfE --tb=short -p no:cacheprovider -p pytest_instafail "${per_test[@]}" \
+      --junitxml="$out/gpu-tests.xml" tests/test_gpu.py ;;
+    bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
+    precision-bert) step precision-bert 200 "${bench[@]}" --only precision \
+      --precision-models bertbase ;;
+    actors-minilm) step actors-minilm 150 "${bench[@]}" --only actors --embed-models minilm ;;
+    precision-llama) step precision-llama 200 "${bench[@]}" --only precision \
+      --precision-models llama1b ;;
+    bench-bert) step bench-bert 570 "${bench[@]}" --only embed,actors --embed-models bertbase ;;
+    llm) step llm 570 "${bench[@]}" --only score,generate ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done

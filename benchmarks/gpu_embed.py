@@ -1,11 +1,11 @@
 """lmbatch on a GPU against what a user would pick instead, side by side.
 
-- embed: ``lmbatch infer --task embed`` against
-  ``SentenceTransformer.encode(batch_size=256)`` in fp16, on all-MiniLM-L6-v2's and
-  BERT-base's architecture, over the demo corpus cycled to ``--rows``. lmbatch runs
-  twice: actors per GPU from the model's footprint (auto), and one actor per GPU.
+- embed: ``lmbatch infer --task embed`` (actors per GPU from the model's footprint)
+  against ``SentenceTransformer.encode(batch_size=256)`` in fp16, on all-MiniLM-L6-v2's
+  and BERT-base's architecture, over the demo corpus cycled to ``--rows``.
+- actors: the same lmbatch job with one actor per GPU (host work overlapped inside it).
 - precision: lmbatch in int8 and nf4 against fp16, tokens/s and peak memory, on
-  BERT-base (embed) and the 1B Llama (score).
+  BERT-base (embed, ``--precision-rows``) and the 1B Llama (score, ``--llm-rows``).
 - score, generate: lmbatch against a plain batched forward loop and a plain batched
   ``model.generate`` (1B Llama, ``--llm-rows`` rows, 32 new tokens).
 
@@ -19,7 +19,8 @@ Models are directories (``../shared/gpu/make_models.py`` writes minilm, bertbase
 llama1b with random weights; both tools load the same weights).
 
 Usage: python benchmarks/gpu_embed.py [--rows 1000000] [--models /tmp/models]
-           [--only embed,precision,score,generate] [--embed-models minilm,bertbase]
+           [--only embed,actors,precision,score,generate]
+           [--embed-models minilm,bertbase] [--precision-models bertbase,llama1b]
            [--device cuda]
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ import pyarrow.parquet as pq
 
 from common import append_results, corpus_rows, embedding_matrix  # isort: skip
 
-PARTS = ("embed", "precision", "score", "generate")
+PARTS = ("embed", "actors", "precision", "score", "generate")
 ST_BATCH = 256
 LLM_BATCH = 32
 NEW_TOKENS = 32
@@ -105,7 +107,9 @@ def timed(cmd: list[str]) -> dict:
 
 def lmbatch(model: str, inp: Path, out: Path, task: str, precision: str,
             device: str, **flags) -> dict:  # fmt: skip
-    exe = str(Path(sys.executable).with_name("lmbatch"))
+    # The installed launcher: beside this Python in a venv, or on PATH where the
+    # project was installed elsewhere (the GPU machine's --target install).
+    exe = shutil.which("lmbatch") or str(Path(sys.executable).with_name("lmbatch"))
     cmd = [exe, "infer", "--model", model, "--input", str(inp), "--task", task,
            "--id-column", "row", "--output", str(out), "--overwrite",
            "--precision", precision, "--device", device]  # fmt: skip
@@ -193,7 +197,7 @@ def cosine(a: Path, b: Path) -> float:
 def row(name: str, r: dict, base: dict | None, tokens: int | None = None) -> str:
     tokens = tokens or r.get("tokens")
     job = r.get("job_s") or r.get("model_s")
-    ratio = f"{base['process_s'] / r['process_s']:.2f}" if base else "1.00"
+    ratio = f"{base['process_s'] / r['process_s']:.2f}" if base else "-"
     busy = f"{r['busy']:.2f}" if "busy" in r else "-"
     util = f"{r['util']:.0f}%" if r.get("util") is not None else "-"
     peak = max(r.get("alloc_peak", 0), r.get("gpu_peak", 0)) / 2**30
@@ -209,53 +213,84 @@ HEADER = [
 ]
 
 
-def embed_part(models: Path, names: list[str], rows: int, device: str,
-               tmp: Path) -> list[str]:  # fmt: skip
-    inp = tmp / f"rows-{rows}.parquet"
-    corpus_rows(rows, inp)
+def show(line: str) -> str:
+    """A run's line, printed as soon as it ends: a run cut off by a time limit keeps
+    the lines before it in its log."""
+    print(line, flush=True)
+    return line
+
+
+def embed_part(models: Path, names: list[str], rows: int, device: str, tmp: Path,
+               done: dict) -> list[str]:  # fmt: skip
+    """lmbatch with actors per GPU from the footprint, then sentence-transformers."""
+    inp = corpus(tmp, rows)
+    half = HALF[device]
     lines = []
     for name in names:
         model = str(models / name)
-        st = baseline("st", model, inp, tmp / f"st-{name}", device)
-        half = HALF[device]
         auto = lmbatch(model, inp, tmp / f"lm-{name}", "embed", half, device)
-        one = lmbatch(model, inp, tmp / f"lm1-{name}", "embed", half, device,
-                      actors_per_gpu=1)  # fmt: skip
+        st = baseline("st", model, inp, tmp / f"st-{name}", device)
+        done[name] = {"auto": auto, "st": st}
         agree = cosine(tmp / f"lm-{name}", tmp / f"st-{name}")
         lines += [f"**{name}**, {rows:,} rows, {half}, mean cosine to ST {agree:.6f}",
                   "", *HEADER,
-                  row(f"sentence-transformers encode({ST_BATCH})", st, None,
-                      auto["tokens"]),
-                  row(f"lmbatch, {auto['actors']} actors/GPU (auto)", auto, st),
-                  row("lmbatch, 1 actor/GPU", one, st), ""]  # fmt: skip
+                  show(row(f"sentence-transformers encode({ST_BATCH})", st, st,
+                           auto["tokens"])),
+                  show(row(f"lmbatch, {auto['actors']} actors/GPU (auto)", auto, st)),
+                  ""]  # fmt: skip
     return lines
 
 
-def precision_part(models: Path, rows: int, device: str, tmp: Path) -> list[str]:
+def actors_part(models: Path, names: list[str], rows: int, device: str, tmp: Path,
+                done: dict) -> list[str]:  # fmt: skip
+    """One actor per GPU (host work overlapped inside it) against the auto pool."""
+    inp = corpus(tmp, rows)
     lines = []
-    for name, task in (("bertbase", "embed"), ("llama1b", "score")):
-        inp = tmp / f"prec-{name}.parquet"
-        corpus_rows(rows, inp)
+    for name in names:
+        one = lmbatch(str(models / name), inp, tmp / f"lm1-{name}", "embed",
+                      HALF[device], device, actors_per_gpu=1)  # fmt: skip
+        st = done.get(name, {}).get("st")
+        lines += [f"**{name}**, {rows:,} rows, {HALF[device]}, one actor a GPU", "",
+                  *HEADER, show(row("lmbatch, 1 actor/GPU", one, st)), ""]  # fmt: skip
+    return lines
+
+
+def corpus(tmp: Path, rows: int) -> Path:
+    path = tmp / f"rows-{rows}.parquet"
+    if not path.exists():
+        corpus_rows(rows, path)
+    return path
+
+
+def precision_part(models: Path, names: list[str], rows: dict[str, int],
+                   device: str, tmp: Path) -> list[str]:  # fmt: skip
+    """int8 and nf4 against the half-precision run, per model (BERT-base embeds,
+    the 1B Llama scores)."""
+    lines = []
+    for name in names:
+        task = "score" if name.startswith("llama") else "embed"
+        inp = corpus(tmp, rows[task])
         precisions = (HALF[device], "int8", "nf4")
-        runs = {p: lmbatch(str(models / name), inp, tmp / f"p-{name}-{p}", task, p,
-                           device) for p in precisions}  # fmt: skip
-        lines += [f"**{name}** ({task}), {rows:,} rows", "", *HEADER]
-        lines += [row(f"lmbatch {p}", r, runs[precisions[0]]) for p, r in runs.items()]
+        lines += [f"**{name}** ({task}), {rows[task]:,} rows", "", *HEADER]
+        first = None
+        for p in precisions:
+            r = lmbatch(str(models / name), inp, tmp / f"p-{name}-{p}", task, p, device)
+            first = first or r
+            lines.append(show(row(f"lmbatch {p}", r, first)))
         lines.append("")
     return lines
 
 
 def llm_part(kind: str, models: Path, rows: int, device: str, tmp: Path) -> list:
-    inp = tmp / f"llm-{rows}.parquet"
-    corpus_rows(rows, inp)
+    inp = corpus(tmp, rows)
     model = str(models / "llama1b")
     base = baseline(kind, model, inp, tmp / f"b-{kind}", device)
     flags = {"max_new_tokens": NEW_TOKENS} if kind == "generate" else {}
     ours = lmbatch(model, inp, tmp / f"l-{kind}", kind, HALF[device], device, **flags)
     what = "batched model.generate" if kind == "generate" else "batched forward loop"
     return [f"**llama1b {kind}**, {rows:,} rows, {HALF[device]}", "", *HEADER,
-            row(f"plain {what} ({LLM_BATCH})", base, None, ours["tokens"]),
-            row("lmbatch", ours, base), ""]  # fmt: skip
+            show(row(f"plain {what} ({LLM_BATCH})", base, base, ours["tokens"])),
+            show(row("lmbatch", ours, base)), ""]  # fmt: skip
 
 
 def gpu_name(device: str) -> str:
@@ -270,9 +305,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--llm-rows", type=int, default=4000)
+    parser.add_argument("--precision-rows", type=int, default=100_000,
+                        help="rows BERT-base embeds in each precision")  # fmt: skip
     parser.add_argument("--models", type=Path, default=Path("/tmp/models"))
     parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--embed-models", default="minilm,bertbase")
+    parser.add_argument("--precision-models", default="bertbase,llama1b")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,16 +320,24 @@ def main() -> None:
     parts = args.only.split(",")
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"--only: unknown part {sorted(unknown)}; use {PARTS}")
+    embed_models = args.embed_models.split(",")
+    done: dict = {}  # embed's runs, which actors compares against
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # Each part is recorded as soon as it ends: a GPU machine's time is short, and
-        # a run cut off by its time limit keeps what it finished.
+        # Each part is recorded as soon as it ends, each run's line printed as soon as
+        # it ends: a GPU machine's time is short, and a run cut off by its time limit
+        # keeps what it finished.
         for part in parts:
             if part == "embed":
-                names = args.embed_models.split(",")
-                lines = embed_part(args.models, names, args.rows, args.device, tmp)
+                lines = embed_part(args.models, embed_models, args.rows, args.device,
+                                   tmp, done)  # fmt: skip
+            elif part == "actors":
+                lines = actors_part(args.models, embed_models, args.rows, args.device,
+                                    tmp, done)  # fmt: skip
             elif part == "precision":
-                lines = precision_part(args.models, args.llm_rows, args.device, tmp)
+                rows = {"embed": args.precision_rows, "score": args.llm_rows}
+                names = args.precision_models.split(",")
+                lines = precision_part(args.models, names, rows, args.device, tmp)
             else:
                 lines = llm_part(part, args.models, args.llm_rows, args.device, tmp)
             append_results(f"gpu_embed {part} on {gpu_name(args.device)}", lines)
