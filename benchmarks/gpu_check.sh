@@ -29,7 +29,8 @@ step() { # step NAME SECONDS COMMAND...
   fi
   ((secs > left)) && secs=$left
   echo "== $name (at most ${secs}s): $*"
-  timeout -k 10 "$secs" "$@" >"$out/$name.log" 2>&1
+  # SIGINT, as Ctrl-C: pytest prints what failed so far, lmbatch stops its Ray.
+  timeout -s INT -k 20 "$secs" "$@" >"$out/$name.log" 2>&1
   echo "rc=$?" >>"$out/$name.log"
   tail -8 "$out/$name.log"
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
