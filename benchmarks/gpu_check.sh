@@ -2,20 +2,21 @@
 # Issue 10's GPU checks as one device call, in the order they matter. Each step runs
 # within its own time limit and within the call's deadline (END, epoch seconds), so a
 # slow step cannot eat the rest and the call ends before the device tool stops it.
-# What a step learns is written under $OUT as soon as it ends (logs, pytest's JUnit
-# XML, benchmarks/RESULTS.md); gpu_embed.py prints each run's line as it ends.
+# What a step learns is written under $OUT as soon as it ends (tests.log, bench.log,
+# pytest's JUnit XML, benchmarks/RESULTS.md, env.txt); gpu_embed.py prints each run's
+# line as it ends.
 #
 # On the GPU machine, from the project root (after `bash ../shared/gpu/pack` here):
 #   END=$(( $(date +%s) + 570 )) bash .gpu/run bash benchmarks/gpu_check.sh
 #   STEPS="bench-bert llm" bash .gpu/run bash benchmarks/gpu_check.sh
-# Steps: tests, bench-minilm, precision-bert, actors-minilm, precision-llama,
-# bench-bert, llm (score and generate). ROWS (default 1,000,000), PREC_ROWS (BERT-base
-# rows per precision, default 100,000) and DEVICE (default cuda; cpu with small ROWS
-# checks the script itself) pass on to gpu_embed.py.
+# Steps: tests, bench-minilm, precision-bert, ceiling (MiniLM without its layers),
+# actors-minilm, precision-llama, bench-bert, llm (score and generate). ROWS (default
+# 1,000,000), PREC_ROWS (BERT-base rows per precision, default 100,000) and DEVICE
+# (default cuda; cpu with small ROWS checks the script itself) pass on to gpu_embed.py.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-steps=${STEPS:-tests bench-minilm precision-bert actors-minilm precision-llama}
+steps=${STEPS:-tests bench-minilm precision-bert ceiling actors-minilm precision-llama}
 end=${END:-$(($(date +%s) + 3600))}
 bench=(python benchmarks/gpu_embed.py --device "${DEVICE:-cuda}" --rows "${ROWS:-1000000}"
   --precision-rows "${PREC_ROWS:-100000}")
@@ -28,11 +29,14 @@ step() { # step NAME SECONDS COMMAND...
     return
   fi
   ((secs > left)) && secs=$left
-  echo "== $name (at most ${secs}s): $*"
+  # One log for the tests, one for every benchmark: a call brings back 8 files at most.
+  local log=$out/bench.log
+  [[ $name == tests ]] && log=$out/tests.log
+  echo "== $name (at most ${secs}s): $*" | tee -a "$log"
   # SIGINT, as Ctrl-C: pytest prints what failed so far, lmbatch stops its Ray.
-  timeout -s INT -k 20 "$secs" "$@" >"$out/$name.log" 2>&1
-  echo "rc=$?" >>"$out/$name.log"
-  tail -8 "$out/$name.log"
+  timeout -s INT -k 20 "$secs" "$@" >>"$log" 2>&1
+  echo "rc=$?" >>"$log"
+  tail -8 "$log"
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
 
@@ -51,6 +55,7 @@ for s in $steps; do
     bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
     precision-bert) step precision-bert 200 "${bench[@]}" --only precision \
       --precision-models bertbase ;;
+    ceiling) step ceiling 150 "${bench[@]}" --only ceiling ;;
     actors-minilm) step actors-minilm 150 "${bench[@]}" --only actors --embed-models minilm ;;
     precision-llama) step precision-llama 200 "${bench[@]}" --only precision \
       --precision-models llama1b ;;

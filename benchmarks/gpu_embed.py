@@ -4,6 +4,8 @@
   against ``SentenceTransformer.encode(batch_size=256)`` in fp16, on all-MiniLM-L6-v2's
   and BERT-base's architecture, over the demo corpus cycled to ``--rows``.
 - actors: the same lmbatch job with one actor per GPU (host work overlapped inside it).
+- ceiling: both tools on MiniLM without its layers, a model that costs nothing: the
+  rows/s that reading, tokenizing, batching and writing allow on these cores.
 - precision: lmbatch in int8 and nf4 against fp16, tokens/s and peak memory, on
   BERT-base (embed, ``--precision-rows``) and the 1B Llama (score, ``--llm-rows``).
 - score, generate: lmbatch against a plain batched forward loop and a plain batched
@@ -19,7 +21,7 @@ Models are directories (``../shared/gpu/make_models.py`` writes minilm, bertbase
 llama1b with random weights; both tools load the same weights).
 
 Usage: python benchmarks/gpu_embed.py [--rows 1000000] [--models /tmp/models]
-           [--only embed,actors,precision,score,generate]
+           [--only embed,actors,ceiling,precision,score,generate]
            [--embed-models minilm,bertbase] [--precision-models bertbase,llama1b]
            [--device cuda]
 """
@@ -41,9 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import append_results, corpus_rows, embedding_matrix  # isort: skip
+from common import append_results, corpus_rows, embedding_matrix, minilm  # isort: skip
 
-PARTS = ("embed", "actors", "precision", "score", "generate")
+PARTS = ("embed", "actors", "ceiling", "precision", "score", "generate")
 ST_BATCH = 256
 LLM_BATCH = 32
 NEW_TOKENS = 32
@@ -262,6 +264,41 @@ def corpus(tmp: Path, rows: int) -> Path:
     return path
 
 
+def ceiling_part(models: Path, rows: int, device: str, tmp: Path) -> list[str]:
+    """Both tools on MiniLM with no transformer layers (its tokenizer, embeddings,
+    pooling and normalisation): what each moves when the model costs nothing. For
+    lmbatch that is reading, the tokenize tasks, Ray Data, the actors' host work and
+    writing Parquet; the most rows/s any model can reach on these cores."""
+    inp = corpus(tmp, rows)
+    model = null_minilm(models, tmp)
+    half = HALF[device]
+    ours = lmbatch(model, inp, tmp / "null-lm", "embed", half, device)
+    st = baseline("st", model, inp, tmp / "null-st", device)
+    agree = cosine(tmp / "null-lm", tmp / "null-st")
+    rate = {name: rows / r["process_s"] for name, r in (("st", st), ("lm", ours))}
+    return [f"**MiniLM without its layers**, {rows:,} rows, {half}, mean cosine to ST "
+            f"{agree:.6f}; rows/s whole process: lmbatch {rate['lm']:,.0f}, "
+            f"sentence-transformers {rate['st']:,.0f}", "", *HEADER,
+            show(row(f"sentence-transformers encode({ST_BATCH})", st, st,
+                     ours["tokens"])),
+            show(row(f"lmbatch, {ours['actors']} actors", ours, st)), ""]  # fmt: skip
+
+
+def null_minilm(models: Path, tmp: Path) -> str:
+    """A copy of MiniLM (``models/minilm``, else the real one) with 0 layers."""
+    from transformers import BertConfig, BertModel
+
+    source = models / "minilm"
+    source = source if source.exists() else Path(minilm())
+    out = tmp / "null-minilm"
+    weights = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "onnx", "openvino")
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*weights))
+    config = BertConfig.from_pretrained(source)
+    config.num_hidden_layers = 0
+    BertModel(config).save_pretrained(out)
+    return str(out)
+
+
 def precision_part(models: Path, names: list[str], rows: dict[str, int],
                    device: str, tmp: Path) -> list[str]:  # fmt: skip
     """int8 and nf4 against the half-precision run, per model (BERT-base embeds,
@@ -334,6 +371,8 @@ def main() -> None:
             elif part == "actors":
                 lines = actors_part(args.models, embed_models, args.rows, args.device,
                                     tmp, done)  # fmt: skip
+            elif part == "ceiling":
+                lines = ceiling_part(args.models, args.rows, args.device, tmp)
             elif part == "precision":
                 rows = {"embed": args.precision_rows, "score": args.llm_rows}
                 names = args.precision_models.split(",")
