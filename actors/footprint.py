@@ -3,14 +3,16 @@
 The pool's GPU fraction must be known before any actor starts. Loading the model on a
 GPU to measure it cost a whole model load (tens of seconds for a large model) before
 the pool could start; the safetensors headers give every tensor's shape for free, and
-the precision gives the bytes per weight. ``gpu_total_bytes`` asks one GPU of the
-cluster how large it is, without loading anything onto it.
+the precision gives the bytes per weight. ``gpu_total_bytes`` asks a GPU node of the
+cluster how large its GPUs are, without loading anything onto them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from safetensors import safe_open
@@ -46,11 +48,41 @@ def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
 
 
 def gpu_total_bytes() -> int:
-    """The memory of the GPU this process was given (run as a Ray task with a GPU);
-    0 where Ray gave a GPU but CUDA is not there (a fake GPU node, a broken driver)."""
+    """The memory of the smallest GPU on this node (run as a Ray task with a GPU); 0
+    where Ray gave a GPU but there is no CUDA (a fake GPU node, a broken driver).
+
+    nvidia-smi reads it from the driver; asking torch instead would start CUDA in this
+    worker, seconds before the pool can be planned and a context that holds GPU memory
+    for as long as the worker lives. torch answers where nvidia-smi cannot.
+    """
+    listed = _nvidia_smi_total()
+    if listed is not None:
+        return listed
     import torch
 
     return int(torch.cuda.mem_get_info()[1]) if torch.cuda.is_available() else 0
+
+
+def _nvidia_smi_total() -> int | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    query = [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    try:
+        listed = subprocess.run(query, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return smallest_mib(listed.stdout) if listed.returncode == 0 else None
+
+
+def smallest_mib(listing: str) -> int | None:
+    """Bytes of the smallest of nvidia-smi's ``memory.total`` lines (MiB, no units);
+    None where a line is not a number ("[N/A]")."""
+    try:
+        sizes = [int(line) for line in listing.split()]
+    except ValueError:
+        return None
+    return min(sizes) * 2**20 if sizes else None
 
 
 def _tensors(path: Path):

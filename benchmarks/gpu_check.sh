@@ -51,7 +51,7 @@ for s in $steps; do
   case $s in
     tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests 200 python -m pytest -m gpu -q \
       -rfE --tb=short -p no:cacheprovider -p pytest_instafail "${per_test[@]}" \
-      --junitxml="$out/gpu-tests.xml" tests/test_gpu.py ;;
+      --junitxml="$out/gpu-tests.xml" tests/test_gpu.py tests/test_host_side.py ;;
     bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
     precision-bert) step precision-bert 200 "${bench[@]}" --only precision \
       --precision-models bertbase ;;

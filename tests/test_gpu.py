@@ -121,6 +121,12 @@ def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
     assert summary.ran[0].startswith("cuda (")
 
 
+def test_gpu_size_from_nvidia_smi_is_what_cuda_says():
+    from lmbatch.actors.footprint import gpu_total_bytes
+
+    assert gpu_total_bytes() == pytest.approx(torch.cuda.mem_get_info()[1], rel=0.02)
+
+
 def test_cuda_probe_budget_is_positive_and_bounded(tiny_models):
     model = load_model(ModelSpec(tiny_models["bert64"], "embed", "fp16"), "cuda")
 

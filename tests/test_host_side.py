@@ -11,7 +11,7 @@ import torch
 from conftest import sentences
 from helpers import run_job
 
-from lmbatch.actors.footprint import GPU_USABLE, model_bytes
+from lmbatch.actors.footprint import GPU_USABLE, model_bytes, smallest_mib
 from lmbatch.actors.loading import load_model, resolve_precision
 from lmbatch.actors.memory import cuda_free, share_limit
 from lmbatch.actors.model_info import ModelSpec, inspect_model
@@ -109,6 +109,12 @@ def test_int8_and_nf4_footprints_on_a_gpu_are_smaller_than_fp16(tiny_models):
     path = tiny_models["bert64"]
     fp16, int8, nf4 = (model_bytes(path, p, "cuda") for p in ("fp16", "int8", "nf4"))
     assert nf4 < int8 < fp16
+
+
+def test_gpu_size_is_the_smallest_gpu_nvidia_smi_lists():
+    assert smallest_mib("143771\n81559\n") == 81559 * 2**20
+    assert smallest_mib("[N/A]\n") is None  # torch answers instead
+    assert smallest_mib("") is None
 
 
 def test_auto_precision_is_fp32_on_cpu_and_an_actor_without_cuda_says_so(
