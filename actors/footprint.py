@@ -51,9 +51,10 @@ def gpu_total_bytes() -> int:
     """The memory of the smallest GPU on this node (run as a Ray task with a GPU); 0
     where Ray gave a GPU but there is no CUDA (a fake GPU node, a broken driver).
 
-    nvidia-smi reads it from the driver; asking torch instead would start CUDA in this
-    worker, seconds before the pool can be planned and a context that holds GPU memory
-    for as long as the worker lives. torch answers where nvidia-smi cannot.
+    nvidia-smi reads it from the driver; asking torch instead would import torch and
+    start CUDA in this worker while the pool waits to be planned, and leave a context
+    holding GPU memory for as long as the worker lives. torch answers where nvidia-smi
+    cannot.
     """
     listed = _nvidia_smi_total()
     if listed is not None:
