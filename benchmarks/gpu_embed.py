@@ -232,7 +232,7 @@ def embed_part(models: Path, names: list[str], rows: int, device: str, tmp: Path
         model = str(models / name)
         auto = lmbatch(model, inp, tmp / f"lm-{name}", "embed", half, device)
         st = baseline("st", model, inp, tmp / f"st-{name}", device)
-        done[name] = {"auto": auto, "st": st}
+        done[name] = st
         agree = cosine(tmp / f"lm-{name}", tmp / f"st-{name}")
         lines += [f"**{name}**, {rows:,} rows, {half}, mean cosine to ST {agree:.6f}",
                   "", *HEADER,
@@ -251,7 +251,7 @@ def actors_part(models: Path, names: list[str], rows: int, device: str, tmp: Pat
     for name in names:
         one = lmbatch(str(models / name), inp, tmp / f"lm1-{name}", "embed",
                       HALF[device], device, actors_per_gpu=1)  # fmt: skip
-        st = done.get(name, {}).get("st")
+        st = done.get(name)  # embed's ST run, when this process ran it
         lines += [f"**{name}**, {rows:,} rows, {HALF[device]}, one actor a GPU", "",
                   *HEADER, show(row("lmbatch, 1 actor/GPU", one, st)), ""]  # fmt: skip
     return lines
@@ -358,7 +358,7 @@ def main() -> None:
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"--only: unknown part {sorted(unknown)}; use {PARTS}")
     embed_models = args.embed_models.split(",")
-    done: dict = {}  # embed's runs, which actors compares against
+    done: dict = {}  # model -> embed's ST run, which actors compares against
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # Each part is recorded as soon as it ends, each run's line printed as soon as
