@@ -167,7 +167,12 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
         assert {r["label"] for r in body["results"]} <= {"neg", "neutral", "pos"}
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()  # by its pid
+            out, err = process.communicate()
+            pytest.fail(f"still running 120 s after SIGINT: {out[-500:]}{err[-2000:]}")
     assert process.returncode == 0, err[-3000:]
     assert "stopping" in out
 
