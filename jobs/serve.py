@@ -123,11 +123,8 @@ def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
         echo(f"serving {plan.spec.model} ({plan.spec.task}) at {url}")
         echo(f'POST {url} {{"inputs": ["text", ...]}}; GET {url}stats; Ctrl-C stops')
         try:
-            # Short sleeps: Python handles Ctrl-C when the main thread next runs, and
-            # a signal the kernel hands to one of Ray's threads does not wake a long
-            # sleep (once seen here: no "stopping" 120 s after SIGINT).
             while True:
-                time.sleep(1)
+                time.sleep(3600)
         except KeyboardInterrupt:
             echo("stopping")
         finally:
