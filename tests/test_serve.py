@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -147,11 +148,21 @@ def test_bad_flags_are_named(tiny_models, flags, where):
     assert e.value.where == where
 
 
+# The command as a terminal starts it, with Ctrl-C at its default: tests run as a
+# shell's background job (`make test &`) inherit SIGINT ignored, and so would it.
+WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
     port = free_port()
     process = subprocess.Popen(
-        [str(LMBATCH), "serve", "--model", tiny_models["bert_cls"], "--task",
-         "classify", "--port", str(port)],
+        [*WITH_CTRL_C, str(LMBATCH), "serve", "--model", tiny_models["bert_cls"],
+         "--task", "classify", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
