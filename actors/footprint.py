@@ -10,6 +10,7 @@ cluster how large its GPUs are, without loading anything onto them.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -66,8 +67,8 @@ def gpu_total_bytes() -> int:
 
 def _nvidia_smi_total() -> int | None:
     smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
+    if smi is None or "MIG" in os.environ.get("CUDA_VISIBLE_DEVICES", ""):
+        return None  # on a MIG slice nvidia-smi gives the whole GPU; torch, the slice
     query = [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
     try:
         listed = subprocess.run(query, capture_output=True, text=True, timeout=20)
