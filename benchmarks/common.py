@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "corpus.parquet"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def launcher() -> str:
+    """The installed ``lmbatch``: beside this Python in a venv, else on PATH (the GPU
+    machine installs the project elsewhere, with ``--target``)."""
+    beside = Path(sys.executable).with_name("lmbatch")
+    return str(beside) if beside.exists() else shutil.which("lmbatch") or str(beside)
 
 
 def minilm() -> str:

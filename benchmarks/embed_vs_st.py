@@ -27,7 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import append_results, corpus_rows, embeddings, minilm  # isort: skip
+from common import (  # isort: skip
+    append_results,
+    corpus_rows,
+    embeddings,
+    launcher,
+    minilm,
+)
 
 TOOLS = ("lmbatch", "st", "transformers")
 
@@ -76,7 +82,7 @@ def write(ids: pa.ChunkedArray, emb: np.ndarray, out: str) -> None:
 
 def command(tool: str, inp: Path, out: Path) -> list[str]:
     if tool == "lmbatch":
-        exe = str(Path(sys.executable).with_name("lmbatch"))
+        exe = launcher()
         return [
             exe,
             "infer",

@@ -43,7 +43,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import append_results, corpus_rows, embedding_matrix, minilm  # isort: skip
+from common import (  # isort: skip
+    append_results,
+    corpus_rows,
+    embedding_matrix,
+    launcher,
+    minilm,
+)
 
 PARTS = ("embed", "actors", "ceiling", "precision", "score", "generate")
 ST_BATCH = 256
@@ -109,9 +115,7 @@ def timed(cmd: list[str]) -> dict:
 
 def lmbatch(model: str, inp: Path, out: Path, task: str, precision: str,
             device: str, **flags) -> dict:  # fmt: skip
-    # The installed launcher: beside this Python in a venv, or on PATH where the
-    # project was installed elsewhere (the GPU machine's --target install).
-    exe = shutil.which("lmbatch") or str(Path(sys.executable).with_name("lmbatch"))
+    exe = launcher()
     cmd = [exe, "infer", "--model", model, "--input", str(inp), "--task", task,
            "--id-column", "row", "--output", str(out), "--overwrite",
            "--precision", precision, "--device", device]  # fmt: skip

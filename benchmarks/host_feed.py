@@ -34,7 +34,9 @@ import pyarrow.parquet as pq
 
 from common import CORPUS, append_results, minilm  # isort: skip
 
-CALL_ROWS = 8192  # pool.ROWS_PER_CALL["cuda"]
+from lmbatch.jobs.pool import ROWS_PER_CALL
+
+CALL_ROWS = ROWS_PER_CALL["cuda"]  # rows a GPU actor gets per call
 TARGETS = (
     1_000_000,
     1_600_000,

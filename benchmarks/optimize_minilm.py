@@ -30,7 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from common import CORPUS, ROOT, append_results, embeddings, minilm  # isort: skip
+from common import (  # isort: skip
+    CORPUS,
+    ROOT,
+    append_results,
+    embeddings,
+    launcher,
+    minilm,
+)
 from embed_vs_st import command  # isort: skip
 
 RECIPES = sorted((ROOT / "examples" / "recipes").glob("minilm-*.yaml"))
@@ -62,7 +69,7 @@ def run(cmd: list[str]) -> float:
 
 
 def optimize(recipe: Path, calibration: Path, out: Path) -> float:
-    exe = str(Path(sys.executable).with_name("lmbatch"))
+    exe = launcher()
     return run(
         [
             exe,

@@ -25,7 +25,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import CORPUS, append_results, minilm  # isort: skip
+from common import CORPUS, append_results, launcher, minilm  # isort: skip
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -90,7 +90,7 @@ def sample(root: psutil.Process, peaks: dict, done: threading.Event) -> None:
 
 
 def run(model: str, inp: Path, out: Path) -> tuple[float, dict]:
-    exe = str(Path(sys.executable).with_name("lmbatch"))
+    exe = launcher()
     cmd = [exe, "infer", "--model", model, "--input", str(inp), "--task", "embed",
            "--id-column", "row", "--output", str(out), "--overwrite"]  # fmt: skip
     peaks: dict[str, int] = {}
