@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
-
-# Beside this interpreter: `make test` runs .venv/bin/python without activating.
-LMBATCH = Path(sys.executable).with_name("lmbatch")
+from ray_head import LMBATCH  # beside this Python: make test doesn't activate .venv
 
 
 def lmbatch_infer(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from conftest import sentences
 from helpers import run_job
+from ray_head import LMBATCH
 from safetensors.torch import load_file, save_file
 
 from lmbatch.actors.batching import TokenBudget, run_batched
@@ -31,7 +31,6 @@ from lmbatch.jobs.progress import Pool, line, progress, waiting
 from lmbatch.jobs.sources import Columns, ParquetRows
 from lmbatch.jobs.summary import count_errors, start_sink
 
-LMBATCH = Path(sys.executable).with_name("lmbatch")
 ray_job = pytest.mark.usefixtures("ray_local")
 
 

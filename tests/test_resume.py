@@ -7,7 +7,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from helpers import run_job, write_rows
+from ray_head import LMBATCH
 
 from lmbatch.errors import UserError
 from lmbatch.jobs.resume import CHECKPOINT_DIR, JOB_FILE, PENDING_SUFFIX
 
-LMBATCH = Path(sys.executable).with_name("lmbatch")
 ROWS = 24_000  # enough that files are written while the job runs: read in 4096s
 
 
