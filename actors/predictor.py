@@ -258,12 +258,16 @@ def _dtype_bytes(model) -> int:
 
 
 def _gpu_share() -> float:
-    """The fraction of its GPU Ray gave this actor (1.0 outside Ray)."""
+    """The fraction of its GPU Ray gave this actor (1.0 outside Ray, and in a driver,
+    which Ray assigns nothing: an optimize recipe run in-process measures there)."""
     import ray
 
     if not ray.is_initialized():
         return 1.0
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return 1.0
+    share = context.get_assigned_resources().get("GPU")
     return float(share) if share else 1.0
 
 
