@@ -7,6 +7,7 @@ rows too long under ``--on-long error`` or too short for their task get one here
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -41,6 +42,9 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
     GPU fed with tens of thousands of rows a second.
     """
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
+    # A task holds one CPU: parallel tasks, not the tokenizer's own thread pool (one
+    # thread per core in every task), spread the work over the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )

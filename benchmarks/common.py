@@ -55,6 +55,21 @@ def embedding_matrix(out: Path) -> tuple[list[str], np.ndarray]:
     return table["id"].to_pylist(), flat.reshape(len(table), -1).astype(np.float32)
 
 
+def null_minilm(models: Path, tmp: Path) -> str:
+    """A copy of MiniLM (``models/minilm``, else the real one) with 0 layers."""
+    from transformers import BertConfig, BertModel
+
+    source = models / "minilm"
+    source = source if source.exists() else Path(minilm())
+    out = tmp / "null-minilm"
+    weights = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "onnx", "openvino")
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*weights))
+    config = BertConfig.from_pretrained(source)
+    config.num_hidden_layers = 0
+    BertModel(config).save_pretrained(out)
+    return str(out)
+
+
 def append_results(title: str, lines: list[str]) -> None:
     """Print a section and append it to RESULTS.md with the command that made it."""
     script = Path(sys.argv[0]).name

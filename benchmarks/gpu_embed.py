@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from common import (  # isort: skip
     corpus_rows,
     embedding_matrix,
     launcher,
-    minilm,
+    null_minilm,
 )
 
 PARTS = ("embed", "actors", "ceiling", "precision", "score", "generate")
@@ -133,7 +132,18 @@ def lmbatch(model: str, inp: Path, out: Path, task: str, precision: str,
         "alloc_peak": max(a["peak_memory_bytes"] for a in actors),
         "actors": len(actors),
         "ran": "; ".join(summary["ran"]),
+        "where": where(result["stdout"], actors),
     }
+
+
+def where(stdout: str, actors: list[dict]) -> str:
+    """Where an lmbatch job's time went: its summary's stage line, and the actors'
+    time in their calls against their model time."""
+    stages = [x for x in stdout.splitlines() if x.startswith("stages ")]
+    calls = sum(a["busy_seconds"] for a in actors)
+    model = sum(a["device_seconds"] for a in actors)
+    return (f"{stages[0] if stages else 'stages -'}; actors in calls {calls:.1f}s, "
+            f"model {model:.1f}s")  # fmt: skip
 
 
 def baseline(kind: str, model: str, inp: Path, out: Path, device: str) -> dict:
@@ -243,7 +253,7 @@ def embed_part(models: Path, names: list[str], rows: int, device: str, tmp: Path
                   show(row(f"sentence-transformers encode({ST_BATCH})", st, st,
                            auto["tokens"])),
                   show(row(f"lmbatch, {auto['actors']} actors/GPU (auto)", auto, st)),
-                  ""]  # fmt: skip
+                  "", show(auto["where"]), ""]  # fmt: skip
     return lines
 
 
@@ -257,7 +267,8 @@ def actors_part(models: Path, names: list[str], rows: int, device: str, tmp: Pat
                       HALF[device], device, actors_per_gpu=1)  # fmt: skip
         st = done.get(name)  # embed's ST run, when this process ran it
         lines += [f"**{name}**, {rows:,} rows, {HALF[device]}, one actor a GPU", "",
-                  *HEADER, show(row("lmbatch, 1 actor/GPU", one, st)), ""]  # fmt: skip
+                  *HEADER, show(row("lmbatch, 1 actor/GPU", one, st)), "",
+                  show(one["where"]), ""]  # fmt: skip
     return lines
 
 
@@ -285,22 +296,8 @@ def ceiling_part(models: Path, rows: int, device: str, tmp: Path) -> list[str]:
             f"sentence-transformers {rate['st']:,.0f}", "", *HEADER,
             show(row(f"sentence-transformers encode({ST_BATCH})", st, st,
                      ours["tokens"])),
-            show(row(f"lmbatch, {ours['actors']} actors", ours, st)), ""]  # fmt: skip
-
-
-def null_minilm(models: Path, tmp: Path) -> str:
-    """A copy of MiniLM (``models/minilm``, else the real one) with 0 layers."""
-    from transformers import BertConfig, BertModel
-
-    source = models / "minilm"
-    source = source if source.exists() else Path(minilm())
-    out = tmp / "null-minilm"
-    weights = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "onnx", "openvino")
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*weights))
-    config = BertConfig.from_pretrained(source)
-    config.num_hidden_layers = 0
-    BertModel(config).save_pretrained(out)
-    return str(out)
+            show(row(f"lmbatch, {ours['actors']} actors", ours, st)), "",
+            show(ours["where"]), ""]  # fmt: skip
 
 
 def precision_part(models: Path, names: list[str], rows: dict[str, int],
@@ -331,7 +328,7 @@ def llm_part(kind: str, models: Path, rows: int, device: str, tmp: Path) -> list
     what = "batched model.generate" if kind == "generate" else "batched forward loop"
     return [f"**llama1b {kind}**, {rows:,} rows, {HALF[device]}", "", *HEADER,
             show(row(f"plain {what} ({LLM_BATCH})", base, base, ours["tokens"])),
-            show(row("lmbatch", ours, base)), ""]  # fmt: skip
+            show(row("lmbatch", ours, base)), "", show(ours["where"]), ""]  # fmt: skip
 
 
 def gpu_name(device: str) -> str:

@@ -15,6 +15,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import ray
 import ray.data
@@ -28,6 +29,7 @@ from lmbatch.jobs.resume import begin_output, checkpoint_config
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, ModelFlags
+from lmbatch.jobs.stages import stage_times
 from lmbatch.jobs.summary import Summary, build_summary, start_sink, write_summary
 
 log = logging.getLogger("lmbatch")
@@ -41,13 +43,14 @@ TOKENIZE_CPUS = 1.0
 
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
+    begun = time.time()
     with ray_session(address, warm=ACTOR_MODULES):
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
         restored = begin_output(plan, pool.device)
         sink = start_sink()
-        started = time.perf_counter()
+        started = time.time()
         with (
             data_context(checkpoint_config(plan)),
             quiet_ray_data(plan.spec.verbose),
@@ -55,18 +58,31 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 sink, Pool(pool.min_actors, pool.gpus), plan_total(plan), restored
             ),
         ):
-            build_dataset(plan, pool, sink).write_parquet(
+            ds = build_dataset(plan, pool, sink)
+            ds.write_parquet(
                 plan.output_path,
                 filesystem=plan.output_fs,
                 min_rows_per_file=plan.spec.rows_per_file,
             )
-        seconds = time.perf_counter() - started
-        actors = ray.get(sink.snapshot.remote())
-        ray.kill(sink)  # named actors outlive their handles
-        summary = build_summary(
-            plan.output_fs, plan.output_path, seconds, actors, restored, sized
-        )
+        summary = summarise(plan, ds, sink, (begun, started), restored, sized)
     write_summary(plan.output_fs, plan.output_path, summary)
+    return summary
+
+
+def summarise(plan: InferPlan, ds, sink, times, restored: int, sized: str) -> Summary:
+    """The summary of a finished job; ``times``: (run_infer began, the job started),
+    wall clock, as the stats sink on this node stamps the first batch."""
+    begun, started = times
+    seconds = time.time() - started
+    actors, first = ray.get([sink.snapshot.remote(), sink.first_batch.remote()])
+    ray.kill(sink)  # named actors outlive their handles
+    summary = build_summary(
+        plan.output_fs, plan.output_path, seconds, actors, restored, sized
+    )
+    summary.stages = [asdict(s) for s in stage_times(ds)]
+    summary.startup_seconds = round(started - begun, 3)
+    if first is not None:
+        summary.first_batch_seconds = round(first - started, 3)
     return summary
 
 

@@ -9,7 +9,9 @@ idle whenever the readers are ahead, which is most of the time.
 On GPUs, each actor asks for the fraction of a GPU that its model's footprint (read
 off the weight files, ``actors/footprint.py``) plus an equal batch reserve takes, so
 an 8-bit model packs about twice as many actors per GPU as fp16. The whole pool starts
-at once: several actors per GPU keep it busy while each one does its host work.
+at once: several actors per GPU keep it busy while each one does its host work. The
+actors of one GPU share one reserved CPU: they mostly wait on the GPU, and every CPU
+they do not reserve is one more tokenize task feeding them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ IO_CPUS = 1.0  # kept free for read and tokenize tasks
 MIN_ACTOR_CPUS = 0.25
 MIN_BATCH_RESERVE = 1 << 30  # activations of one micro-batch, at the least
 MAX_ACTORS_PER_GPU = 8
+# CPUs reserved for the host side of all the actors on one GPU. An actor's host work is
+# about 7 ms per 8,192-row call (benchmarks/host_feed.py); the rest of the time it waits
+# on its GPU. With a whole CPU per actor, Ray Data's resource allocator ran at most 4
+# tokenize tasks at once for 8 actors on a 16-CPU GPU node; with one CPU per GPU, 11
+# (benchmarks/gpu_node_schedule.py).
+GPU_HOST_CPUS = 1.0
 # Rows handed to an actor per call: on CPU a call of 1,024 rows keeps blocks small;
 # a GPU runs thousands of rows in one micro-batch, and fewer calls mean less of Ray's
 # per-call overhead between them.
@@ -79,9 +87,13 @@ def actors_per_gpu(model_bytes: int, gpu_bytes: int, asked: int | None = None) -
 
 
 def gpu_fraction(per_gpu: int) -> float:
-    """The ``num_gpus`` each of ``per_gpu`` actors on one GPU asks for (Ray counts
-    GPU fractions to 1e-4; rounded down, so that they all fit)."""
-    return math.floor(1e4 / per_gpu) / 1e4
+    """The ``num_gpus`` each of ``per_gpu`` actors on one GPU asks for."""
+    return _floor4(1 / per_gpu)
+
+
+def _floor4(share: float) -> float:
+    """Ray counts resources to 1e-4: rounded down, so that every share fits."""
+    return math.floor(share * 1e4 + 1e-9) / 1e4
 
 
 def plan_pool(
@@ -125,7 +137,7 @@ def plan_pool(
             )
         share = gpu_fraction(per_gpu)
         spare = max(0.0, cpus - IO_CPUS - ray_cpus) / hi
-        num_cpus = min(1.0, cpus_per_gpu / per_gpu, spare)
+        num_cpus = min(_floor4(min(GPU_HOST_CPUS, cpus_per_gpu) / per_gpu), spare)
         return PoolPlan(
             lo, hi, num_cpus, num_gpus=share, threads=1, device="cuda", gpus=gpus
         )

@@ -10,6 +10,7 @@ the output.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,19 @@ class StatsSink:
 
     def __init__(self) -> None:
         self.actors: dict[str, dict] = {}
+        self.first_batch_at: float | None = None  # time.time() on this node
 
     def report(self, stats: dict) -> None:
+        if self.first_batch_at is None and stats.get("rows_started"):
+            self.first_batch_at = time.time()
         self.actors[f"{stats['actor']}/{stats['pid']}"] = stats
 
     def snapshot(self) -> list[dict]:
         return list(self.actors.values())
+
+    def first_batch(self) -> float | None:
+        """When a batch first reached an actor: the job's own start-up is over."""
+        return self.first_batch_at
 
 
 SINK_PREFIX = "lmbatch-stats-"
@@ -66,17 +74,23 @@ class Summary:
     computed: int = 0  # rows this run computed
     ran: list[str] = field(default_factory=list)  # "DEVICE in PRECISION", each kind
     pool: str = ""  # how the pool was sized
+    stages: list[dict] = field(default_factory=list)  # jobs/stages.py's Stage, each
+    startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
+    first_batch_seconds: float | None = None  # into the job: first batch at an actor
 
     def lines(self) -> list[str]:
         out = [
             f"ran on {'; '.join(self.ran) or 'no actor'}",
             f"pool {self.pool}",
             f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
+            self._startup_line(),
             f"restored {self.restored}  computed {self.computed}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
             "errors "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
         ]
+        if self.stages:
+            out.append("stages " + "; ".join(self._stage_lines()))
         for a in self.actors:
             mean = a["rows"] / max(1, a["micro_batches"])
             out.append(
@@ -92,6 +106,16 @@ class Summary:
             )
         out.append(f"output {self.output}")
         return out
+
+    def _startup_line(self) -> str:
+        first = self.first_batch_seconds
+        when = "no batch" if first is None else f"first batch {first:.1f}s into the job"
+        return f"start-up {self.startup_seconds:.1f}s before the job; {when}"
+
+    def _stage_lines(self) -> list[str]:
+        from lmbatch.jobs.stages import Stage
+
+        return [Stage(**s).describe(self.seconds) for s in self.stages]
 
 
 def build_summary(

@@ -4,6 +4,9 @@ choice and the separate tokenize stage."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -154,6 +157,40 @@ def test_summary_names_what_ran(tiny_models, corpus, tmp_path):
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_summary_says_where_the_time_went(tiny_models, corpus, tmp_path):
+    _, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=corpus["csv"], task="embed"
+    )
+    stages = {s["name"]: s for s in summary.stages}
+    assert list(stages) == ["read", "tokenize", "predict", "write"]
+    assert stages["tokenize"]["rows"] == stages["predict"]["rows"] == 120
+    assert all(s["tasks"] >= 1 and s["seconds"] > 0 for s in summary.stages)
+    (line,) = [x for x in summary.lines() if x.startswith("stages ")]
+    assert "; predict " in line and " at once)" in line
+    written = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert written["stages"] == summary.stages
+    # Start-up: before the job (here Ray is up already: the plan), and into it.
+    assert 0 < summary.startup_seconds and 0 < summary.first_batch_seconds
+    assert summary.first_batch_seconds < summary.seconds
+    assert f"first batch {summary.first_batch_seconds:.1f}s into" in "".join(
+        summary.lines()
+    )
+
+
+def test_stage_names_follow_ray_data_operators():
+    from lmbatch.jobs.stages import Stage, stage_name
+
+    assert stage_name("ReadParquetRows->SplitBlocks(32)") == "read"
+    assert stage_name("MapBatches(tokenize_batch)") == "tokenize"
+    assert stage_name("MapBatches(Predictor)") == "predict"
+    assert stage_name("CheckpointFilter") == "CheckpointFilter"
+    assert Stage("predict", 16, 20.0, 100).describe(10.0) == (
+        "predict 16 tasks 20.0s (2.0 at once)"
+    )
+    assert Stage("read", 1, 0.5, 100).describe(0.0) == "read 1 task 0.5s (0.0 at once)"
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_cuda_asked_of_a_cluster_without_gpus_is_one_line(
     tiny_models, corpus, tmp_path
 ):
@@ -187,3 +224,13 @@ def test_tokenize_is_a_stage_of_its_own(tiny_models, corpus, capsys):
     operators = [line for line in physical.splitlines() if "MapBatches" in line]
     assert any(o.endswith("[MapBatches(Predictor)]") for o in operators), operators
     assert any("tokenize_batch)]" in o and "Predictor" not in o for o in operators)
+
+
+@pytest.mark.parametrize("asked", [None, "true"])
+def test_a_tokenize_task_tokenizes_on_its_one_cpu(tiny_models, monkeypatch, asked):
+    # The tokenizer's own pool would start a thread per core in every task.
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", asked or "")  # restored after
+    if asked is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    assert _tokens(tiny_models["bert"], ["a text"]).num_rows == 1
+    assert os.environ["TOKENIZERS_PARALLELISM"] == (asked or "false")  # a user's own

@@ -47,6 +47,17 @@ def test_gpu_actors_fit_the_cpus_of_the_gpu_nodes():
     assert plan.max_actors == 8 and plan.num_cpus == 0.25
 
 
+def test_the_actors_of_a_gpu_share_one_cpu_and_leave_the_rest_to_tokenizing():
+    # An H200 node: 16 CPUs, one GPU, 8 actors on it.
+    plan = plan_pool(
+        {"CPU": 16.0, "GPU": 1.0}, None, per_gpu=8, device="cuda", gpus=1,
+        cpus_per_gpu=16.0,
+    )  # fmt: skip
+    assert plan.max_actors == 8 and plan.num_cpus == 0.125
+    three = plan_pool({"CPU": 16.0}, None, per_gpu=3, device="cuda", gpus=1)
+    assert three.num_cpus == 0.3333  # rounded down to Ray's 1e-4
+
+
 def test_gpus_unused_unless_the_pool_is_a_gpu_pool():
     plan = plan_pool({"CPU": 8.0, "GPU": 2.0}, None)
     assert plan.num_gpus == 0 and plan.rows_per_call == 1024
