@@ -69,7 +69,14 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     return summary
 
 
-def summarise(plan: InferPlan, ds, sink, times, restored: int, sized: str) -> Summary:
+def summarise(
+    plan: InferPlan,
+    ds: ray.data.Dataset,
+    sink: ray.actor.ActorHandle,
+    times: tuple[float, float],
+    restored: int,
+    sized: str,
+) -> Summary:
     """The summary of a finished job; ``times``: (run_infer began, the job started),
     wall clock, as the stats sink on this node stamps the first batch."""
     begun, started = times
