@@ -132,17 +132,19 @@ def lmbatch(model: str, inp: Path, out: Path, task: str, precision: str,
         "alloc_peak": max(a["peak_memory_bytes"] for a in actors),
         "actors": len(actors),
         "ran": "; ".join(summary["ran"]),
-        "where": where(result["stdout"], actors),
+        "where": where(summary),
     }
 
 
-def where(stdout: str, actors: list[dict]) -> str:
-    """Where an lmbatch job's time went: its summary's stage line, and the actors'
-    time in their calls against their model time."""
-    stages = [x for x in stdout.splitlines() if x.startswith("stages ")]
-    calls = sum(a["busy_seconds"] for a in actors)
-    model = sum(a["device_seconds"] for a in actors)
-    return (f"{stages[0] if stages else 'stages -'}; actors in calls {calls:.1f}s, "
+def where(summary: dict) -> str:
+    """Where an lmbatch job's time went, from its ``_summary.json``: each stage as the
+    summary prints it, and the actors' time in their calls against their model time."""
+    from lmbatch.jobs.stages import Stage
+
+    stages = [Stage(**s).describe(summary["seconds"]) for s in summary["stages"]]
+    calls = sum(a["busy_seconds"] for a in summary["actors"])
+    model = sum(a["device_seconds"] for a in summary["actors"])
+    return (f"stages {'; '.join(stages) or '-'}; actors in calls {calls:.1f}s, "
             f"model {model:.1f}s")  # fmt: skip
 
 

@@ -15,7 +15,6 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import ray
 import ray.data
@@ -86,7 +85,7 @@ def summarise(
     summary = build_summary(
         plan.output_fs, plan.output_path, seconds, actors, restored, sized
     )
-    summary.stages = [asdict(s) for s in stage_times(ds)]
+    summary.stages = stage_times(ds)
     summary.startup_seconds = round(started - begun, 3)
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)

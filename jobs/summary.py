@@ -21,6 +21,8 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lmbatch.jobs.stages import Stage
+
 SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output dir
 
 
@@ -74,7 +76,7 @@ class Summary:
     computed: int = 0  # rows this run computed
     ran: list[str] = field(default_factory=list)  # "DEVICE in PRECISION", each kind
     pool: str = ""  # how the pool was sized
-    stages: list[dict] = field(default_factory=list)  # jobs/stages.py's Stage, each
+    stages: list[Stage] = field(default_factory=list)  # where the time went
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
 
@@ -90,7 +92,8 @@ class Summary:
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
         ]
         if self.stages:
-            out.append("stages " + "; ".join(self._stage_lines()))
+            stages = (s.describe(self.seconds) for s in self.stages)
+            out.append("stages " + "; ".join(stages))
         for a in self.actors:
             mean = a["rows"] / max(1, a["micro_batches"])
             out.append(
@@ -111,11 +114,6 @@ class Summary:
         first = self.first_batch_seconds
         when = "no batch" if first is None else f"first batch {first:.1f}s into the job"
         return f"start-up {self.startup_seconds:.1f}s before the job; {when}"
-
-    def _stage_lines(self) -> list[str]:
-        from lmbatch.jobs.stages import Stage
-
-        return [Stage(**s).describe(self.seconds) for s in self.stages]
 
 
 def build_summary(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -161,14 +162,14 @@ def test_summary_says_where_the_time_went(tiny_models, corpus, tmp_path):
     _, summary = run_job(
         tmp_path / "out", model=tiny_models["bert"], inputs=corpus["csv"], task="embed"
     )
-    stages = {s["name"]: s for s in summary.stages}
+    stages = {s.name: s for s in summary.stages}
     assert list(stages) == ["read", "tokenize", "predict", "write"]
-    assert stages["tokenize"]["rows"] == stages["predict"]["rows"] == 120
-    assert all(s["tasks"] >= 1 and s["seconds"] > 0 for s in summary.stages)
+    assert stages["tokenize"].rows == stages["predict"].rows == 120
+    assert all(s.tasks >= 1 and s.seconds > 0 for s in summary.stages)
     (line,) = [x for x in summary.lines() if x.startswith("stages ")]
     assert "; predict " in line and " at once)" in line
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert written["stages"] == summary.stages
+    assert written["stages"] == [asdict(s) for s in summary.stages]
     # Start-up: before the job (here Ray is up already: the plan), and into it.
     assert 0 < summary.startup_seconds and 0 < summary.first_batch_seconds
     assert summary.first_batch_seconds < summary.seconds
