@@ -10,9 +10,11 @@
 #   END=$(( $(date +%s) + 570 )) bash .gpu/run bash benchmarks/gpu_check.sh
 #   STEPS="bench-bert llm" bash .gpu/run bash benchmarks/gpu_check.sh
 # Steps: tests, bench-minilm, precision-bert, ceiling (MiniLM without its layers),
-# actors-minilm, precision-llama, bench-bert, llm (score and generate). ROWS (default
+# actors-minilm, pool-minilm (lmbatch alone with POOL_SIZES actors a GPU, default
+# auto,2), precision-llama, bench-bert, llm (score and generate). ROWS (default
 # 1,000,000), PREC_ROWS (BERT-base rows per precision, default 100,000) and DEVICE
 # (default cuda; cpu with small ROWS checks the script itself) pass on to gpu_embed.py.
+# TESTS, a pytest -k expression, runs part of the tests step when a call is short.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -51,12 +53,15 @@ for s in $steps; do
   case $s in
     tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests 200 python -m pytest -m gpu -q \
       -rfE --tb=short -p no:cacheprovider -p pytest_instafail "${per_test[@]}" \
-      --junitxml="$out/gpu-tests.xml" tests/test_gpu.py tests/test_host_side.py ;;
+      --junitxml="$out/gpu-tests.xml" ${TESTS:+-k "$TESTS"} tests/test_gpu.py \
+      tests/test_host_side.py ;;
     bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
     precision-bert) step precision-bert 200 "${bench[@]}" --only precision \
       --precision-models bertbase ;;
     ceiling) step ceiling 150 "${bench[@]}" --only ceiling ;;
     actors-minilm) step actors-minilm 150 "${bench[@]}" --only actors --embed-models minilm ;;
+    pool-minilm) step pool-minilm 200 "${bench[@]}" --only actors --embed-models minilm \
+      --pool-sizes "${POOL_SIZES:-auto,2}" ;;
     precision-llama) step precision-llama 200 "${bench[@]}" --only precision \
       --precision-models llama1b ;;
     bench-bert) step bench-bert 570 "${bench[@]}" --only embed,actors --embed-models bertbase ;;

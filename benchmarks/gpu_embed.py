@@ -3,7 +3,8 @@
 - embed: ``lmbatch infer --task embed`` (actors per GPU from the model's footprint)
   against ``SentenceTransformer.encode(batch_size=256)`` in fp16, on all-MiniLM-L6-v2's
   and BERT-base's architecture, over the demo corpus cycled to ``--rows``.
-- actors: the same lmbatch job with one actor per GPU (host work overlapped inside it).
+- actors: the same lmbatch job alone, with each of ``--pool-sizes`` actors per GPU
+  (default 1: host work overlapped inside one actor).
 - ceiling: both tools on MiniLM without its layers, a model that costs nothing: the
   rows/s that reading, tokenizing, batching and writing allow on these cores.
 - precision: lmbatch in int8 and nf4 against fp16, tokens/s and peak memory, on
@@ -23,7 +24,7 @@ llama1b with random weights; both tools load the same weights).
 Usage: python benchmarks/gpu_embed.py [--rows 1000000] [--models /tmp/models]
            [--only embed,actors,ceiling,precision,score,generate]
            [--embed-models minilm,bertbase] [--precision-models bertbase,llama1b]
-           [--device cuda]
+           [--device cuda] [--pool-sizes 1]
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def lmbatch(model: str, inp: Path, out: Path, task: str, precision: str,
     for flag, value in flags.items():
         cmd += [f"--{flag.replace('_', '-')}", str(value)]
     result = timed(cmd)
+    # The job's own summary (start-up, stages, each actor) goes to the log, not to
+    # RESULTS.md: it is what explains a run's figures.
+    print(result["stdout"].rstrip(), flush=True)
     summary = json.loads((out / "_summary.json").read_text())
     actors = summary["actors"]
     model_s = sum(a["device_seconds"] for a in actors)
@@ -260,17 +264,22 @@ def embed_part(models: Path, names: list[str], rows: int, device: str, tmp: Path
 
 
 def actors_part(models: Path, names: list[str], rows: int, device: str, tmp: Path,
-                done: dict) -> list[str]:  # fmt: skip
-    """One actor per GPU (host work overlapped inside it) against the auto pool."""
+                done: dict, sizes: list[str]) -> list[str]:  # fmt: skip
+    """lmbatch alone with each of ``sizes`` actors per GPU (1: host work overlapped
+    inside one actor; auto: from the footprint), against embed's ST run if any."""
     inp = corpus(tmp, rows)
     lines = []
     for name in names:
-        one = lmbatch(str(models / name), inp, tmp / f"lm1-{name}", "embed",
-                      HALF[device], device, actors_per_gpu=1)  # fmt: skip
         st = done.get(name)  # embed's ST run, when this process ran it
-        lines += [f"**{name}**, {rows:,} rows, {HALF[device]}, one actor a GPU", "",
-                  *HEADER, show(row("lmbatch, 1 actor/GPU", one, st)), "",
-                  show(one["where"]), ""]  # fmt: skip
+        lines += [f"**{name}**, {rows:,} rows, {HALF[device]}", "", *HEADER]
+        wheres = []
+        for size in sizes:
+            run = lmbatch(str(models / name), inp, tmp / f"lm{size}-{name}", "embed",
+                          HALF[device], device, actors_per_gpu=size)  # fmt: skip
+            lines.append(show(row(f"lmbatch, {run['actors']} actors/GPU ({size})",
+                                  run, st)))  # fmt: skip
+            wheres.append(show(f"{size}: {run['where']}"))
+        lines += ["", *wheres, ""]
     return lines
 
 
@@ -352,6 +361,8 @@ def main() -> None:
     parser.add_argument("--embed-models", default="minilm,bertbase")
     parser.add_argument("--precision-models", default="bertbase,llama1b")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--pool-sizes", default="1",
+                        help="actors a GPU in the actors part: auto,2,1")  # fmt: skip
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -373,7 +384,7 @@ def main() -> None:
                                    tmp, done)  # fmt: skip
             elif part == "actors":
                 lines = actors_part(args.models, embed_models, args.rows, args.device,
-                                    tmp, done)  # fmt: skip
+                                    tmp, done, args.pool_sizes.split(","))  # fmt: skip
             elif part == "ceiling":
                 lines = ceiling_part(args.models, args.rows, args.device, tmp)
             elif part == "precision":

@@ -59,9 +59,10 @@ def blocks(rows: int) -> list[pa.Table]:
 
 
 def lmbatch_tokenize(data: list[pa.Table]) -> tuple[float, list[pa.Table]]:
-    from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch
+    from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch, with_backend
 
-    config = TokenizeConfig(model_path=minilm(), max_length=256)
+    # As a job's tasks get it: with the fast tokenizer's definition from the driver.
+    config = with_backend(TokenizeConfig(model_path=minilm(), max_length=256))
     tokenize_batch(data[0], config)  # the tokenizer loads once per task process
     started = time.perf_counter()
     tokens = [tokenize_batch(block, config) for block in data]

@@ -80,13 +80,15 @@ def summarise(
     wall clock, as the stats sink on this node stamps the first batch."""
     begun, started = times
     seconds = time.time() - started
-    actors, first = ray.get([sink.snapshot.remote(), sink.first_batch.remote()])
+    actors, (ready, first) = ray.get([sink.snapshot.remote(), sink.times.remote()])
     ray.kill(sink)  # named actors outlive their handles
     summary = build_summary(
         plan.output_fs, plan.output_path, seconds, actors, restored, sized
     )
-    summary.stages = stage_times(ds)
+    one_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
+    summary.stages = stage_times(ds, started, one_node)
     summary.startup_seconds = round(started - begun, 3)
+    summary.ready_seconds = [round(t - started, 3) for t in ready]
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)
     return summary
@@ -158,9 +160,9 @@ def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
 
 
 def tokenize_config(spec: ModelFlags, info: ModelInfo, max_length: int):
-    from lmbatch.actors.tokenize import TokenizeConfig
+    from lmbatch.actors.tokenize import TokenizeConfig, with_backend
 
-    return TokenizeConfig(
+    config = TokenizeConfig(
         model_path=spec.model,
         max_length=max_length,
         on_long=spec.on_long,
@@ -168,6 +170,7 @@ def tokenize_config(spec: ModelFlags, info: ModelInfo, max_length: int):
         trust_remote_code=spec.trust_remote_code,
         lowercase=info.sentence.lowercase,
     )
+    return with_backend(config)
 
 
 def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:

@@ -26,7 +26,12 @@ CPU_THREADS_PER_ACTOR = 4  # torch scales well to about 4 threads on small model
 IO_CPUS = 1.0  # kept free for read and tokenize tasks
 MIN_ACTOR_CPUS = 0.25
 MIN_BATCH_RESERVE = 1 << 30  # activations of one micro-batch, at the least
-MAX_ACTORS_PER_GPU = 8
+# More actors than this on one GPU cost more than they overlap: on an H200, MiniLM
+# over 1M rows with 8 actors (what its footprint allows) had them ready 22.7 s into
+# the job and their model time summed to 108 s, as 8 processes took turns on the GPU;
+# with 2, ready at 17.6 s, 40 s of model time, and the job 46.6 s against 59.8 s.
+# Two are enough to overlap one's host work with the other's GPU work.
+MAX_ACTORS_PER_GPU = 2
 # CPUs reserved for the host side of all the actors on one GPU. An actor's host work is
 # about 7 ms per 8,192-row call (benchmarks/host_feed.py); the rest of the time it waits
 # on its GPU. With a whole CPU per actor, Ray Data's resource allocator ran at most 4

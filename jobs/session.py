@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import ray
 
+from lmbatch.errors import UserError
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None, warm: tuple[str, ...] = ()) -> Iterator[None]:
@@ -34,7 +36,7 @@ def ray_session(address: str | None, warm: tuple[str, ...] = ()) -> Iterator[Non
         return
     try:
         if address and address != "local":
-            ray.init(address=address, log_to_driver=True)
+            attach(address)
         else:
             ray.init(
                 address="local",
@@ -48,6 +50,22 @@ def ray_session(address: str | None, warm: tuple[str, ...] = ()) -> Iterator[Non
         yield
     finally:
         ray.shutdown()
+
+
+def attach(address: str) -> None:
+    """Attach this process to the Ray at ``address`` (HOST:PORT or auto).
+
+    Raises:
+        UserError: naming ``--address`` when no Ray answers there.
+    """
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as e:
+        raise UserError(
+            "--address",
+            f"no Ray answers at {address} ({str(e).splitlines()[0]}): is the cluster "
+            "up, and is this its GCS port (6379 by default)?",
+        ) from None
 
 
 def _import(modules: tuple[str, ...]) -> None:

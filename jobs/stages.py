@@ -3,12 +3,16 @@
 A pipeline runs as fast as its slowest stage. Each stage's task-seconds over the job's
 seconds is how many of its tasks ran at once on average: tokenize near its share of
 the CPUs means the actors wait on tokenizing; predict near the pool's size means the
-model is the limit. The summary prints it and ``_summary.json`` keeps it.
+model is the limit. A stage's CPU seconds well under its task-seconds mean its tasks
+waited (for cores, for a GPU); when it began and ended in the job says whether a low
+"at once" is a slow stage or one that finished early and waited for the next. The
+summary prints it and ``_summary.json`` keeps it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import ray.data
@@ -29,33 +33,56 @@ class Stage:
     tasks: int  # Ray Data tasks; for predict, the calls handed to the actors
     seconds: float  # the tasks' wall time, summed (Ray Data times each block)
     rows: int  # rows the stage put out (a write task puts out one row)
+    cpu_seconds: float = 0.0  # the tasks' processes' CPU time, summed
+    began: float | None = None  # its first task's start, seconds into the job
+    ended: float | None = None  # its last task's end; both None across nodes
 
     def describe(self, job_seconds: float) -> str:
         at_once = self.seconds / job_seconds if job_seconds else 0.0
         tasks = f"{self.tasks} task{'s' if self.tasks != 1 else ''}"
-        return f"{self.name} {tasks} {self.seconds:.1f}s ({at_once:.1f} at once)"
+        span = "" if self.began is None else f" {self.began:.1f}-{self.ended:.1f}s"
+        return (
+            f"{self.name} {tasks} {self.seconds:.1f}s, CPU {self.cpu_seconds:.1f}s "
+            f"({at_once:.1f} at once){span}"
+        )
 
 
-def stage_times(ds: ray.data.Dataset) -> list[Stage]:
-    """Each stage of an executed (written) dataset; [] where Ray Data has no stats."""
+def stage_times(ds: ray.data.Dataset, started: float, one_node: bool) -> list[Stage]:
+    """Each stage of an executed (written) dataset; [] where Ray Data has no stats.
+
+    ``started``: the job's start, wall clock. Ray Data stamps tasks with the monotonic
+    clock of the node they ran on, which this node's can be compared with only when
+    every task ran here (``one_node``): across nodes the spans are left out.
+    """
     try:
         summary = ds.get_stats_summary()
     except Exception as e:  # noqa: BLE001 - a report must never fail a finished job
         log.debug("no stage stats from Ray Data: %s", e)
         return []
-    stages = []
-    for op in _operators(summary):
-        if op.is_sub_operator or op.wall_time is None:
-            continue
-        stages.append(
-            Stage(
-                name=stage_name(op.operator_name),
-                tasks=int(op.task_rows.count) if op.task_rows else 0,
-                seconds=round(float(op.wall_time.sum), 3),
-                rows=int(op.output_num_rows.sum) if op.output_num_rows else 0,
-            )
-        )
-    return stages
+    # A monotonic stamp plus this offset is wall clock, on this node.
+    offset = time.time() - time.perf_counter() - started if one_node else None
+    return [
+        _stage(op, offset)
+        for op in _operators(summary)
+        if not op.is_sub_operator and op.wall_time is not None
+    ]
+
+
+def _stage(op, offset: float | None) -> Stage:
+    """One operator's stats as a Stage; its span only where ``offset`` is known."""
+    began = ended = None
+    if offset is not None and op.earliest_start_time is not None:
+        began = round(op.earliest_start_time + offset, 3)
+        ended = round(op.latest_end_time + offset, 3)
+    return Stage(
+        name=stage_name(op.operator_name),
+        tasks=int(op.task_rows.count) if op.task_rows else 0,
+        seconds=round(float(op.wall_time.sum), 3),
+        rows=int(op.output_num_rows.sum) if op.output_num_rows else 0,
+        cpu_seconds=round(float(op.cpu_time.sum), 3) if op.cpu_time else 0.0,
+        began=began,
+        ended=ended,
+    )
 
 
 def _operators(summary) -> list:

@@ -33,19 +33,25 @@ class StatsSink:
 
     def __init__(self) -> None:
         self.actors: dict[str, dict] = {}
-        self.first_batch_at: float | None = None  # time.time() on this node
+        # time.time() on this node: when each actor process first reported (its model
+        # loaded and its budget probed), and when a batch first reached one.
+        self.ready_at: dict[str, float] = {}
+        self.first_batch_at: float | None = None
 
     def report(self, stats: dict) -> None:
+        key = f"{stats['actor']}/{stats['pid']}"
+        self.ready_at.setdefault(key, time.time())
         if self.first_batch_at is None and stats.get("rows_started"):
             self.first_batch_at = time.time()
-        self.actors[f"{stats['actor']}/{stats['pid']}"] = stats
+        self.actors[key] = stats
 
     def snapshot(self) -> list[dict]:
         return list(self.actors.values())
 
-    def first_batch(self) -> float | None:
-        """When a batch first reached an actor: the job's own start-up is over."""
-        return self.first_batch_at
+    def times(self) -> tuple[list[float], float | None]:
+        """(each actor process's ready time, sorted; the first batch's): the pool's
+        start-up, which the job waits on before any row reaches the model."""
+        return sorted(self.ready_at.values()), self.first_batch_at
 
 
 SINK_PREFIX = "lmbatch-stats-"
@@ -79,6 +85,7 @@ class Summary:
     stages: list[Stage] = field(default_factory=list)  # where the time went
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
+    ready_seconds: list[float] = field(default_factory=list)  # into the job, each actor
 
     def lines(self) -> list[str]:
         out = [
@@ -111,8 +118,12 @@ class Summary:
         return out
 
     def _startup_line(self) -> str:
-        first = self.first_batch_seconds
+        first, ready = self.first_batch_seconds, self.ready_seconds
         when = "no batch" if first is None else f"first batch {first:.1f}s into the job"
+        if ready:  # the pool's start-up: its first and last actor ready
+            last = f"-{ready[-1]:.1f}" if len(ready) > 1 else ""
+            span = f"{ready[0]:.1f}{last}s"
+            when = f"{len(ready)} actor(s) ready {span}, {when}"
         return f"start-up {self.startup_seconds:.1f}s before the job; {when}"
 
 

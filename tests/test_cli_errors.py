@@ -239,3 +239,19 @@ def test_cpu_only_artifact_on_cuda_refused(base, tiny_models, tmp_path):
     (artifact / "lmbatch.json").write_text(json.dumps(meta))
     args = with_flag(base, "--model", str(artifact))
     assert_user_error(run(*args, "--device", "cuda"), "--model", "--device cpu")
+
+
+def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):
+    # Ray raises ConnectionError once its retries run out (about 20 s for an address
+    # that resolves to nothing); raised at once here.
+    import ray
+
+    from lmbatch.errors import UserError
+    from lmbatch.jobs.session import attach
+
+    def refuse(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.9:6379\n..")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(UserError, match=r"^--address: no Ray answers at 10.0.0.9:6379"):
+        attach("10.0.0.9:6379")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -166,13 +168,24 @@ def test_summary_says_where_the_time_went(tiny_models, corpus, tmp_path):
     assert list(stages) == ["read", "tokenize", "predict", "write"]
     assert stages["tokenize"].rows == stages["predict"].rows == 120
     assert all(s.tasks >= 1 and s.seconds > 0 for s in summary.stages)
+    # One node: each stage's span is in the job, in pipeline order, and its tasks
+    # used CPU (the tiny model's actor computes on it).
+    for s in summary.stages:
+        assert 0 <= s.began <= s.ended <= summary.seconds
+    assert stages["read"].began <= stages["tokenize"].began <= stages["predict"].began
+    assert stages["predict"].cpu_seconds > 0
     (line,) = [x for x in summary.lines() if x.startswith("stages ")]
-    assert "; predict " in line and " at once)" in line
+    assert "; predict " in line and " at once) " in line
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert written["stages"] == [asdict(s) for s in summary.stages]
     # Start-up: before the job (here Ray is up already: the plan), and into it.
     assert 0 < summary.startup_seconds and 0 < summary.first_batch_seconds
     assert summary.first_batch_seconds < summary.seconds
+    # Each actor process is ready (loaded, probed) before it can take a batch.
+    assert len(summary.ready_seconds) == len(summary.actors)
+    assert 0 < summary.ready_seconds[0] <= summary.first_batch_seconds
+    ready = f"ready {summary.ready_seconds[0]:.1f}"
+    assert ready in "".join(summary.lines())
     assert f"first batch {summary.first_batch_seconds:.1f}s into" in "".join(
         summary.lines()
     )
@@ -185,10 +198,12 @@ def test_stage_names_follow_ray_data_operators():
     assert stage_name("MapBatches(tokenize_batch)") == "tokenize"
     assert stage_name("MapBatches(Predictor)") == "predict"
     assert stage_name("CheckpointFilter") == "CheckpointFilter"
-    assert Stage("predict", 16, 20.0, 100).describe(10.0) == (
-        "predict 16 tasks 20.0s (2.0 at once)"
+    assert Stage("predict", 16, 20.0, 100, 12.5, 1.5, 9.5).describe(10.0) == (
+        "predict 16 tasks 20.0s, CPU 12.5s (2.0 at once) 1.5-9.5s"
     )
-    assert Stage("read", 1, 0.5, 100).describe(0.0) == "read 1 task 0.5s (0.0 at once)"
+    assert Stage("read", 1, 0.5, 100).describe(0.0) == (
+        "read 1 task 0.5s, CPU 0.0s (0.0 at once)"  # across nodes: no span
+    )
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -235,3 +250,33 @@ def test_a_tokenize_task_tokenizes_on_its_one_cpu(tiny_models, monkeypatch, aske
         monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     assert _tokens(tiny_models["bert"], ["a text"]).num_rows == 1
     assert os.environ["TOKENIZERS_PARALLELISM"] == (asked or "false")  # a user's own
+
+
+@pytest.mark.parametrize("model", ["bert", "bert_st", "gpt2", "llama"])
+@pytest.mark.parametrize("on_long", ["truncate", "error"])
+def test_tasks_tokenize_as_transformers_does(tiny_models, model, on_long):
+    # The tasks' own engine (the fast tokenizer's definition) against transformers'
+    # tokenizer: the same ids, special tokens, cuts and errors, row for row.
+    from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, with_backend
+
+    lowercase = model.startswith("bert")  # sentence-transformers' do_lower_case too
+    plain = TokenizeConfig(tiny_models[model], 12, on_long, lowercase=lowercase)
+    fast = with_backend(plain)
+    assert fast.backend is not None and plain.backend is None
+    texts = ["Mixed CASE text", "a much longer text " * 8, "x", "ünïcödé ✓ 日本語"]
+    expected = actor_batch(texts, plain)
+    assert actor_batch(texts, fast).equals(expected)
+    assert expected["_error"].null_count == (4 if on_long == "truncate" else 3)
+
+
+def test_tokenize_tasks_import_neither_torch_nor_transformers():
+    # Each task process imports this module; torch's import was what held the first
+    # tokenize tasks back on a GPU node.
+    code = (
+        "import sys, lmbatch.actors.tokenize; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

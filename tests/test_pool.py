@@ -65,19 +65,18 @@ def test_gpus_unused_unless_the_pool_is_a_gpu_pool():
 
 def test_int8_packs_about_twice_the_actors_of_fp16():
     gib = 1 << 30
-    fp16 = actors_per_gpu(14 * gib, 80 * gib)  # a 7B model: 14 GiB + 14 GiB reserve
-    int8 = actors_per_gpu(7 * gib, 80 * gib)
-    nf4 = actors_per_gpu(int(3.5 * gib), 80 * gib)
-    assert (fp16, int8, nf4) == (2, 5, 8)  # nf4: 10 fit, capped at MAX_ACTORS_PER_GPU
-    plan = plan_pool(
-        {"CPU": 16.0, "GPU": 2.0}, None, per_gpu=int8, device="cuda", gpus=2
-    )
+    fp16 = actors_per_gpu(14 * gib, 40 * gib)  # a 7B model: 14 GiB + 14 GiB reserve
+    int8 = actors_per_gpu(7 * gib, 40 * gib)
+    nf4 = actors_per_gpu(int(3.5 * gib), 40 * gib)
+    assert (fp16, int8, nf4) == (1, 2, 2)  # nf4: 5 fit, capped at MAX_ACTORS_PER_GPU
+    assert actors_per_gpu(7 * gib, 80 * gib, asked=5) == 5  # all that fit, if asked
+    plan = plan_pool({"CPU": 16.0, "GPU": 2.0}, None, per_gpu=5, device="cuda", gpus=2)
     assert plan.min_actors == plan.max_actors == 10
     assert plan.num_gpus == pytest.approx(0.2)
 
 
 def test_small_models_keep_a_batch_reserve():
-    assert actors_per_gpu(90 << 20, 24 << 30) == 8  # capped, not 240 tiny actors
+    assert actors_per_gpu(90 << 20, 24 << 30) == 2  # capped, not 240 tiny actors
     assert actors_per_gpu(90 << 20, 2 << 30) == 1  # 1 GiB reserve at the least
 
 
