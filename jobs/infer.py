@@ -44,6 +44,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
     begun = time.time()
     with ray_session(address, warm=ACTOR_MODULES):
+        up = time.time()
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
@@ -63,7 +64,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 filesystem=plan.output_fs,
                 min_rows_per_file=plan.spec.rows_per_file,
             )
-        summary = summarise(plan, ds, sink, (begun, started), restored, sized)
+        summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
@@ -72,13 +73,13 @@ def summarise(
     plan: InferPlan,
     ds: ray.data.Dataset,
     sink: ray.actor.ActorHandle,
-    times: tuple[float, float],
+    times: tuple[float, float, float],
     restored: int,
     sized: str,
 ) -> Summary:
-    """The summary of a finished job; ``times``: (run_infer began, the job started),
-    wall clock, as the stats sink on this node stamps the first batch."""
-    begun, started = times
+    """The summary of a finished job; ``times``: (run_infer began, Ray was up, the
+    job started), wall clock, as the stats sink on this node stamps the first batch."""
+    begun, up, started = times
     seconds = time.time() - started
     actors, (ready, first) = ray.get([sink.snapshot.remote(), sink.times.remote()])
     ray.kill(sink)  # named actors outlive their handles
@@ -88,6 +89,7 @@ def summarise(
     one_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
     summary.stages = stage_times(ds, started, one_node)
     summary.startup_seconds = round(started - begun, 3)
+    summary.ray_seconds = round(up - begun, 3)
     summary.ready_seconds = [round(t - started, 3) for t in ready]
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)

@@ -84,6 +84,7 @@ class Summary:
     pool: str = ""  # how the pool was sized
     stages: list[Stage] = field(default_factory=list)  # where the time went
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
+    ray_seconds: float = 0.0  # of which: Ray up or attached, the job's modules imported
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
     ready_seconds: list[float] = field(default_factory=list)  # into the job, each actor
 
@@ -124,7 +125,10 @@ class Summary:
             last = f"-{ready[-1]:.1f}" if len(ready) > 1 else ""
             span = f"{ready[0]:.1f}{last}s"
             when = f"{len(ready)} actor(s) ready {span}, {when}"
-        return f"start-up {self.startup_seconds:.1f}s before the job; {when}"
+        return (
+            f"start-up {self.startup_seconds:.1f}s before the job (Ray and imports "
+            f"{self.ray_seconds:.1f}s); {when}"
+        )
 
 
 def build_summary(

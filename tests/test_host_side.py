@@ -180,6 +180,7 @@ def test_summary_says_where_the_time_went(tiny_models, corpus, tmp_path):
     assert written["stages"] == [asdict(s) for s in summary.stages]
     # Start-up: before the job (here Ray is up already: the plan), and into it.
     assert 0 < summary.startup_seconds and 0 < summary.first_batch_seconds
+    assert 0 <= summary.ray_seconds <= summary.startup_seconds
     assert summary.first_batch_seconds < summary.seconds
     # Each actor process is ready (loaded, probed) before it can take a batch.
     assert len(summary.ready_seconds) == len(summary.actors)
