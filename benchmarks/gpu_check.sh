@@ -11,7 +11,7 @@
 #   STEPS="bench-bert llm" bash .gpu/run bash benchmarks/gpu_check.sh
 # Steps: tests, bench-minilm, precision-bert, ceiling (MiniLM without its layers),
 # actors-minilm, pool-minilm (lmbatch alone with POOL_SIZES actors a GPU, default
-# auto,2), precision-llama, bench-bert, llm (score and generate). ROWS (default
+# auto,4), precision-llama, bench-bert, llm (score and generate). ROWS (default
 # 1,000,000), PREC_ROWS (BERT-base rows per precision, default 100,000) and DEVICE
 # (default cuda; cpu with small ROWS checks the script itself) pass on to gpu_embed.py.
 # TESTS, a pytest -k expression, runs part of the tests step when a call is short.
@@ -61,7 +61,7 @@ for s in $steps; do
     ceiling) step ceiling 150 "${bench[@]}" --only ceiling ;;
     actors-minilm) step actors-minilm 150 "${bench[@]}" --only actors --embed-models minilm ;;
     pool-minilm) step pool-minilm 200 "${bench[@]}" --only actors --embed-models minilm \
-      --pool-sizes "${POOL_SIZES:-auto,2}" ;;
+      --pool-sizes "${POOL_SIZES:-auto,4}" ;;
     precision-llama) step precision-llama 200 "${bench[@]}" --only precision \
       --precision-models llama1b ;;
     bench-bert) step bench-bert 570 "${bench[@]}" --only embed,actors --embed-models bertbase ;;
