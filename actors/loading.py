@@ -243,6 +243,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool =
         raise UserError(
             "--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}"
         ) from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # transformers builds an empty one from config.json alone: every word [UNK].
+        raise UserError(
+            "--model",
+            f"no tokenizer files in {path}: its tokenizer has only special tokens",
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if lowercase:

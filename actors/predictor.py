@@ -1,4 +1,6 @@
-"""The callable class that Ray Data's actor pool runs: one model, many batches.
+"""The model side of the predict stage: one model, many batches. An infer job's
+actors build it inside ``PredictActor`` (``predict.py``); Serve replicas and the
+optimize job's speed test build it directly.
 
 ``__init__`` loads the model once (``load_model``); ``__call__`` takes a batch of
 tokenized rows (an Arrow table), lets the adaptive batcher cut it into micro-batches
@@ -33,30 +35,14 @@ from lmbatch.actors.memory import (
     default_cpu_limit,
 )
 from lmbatch.actors.model_files import fetch_model
-from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
+from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 
 log = logging.getLogger(__name__)
 NO_CUDA = "cpu (a GPU was assigned but CUDA is not available)"
-
-
-@dataclass(frozen=True)
-class PredictorConfig:
-    """Everything an actor needs, picklable, built once on the driver."""
-
-    model: ModelSpec
-    info: ModelInfo
-    device: str = "cpu"  # cuda where the pool gives each actor a share of a GPU
-    threads: int = 1  # torch intra-op threads for this actor
-    batch_tokens: int | None = None  # fixed budget (--batch-tokens); None adapts
-    max_new_tokens: int = 32
-    max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
-    memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
-    actors_per_node: int = 1  # for that share
-    stats: object | None = None  # a StatsSink actor handle, or None
 
 
 def make_head(
@@ -73,7 +59,10 @@ def make_head(
 
 
 class Predictor:
-    def __init__(self, config: PredictorConfig) -> None:
+    def __init__(self, config: PredictorConfig, import_seconds: float = 0.0) -> None:
+        """``import_seconds``: how long this process took to import this module
+        (``PredictActor``), for the summary's start-up line."""
+        loading = time.perf_counter()
         torch.set_num_threads(max(1, config.threads))
         # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt")
@@ -91,6 +80,7 @@ class Predictor:
         self.extra_tokens = (
             config.max_new_tokens if config.model.task == "generate" else 0
         )
+        loaded = time.perf_counter()
         self.memory = device_memory(self.device, config)
         self.budget = self._first_budget()
         self.stats = ActorStats(
@@ -103,6 +93,9 @@ class Predictor:
             memory_limit_bytes=self.memory.capacity(),
             memory_probe=self.memory.method,
             peak_memory_bytes=self.memory.high_water(),  # the model and the probe
+            import_seconds=round(import_seconds, 3),
+            load_seconds=round(loaded - loading, 3),
+            probe_seconds=round(time.perf_counter() - loaded, 3),
         )
         self._report()  # an actor that never gets a batch is in the summary too
 
@@ -217,6 +210,12 @@ class ActorStats:
     memory_limit_bytes: int = 0  # what this actor's batches were sized to fit
     memory_probe: str = ""  # how its peaks were measured
     peak_memory_bytes: int = 0
+    # Its start-up once Ray had placed it and started its process: torch and
+    # transformers imported; device, model, tokenizer and head loaded; the memory
+    # probe that sized its first budget.
+    import_seconds: float = 0.0
+    load_seconds: float = 0.0
+    probe_seconds: float = 0.0
 
     def add_batch(self, rows: int, tokens: int) -> None:
         self.tokens += tokens

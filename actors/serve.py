@@ -21,7 +21,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`

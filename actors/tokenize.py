@@ -5,11 +5,11 @@ parallel on every free core. Rows that already carry an error pass through untou
 rows too long under ``--on-long error`` or too short for their task get one here.
 
 The tasks tokenize with the fast tokenizer's own engine (``tokenizers``), rebuilt from
-the definition the driver's transformers tokenizer hands them, and import neither
-transformers nor torch. On an H200 node the tasks that imported both (AutoTokenizer
-does) began only as the GPU actors became ready, 8-13 s after the read had finished,
-while the actors imported the same. A slow tokenizer, or one with its own code, is
-still run through transformers.
+the definition transformers' tokenizer gives (``with_backend``, one task on the
+driver's node), and import neither transformers nor torch. On an H200 node the tasks
+that imported both (AutoTokenizer does) began only as the GPU actors became ready,
+8-13 s after the read had finished, while the actors imported the same. A slow
+tokenizer, or one with its own code, is still run through transformers.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
 from lmbatch.actors.text import check_text
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 TOKEN_SCHEMA = pa.schema(
     [("id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]
@@ -46,8 +50,9 @@ class TokenizeConfig:
 def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     """``config`` with its tokenizer's definition, where the tokenizer is a fast one of
     transformers' own classes: exactly what transformers' tokenizer runs (special
-    tokens, normalizers, sentence-transformers' lowercasing included). Runs where
-    transformers is imported anyway (the driver)."""
+    tokens, normalizers, sentence-transformers' lowercasing included). It imports
+    transformers and torch: an infer job runs it as a task of its own while the job
+    starts, and the tokenize tasks take its result by reference."""
     from lmbatch.actors.loading import load_tokenizer
 
     tokenizer = load_tokenizer(
@@ -64,13 +69,18 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     )
 
 
-def tokenize_batch(batch: pa.Table, config: TokenizeConfig) -> pa.Table:
+def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Table:
     """``id``, ``_text``, ``_error`` (and kept columns) -> ``id``, ``_ids``,
     ``_error`` (and the kept columns, as they came).
 
     Rows are checked with Arrow compute, not a Python loop: this stage must keep a
     GPU fed with tens of thousands of rows a second.
+
+    Args:
+        config: the config, or a reference to the one ``with_backend`` is building.
     """
+    if not isinstance(config, TokenizeConfig):
+        config = fetched(config)
     # A task holds one CPU: parallel tasks, not the tokenizer's own thread pool (one
     # thread per core in every task), spread the work over the cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -128,6 +138,14 @@ def encode(texts: list[str], config: TokenizeConfig) -> list[list[int]]:
         return_attention_mask=False,
         return_token_type_ids=False,
     )["input_ids"]
+
+
+@lru_cache(maxsize=2)
+def fetched(ref: ObjectRef) -> TokenizeConfig:
+    """The config behind ``ref``, waited for once per task process."""
+    import ray
+
+    return ray.get(ref)
 
 
 @lru_cache(maxsize=2)

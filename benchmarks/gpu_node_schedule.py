@@ -41,7 +41,7 @@ def most_at_once(events: list[dict], category: str) -> tuple[int, int]:
 
 def run(args, model: str, data: Path, out: Path, actor_cpus: float | None) -> dict:
     """One job on a fresh local Ray shaped like the GPU node."""
-    from lmbatch.jobs.infer import build_dataset, size_pool
+    from lmbatch.jobs.infer import build_dataset, size_pool, tokenize_config
     from lmbatch.jobs.spec import InferSpec, prepare_infer
 
     spec = InferSpec(
@@ -55,7 +55,8 @@ def run(args, model: str, data: Path, out: Path, actor_cpus: float | None) -> di
         pool, _ = size_pool(plan)
         if actor_cpus is not None:
             pool = dataclasses.replace(pool, num_cpus=actor_cpus)
-        build_dataset(plan, pool).write_parquet(str(out), min_rows_per_file=50_000)
+        dataset = build_dataset(plan, pool, tokenize_config(plan))
+        dataset.write_parquet(str(out), min_rows_per_file=50_000)
         events = ray.timeline()
     finally:
         ray.shutdown()

@@ -62,7 +62,7 @@ def make_input(rows: int, path: Path) -> None:
 
 def kind(process: psutil.Process) -> str:
     title = " ".join(process.cmdline())
-    if "Predictor" in title or "MapWorker" in title:
+    if "PredictActor" in title or "MapWorker" in title:
         return "actor"
     if "lmbatch" in title and "infer" in title:
         return "driver"

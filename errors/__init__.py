@@ -93,11 +93,14 @@ def dotted(loc: Loc) -> str:
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
-    """Walk the cause chain (Ray wraps task errors) to a UserError, if one is there."""
+    """Walk the cause chain (Ray wraps task errors) to its innermost UserError, if
+    one is there: Ray's wrapper of a task's UserError is a UserError too, but says
+    the task's traceback, not the one line."""
     seen: set[int] = set()
+    found = None
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
-            return exc
+            found = exc
         seen.add(id(exc))
         exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+    return found

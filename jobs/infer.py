@@ -2,7 +2,7 @@
 
     files --read_datasource--> id, _text, _error             (jobs/sources.py)
           --map_batches(tokenize_batch), CPU tasks--> id, _ids, _error
-          --map_batches(Predictor), actor pool--> id, <task columns>, error
+          --map_batches(PredictActor), actor pool--> id, <task columns>, error
           --write_parquet--> OUTPUT/*.parquet + OUTPUT/_summary.json
 
 Usage: ``run_infer(prepare_infer(spec))``; the CLI does both (``lmbatch infer``).
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.jobs.cluster import gpu_view
@@ -33,18 +34,15 @@ from lmbatch.jobs.summary import Summary, build_summary, start_sink, write_summa
 
 log = logging.getLogger("lmbatch")
 MAX_TASK_RETRIES = 3
-# Imported while Ray starts (jobs/session.py), not at the top: torch and transformers
-# take seconds to import, and the driver needs them only to hand the actors' classes
-# to Ray Data.
-ACTOR_MODULES = ("lmbatch.actors.predictor", "lmbatch.actors.tokenize")
 TOKENIZE_CPUS = 1.0
 
 
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
     begun = time.time()
-    with ray_session(address, warm=ACTOR_MODULES):
+    with ray_session(address):
         up = time.time()
+        tokenize = tokenize_config(plan)  # a task builds it while the pool is planned
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
@@ -58,12 +56,16 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 sink, Pool(pool.min_actors, pool.gpus), plan_total(plan), restored
             ),
         ):
-            ds = build_dataset(plan, pool, sink)
-            ds.write_parquet(
-                plan.output_path,
-                filesystem=plan.output_fs,
-                min_rows_per_file=plan.spec.rows_per_file,
-            )
+            ds = build_dataset(plan, pool, tokenize, sink)
+            try:
+                ds.write_parquet(
+                    plan.output_path,
+                    filesystem=plan.output_fs,
+                    min_rows_per_file=plan.spec.rows_per_file,
+                )
+            except Exception:
+                ray.get(tokenize)  # a tokenizer that does not load: its own UserError
+                raise
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
     write_summary(plan.output_fs, plan.output_path, summary)
     return summary
@@ -81,8 +83,10 @@ def summarise(
     job started), wall clock, as the stats sink on this node stamps the first batch."""
     begun, up, started = times
     seconds = time.time() - started
-    actors, (ready, first) = ray.get([sink.snapshot.remote(), sink.times.remote()])
+    actors, first = ray.get([sink.snapshot.remote(), sink.first_batch.remote()])
     ray.kill(sink)  # named actors outlive their handles
+    for a in actors:  # stamped on the sink's node, the driver's: one clock
+        a["ready_seconds"] = round(a.pop("ready_at") - started, 3)
     summary = build_summary(
         plan.output_fs, plan.output_path, seconds, actors, restored, sized
     )
@@ -90,7 +94,7 @@ def summarise(
     summary.stages = stage_times(ds, started, one_node)
     summary.startup_seconds = round(started - begun, 3)
     summary.ray_seconds = round(up - begun, 3)
-    summary.ready_seconds = [round(t - started, 3) for t in ready]
+    summary.ready_seconds = sorted(a["ready_seconds"] for a in actors)
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)
     return summary
@@ -161,10 +165,11 @@ def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
     return pool, pool.describe() + why
 
 
-def tokenize_config(spec: ModelFlags, info: ModelInfo, max_length: int):
-    from lmbatch.actors.tokenize import TokenizeConfig, with_backend
+def tokenize_settings(spec: ModelFlags, info: ModelInfo, max_length: int):
+    """The tokenize stage's config, before its tokenizer's definition is added."""
+    from lmbatch.actors.tokenize import TokenizeConfig
 
-    config = TokenizeConfig(
+    return TokenizeConfig(
         model_path=spec.model,
         max_length=max_length,
         on_long=spec.on_long,
@@ -172,16 +177,32 @@ def tokenize_config(spec: ModelFlags, info: ModelInfo, max_length: int):
         trust_remote_code=spec.trust_remote_code,
         lowercase=info.sentence.lowercase,
     )
-    return with_backend(config)
 
 
-def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Dataset:
-    """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed."""
-    from lmbatch.actors.predictor import Predictor, PredictorConfig
+def tokenize_config(plan: InferPlan) -> ray.ObjectRef:
+    """A reference to the tokenize tasks' config, which a task on this node completes
+    with the tokenizer's definition (``with_backend``) while the job starts: loading
+    the tokenizer imports transformers and torch, seconds the driver does not wait."""
+    from lmbatch.actors.tokenize import with_backend
+
+    config = tokenize_settings(plan.spec, plan.model, plan.max_length)
+    here = NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    # No CPU reserved: a one-off that must not wait behind the job's own tasks.
+    task = ray.remote(with_backend).options(num_cpus=0, scheduling_strategy=here)
+    return task.remote(config)
+
+
+def build_dataset(
+    plan: InferPlan, pool: PoolPlan, tokenize: ray.ObjectRef, sink=None
+) -> ray.data.Dataset:
+    """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed.
+    ``tokenize``: ``tokenize_config(plan)``."""
+    from lmbatch.actors.predict import PredictActor, PredictorConfig
     from lmbatch.actors.tokenize import tokenize_batch
 
     spec = plan.spec
-    tokenize = tokenize_config(spec, plan.model, plan.max_length)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     predictor = PredictorConfig(
         model=model_spec(spec),
@@ -213,7 +234,7 @@ def build_dataset(plan: InferPlan, pool: PoolPlan, sink=None) -> ray.data.Datase
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            Predictor,
+            PredictActor,
             fn_constructor_kwargs={"config": predictor},
             batch_size=rows,
             batch_format="pyarrow",

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import ModelInfo, inspect_model
-from lmbatch.actors.predictor import PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.serve import Endpoint, EndpointConfig
+from lmbatch.actors.tokenize import with_backend
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu
-from lmbatch.jobs.infer import model_spec, tokenize_config
+from lmbatch.jobs.infer import model_spec, tokenize_settings
 from lmbatch.jobs.pool import gpu_fraction
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import ServeSpec, max_length_of
@@ -60,7 +61,8 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
         ),
-        tokenize=tokenize_config(spec, plan.info, plan.max_length),
+        # Its driver imports torch anyway (the Endpoint's Predictor).
+        tokenize=with_backend(tokenize_settings(spec, plan.info, plan.max_length)),
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

@@ -22,7 +22,7 @@ log = logging.getLogger("lmbatch")
 STAGE_NAMES = {
     "Read": "read",
     "tokenize_batch": "tokenize",
-    "Predictor": "predict",
+    "PredictActor": "predict",
     "Write": "write",
 }
 

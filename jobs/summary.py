@@ -40,18 +40,18 @@ class StatsSink:
 
     def report(self, stats: dict) -> None:
         key = f"{stats['actor']}/{stats['pid']}"
-        self.ready_at.setdefault(key, time.time())
+        ready = self.ready_at.setdefault(key, time.time())
         if self.first_batch_at is None and stats.get("rows_started"):
             self.first_batch_at = time.time()
-        self.actors[key] = stats
+        self.actors[key] = {**stats, "ready_at": ready}
 
     def snapshot(self) -> list[dict]:
+        """Each actor process's latest stats, with ``ready_at``."""
         return list(self.actors.values())
 
-    def times(self) -> tuple[list[float], float | None]:
-        """(each actor process's ready time, sorted; the first batch's): the pool's
-        start-up, which the job waits on before any row reaches the model."""
-        return sorted(self.ready_at.values()), self.first_batch_at
+    def first_batch(self) -> float | None:
+        """When a batch first reached an actor: the job waits for the pool till then."""
+        return self.first_batch_at
 
 
 SINK_PREFIX = "lmbatch-stats-"
@@ -84,9 +84,9 @@ class Summary:
     pool: str = ""  # how the pool was sized
     stages: list[Stage] = field(default_factory=list)  # where the time went
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
-    ray_seconds: float = 0.0  # of which: Ray up or attached, the job's modules imported
+    ray_seconds: float = 0.0  # of which: Ray up or attached
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
-    ready_seconds: list[float] = field(default_factory=list)  # into the job, each actor
+    ready_seconds: list[float] = field(default_factory=list)  # into the job, sorted
 
     def lines(self) -> list[str]:
         out = [
@@ -119,15 +119,33 @@ class Summary:
         return out
 
     def _startup_line(self) -> str:
-        first, ready = self.first_batch_seconds, self.ready_seconds
+        first = self.first_batch_seconds
         when = "no batch" if first is None else f"first batch {first:.1f}s into the job"
-        if ready:  # the pool's start-up: its first and last actor ready
-            last = f"-{ready[-1]:.1f}" if len(ready) > 1 else ""
-            span = f"{ready[0]:.1f}{last}s"
-            when = f"{len(ready)} actor(s) ready {span}, {when}"
+        if self.ready_seconds:
+            when = f"{self._pool_startup()}, {when}"
         return (
-            f"start-up {self.startup_seconds:.1f}s before the job (Ray and imports "
+            f"start-up {self.startup_seconds:.1f}s before the job (Ray "
             f"{self.ray_seconds:.1f}s); {when}"
+        )
+
+    def _pool_startup(self) -> str:
+        """When the first and last actor were ready, and where the last one's time
+        went once Ray had placed it and started its process: imports, model, probe."""
+        ready = self.ready_seconds
+        span = (
+            f"{ready[0]:.1f}-{ready[-1]:.1f}s" if len(ready) > 1 else f"{ready[0]:.1f}s"
+        )
+        last = max(self.actors, key=lambda a: a["ready_seconds"])
+        parts = {
+            "imports": last["import_seconds"],
+            "model": last["load_seconds"],
+            "probe": last["probe_seconds"],
+        }
+        began = last["ready_seconds"] - sum(parts.values())
+        spent = ", ".join(f"{name} {s:.1f}s" for name, s in parts.items())
+        return (
+            f"{len(ready)} actor(s) ready {span} (the last began at {began:.1f}s: "
+            f"{spent})"
         )
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmbatch.actors.model_info import ModelSpec, inspect_model
-from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 from lmbatch.optimize.calibrate import Batch
 from lmbatch.optimize.context import Context

@@ -12,7 +12,8 @@ from helpers import run_job
 from lmbatch.actors.batching import probe_budget
 from lmbatch.actors.memory import CpuMemory, activation_floor, rss
 from lmbatch.actors.model_info import ModelSpec, inspect_model
-from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch
 
 

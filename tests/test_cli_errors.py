@@ -255,3 +255,20 @@ def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(UserError, match=r"^--address: no Ray answers at 10.0.0.9:6379"):
         attach("10.0.0.9:6379")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_model_without_tokenizer_files_is_one_line(base, tiny_models, tmp_path):
+    # transformers builds an empty tokenizer from config.json alone: every word would
+    # be [UNK]. The tokenizer loads on a task while the job starts; its error is
+    # still the one line.
+    import shutil
+
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_models["bert"], model)
+    for file in model.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            file.unlink()
+    assert_user_error(
+        run(*with_flag(base, "--model", str(model))), "--model", "no tokenizer files"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import pyarrow.parquet as pq
 from ray_head import LMBATCH  # beside this Python: make test doesn't activate .venv
@@ -31,3 +32,27 @@ def test_lmbatch_infer_end_to_end(tiny_models, corpus, tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     assert pq.read_table(out).num_rows == 240
+
+
+def test_the_driver_imports_neither_torch_nor_transformers(
+    tiny_models, corpus, tmp_path
+):
+    # Only actors and tasks load a model. The driver's own import of both (3.8 s on 2
+    # cores) came before the pool could start, and each actor imports them again.
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from lmbatch.jobs.run import run_job\n"
+        "from lmbatch.jobs.spec import InferSpec\n"
+        f"spec = InferSpec.from_flags(model={tiny_models['bert']!r}, task='embed', "
+        f"inputs=({corpus['parquet']!r},), output={str(out)!r})\n"
+        "print(run_job('infer', spec, None)[2])\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, imported = done.stdout.splitlines()[-2:]
+    assert rows.startswith("rows 120 ") and imported == "[]"
+    assert pq.read_table(out).num_rows == 120

@@ -23,7 +23,8 @@ from lmbatch.actors.memory import cuda_free, share_limit
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
-from lmbatch.actors.predictor import NO_CUDA, Predictor, PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import NO_CUDA, Predictor
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 from lmbatch.errors import UserError
 
@@ -187,6 +188,14 @@ def test_summary_says_where_the_time_went(tiny_models, corpus, tmp_path):
     assert 0 < summary.ready_seconds[0] <= summary.first_batch_seconds
     ready = f"ready {summary.ready_seconds[0]:.1f}"
     assert ready in "".join(summary.lines())
+    # Its start-up inside __init__ fits before it was ready, and the line splits it.
+    actor = max(summary.actors, key=lambda a: a["ready_seconds"])
+    assert actor["load_seconds"] > 0 and actor["probe_seconds"] > 0
+    assert actor["import_seconds"] > 0
+    spent = actor["import_seconds"] + actor["load_seconds"] + actor["probe_seconds"]
+    began = actor["ready_seconds"] - spent
+    assert 0 < began
+    assert f"(the last began at {began:.1f}s: imports " in "".join(summary.lines())
     assert f"first batch {summary.first_batch_seconds:.1f}s into" in "".join(
         summary.lines()
     )
@@ -197,7 +206,7 @@ def test_stage_names_follow_ray_data_operators():
 
     assert stage_name("ReadParquetRows->SplitBlocks(32)") == "read"
     assert stage_name("MapBatches(tokenize_batch)") == "tokenize"
-    assert stage_name("MapBatches(Predictor)") == "predict"
+    assert stage_name("MapBatches(PredictActor)") == "predict"
     assert stage_name("CheckpointFilter") == "CheckpointFilter"
     assert Stage("predict", 16, 20.0, 100, 12.5, 1.5, 9.5).describe(10.0) == (
         "predict 16 tasks 20.0s, CPU 12.5s (2.0 at once) 1.5-9.5s"
@@ -224,7 +233,7 @@ def test_cuda_asked_of_a_cluster_without_gpus_is_one_line(
 
 @pytest.mark.usefixtures("ray_local")
 def test_tokenize_is_a_stage_of_its_own(tiny_models, corpus, capsys):
-    from lmbatch.jobs.infer import build_dataset
+    from lmbatch.jobs.infer import build_dataset, tokenize_config
     from lmbatch.jobs.pool import plan_pool
     from lmbatch.jobs.spec import InferSpec, prepare_infer
 
@@ -236,11 +245,12 @@ def test_tokenize_is_a_stage_of_its_own(tiny_models, corpus, capsys):
             output="unused",
         )
     )
-    build_dataset(plan, plan_pool({"CPU": 2.0}, None)).explain()
+    pool = plan_pool({"CPU": 2.0}, None)
+    build_dataset(plan, pool, tokenize_config(plan)).explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     operators = [line for line in physical.splitlines() if "MapBatches" in line]
-    assert any(o.endswith("[MapBatches(Predictor)]") for o in operators), operators
-    assert any("tokenize_batch)]" in o and "Predictor" not in o for o in operators)
+    assert any(o.endswith("[MapBatches(PredictActor)]") for o in operators), operators
+    assert any("tokenize_batch)]" in o and "Predict" not in o for o in operators)
 
 
 @pytest.mark.parametrize("asked", [None, "true"])

@@ -251,7 +251,8 @@ def test_errors_are_counted_by_arrow_compute(tmp_path):
 
 def test_task_columns_name_what_the_heads_write(tiny_models):
     from lmbatch.actors.model_info import ModelSpec, inspect_model
-    from lmbatch.actors.predictor import Predictor, PredictorConfig
+    from lmbatch.actors.predict import PredictorConfig
+    from lmbatch.actors.predictor import Predictor
 
     for task, model in (("embed", "bert"), ("score", "gpt2"),
                         ("classify", "bert_cls"), ("generate", "gpt2")):  # fmt: skip

@@ -18,7 +18,8 @@ from sentence_transformers.sentence_transformer import modules as st
 
 from lmbatch.actors.loading import load_model, load_tokenizer
 from lmbatch.actors.model_info import ModelSpec, inspect_model
-from lmbatch.actors.predictor import Predictor, PredictorConfig
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferSpec, max_length_of

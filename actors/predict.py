@@ -1,0 +1,48 @@
+"""What the driver hands Ray Data's actor pool: the actor class and its config, both
+importable without torch.
+
+The driver never loads a model. Importing the ``Predictor`` there would import torch
+and transformers (3.8 s on 2 cores) before the pool could start, and each actor
+imports them again anyway: the two imports ran one after the other on the start-up's
+critical path. Each actor's process now imports them once, in ``__init__``, and says
+how long that took.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from lmbatch.actors.model_info import ModelInfo, ModelSpec
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Everything an actor needs, picklable, built once on the driver."""
+
+    model: ModelSpec
+    info: ModelInfo
+    device: str = "cpu"  # cuda where the pool gives each actor a share of a GPU
+    threads: int = 1  # torch intra-op threads for this actor
+    batch_tokens: int | None = None  # fixed budget (--batch-tokens); None adapts
+    max_new_tokens: int = 32
+    max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
+    memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
+    actors_per_node: int = 1  # for that share
+    stats: object | None = None  # a StatsSink actor handle, or None
+
+
+class PredictActor:
+    """Ray Data's callable class for the predict stage: a ``Predictor`` built in the
+    actor's own process."""
+
+    def __init__(self, config: PredictorConfig) -> None:
+        importing = time.perf_counter()
+        from lmbatch.actors.predictor import Predictor
+
+        self.predictor = Predictor(config, time.perf_counter() - importing)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.predictor(batch)
