@@ -10,19 +10,16 @@ An lmbatch artifact is rebuilt here too (``load_artifact``), from the format
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tokenizers import normalizers
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
 )
@@ -228,34 +225,6 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
         # Per output channel weight scales: per-tensor ones cost MiniLM 0.06 of cosine.
         qconfig = dict.fromkeys(targets, per_channel_dynamic_qconfig)
         return quantize_dynamic(model, qconfig, dtype=torch.qint8)
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool = False):
-    """The model's tokenizer, with a pad token (GPT-2 style models have none);
-    ``lowercase`` (sentence-transformers' do_lower_case) puts a Lowercase normalizer
-    first, as sentence-transformers does."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            fetch_model(path, weights=False), trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(
-            "--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}"
-        ) from None
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        # transformers builds an empty one from config.json alone: every word [UNK].
-        raise UserError(
-            "--model",
-            f"no tokenizer files in {path}: its tokenizer has only special tokens",
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if lowercase:
-        backend = tokenizer.backend_tokenizer
-        rest = [backend.normalizer] if backend.normalizer is not None else []
-        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
-    return tokenizer
 
 
 def load_artifact(

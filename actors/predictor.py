@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from lmbatch.actors.batching import TokenBudget, probe_budget, run_batched
-from lmbatch.actors.loading import load_model, load_tokenizer, ran_precision
+from lmbatch.actors.loading import load_model, ran_precision
 from lmbatch.actors.memory import (
     CpuMemory,
     CudaMemory,
@@ -39,6 +39,7 @@ from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
+from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ driver's node), and import neither transformers nor torch. On an H200 node the t
 that imported both (AutoTokenizer does) began only as the GPU actors became ready,
 8-13 s after the read had finished, while the actors imported the same. A slow
 tokenizer, or one with its own code, is still run through transformers.
+``load_tokenizer`` here is the one place a tokenizer is loaded, by transformers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
+from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.text import check_text
+from lmbatch.errors import UserError
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -47,14 +50,46 @@ class TokenizeConfig:
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
 
 
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool = False):
+    """The model's tokenizer, with a pad token (GPT-2 style models have none);
+    ``lowercase`` (sentence-transformers' do_lower_case) puts a Lowercase normalizer
+    first, as sentence-transformers does.
+
+    It imports transformers (and with it torch), here rather than at the top: the
+    tokenize tasks import this module and must not.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            fetch_model(path, weights=False), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            "--model", f"no usable tokenizer in {path}: {str(e).splitlines()[0]}"
+        ) from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # transformers builds an empty one from config.json alone: every word [UNK].
+        raise UserError(
+            "--model",
+            f"no tokenizer files in {path}: its tokenizer has only special tokens",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if lowercase:
+        backend = tokenizer.backend_tokenizer
+        rest = [backend.normalizer] if backend.normalizer is not None else []
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
+    return tokenizer
+
+
 def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     """``config`` with its tokenizer's definition, where the tokenizer is a fast one of
     transformers' own classes: exactly what transformers' tokenizer runs (special
     tokens, normalizers, sentence-transformers' lowercasing included). It imports
     transformers and torch: an infer job runs it as a task of its own while the job
     starts, and the tokenize tasks take its result by reference."""
-    from lmbatch.actors.loading import load_tokenizer
-
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )
@@ -124,8 +159,6 @@ def encode(texts: list[str], config: TokenizeConfig) -> list[list[int]]:
         batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         return [e.ids for e in batch(texts, add_special_tokens=True)]
     from transformers.utils import logging as hf_logging
-
-    from lmbatch.actors.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
     tokenizer = load_tokenizer(

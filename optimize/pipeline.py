@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import ModelSpec
+from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head

@@ -15,8 +15,9 @@ from conftest import sentences
 from transformers import BertConfig, BertModel
 
 from lmbatch.actors.layers import Int8Linear, LowRankLinear, SharedLinear
-from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_info import ModelSpec
+from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.errors import UserError
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import make_batches

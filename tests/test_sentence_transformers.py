@@ -16,11 +16,11 @@ from helpers import run_job
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as st
 
-from lmbatch.actors.loading import load_model, load_tokenizer
+from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
-from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
+from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, load_tokenizer
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferSpec, max_length_of
 from lmbatch.optimize.calibrate import make_batches

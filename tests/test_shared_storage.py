@@ -119,7 +119,7 @@ def test_a_node_downloads_a_model_once_into_a_cache_keyed_by_content(
 
 
 def test_the_tokenize_stage_fetches_a_model_without_its_weights(bucket, tiny_models):
-    from lmbatch.actors.loading import load_tokenizer
+    from lmbatch.actors.tokenize import load_tokenizer
 
     uri = bucket.upload(tiny_models["bert"], "models/tokenizer-only")
     path = Path(fetch_model(uri, weights=False))
