@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import ray
 import ray.data
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.jobs.cluster import gpu_view
@@ -26,7 +25,7 @@ from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config
-from lmbatch.jobs.session import ray_session
+from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, ModelFlags
 from lmbatch.jobs.stages import stage_times
@@ -94,7 +93,6 @@ def summarise(
     summary.stages = stage_times(ds, started, one_node)
     summary.startup_seconds = round(started - begun, 3)
     summary.ray_seconds = round(up - begun, 3)
-    summary.ready_seconds = sorted(a["ready_seconds"] for a in actors)
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)
     return summary
@@ -186,11 +184,8 @@ def tokenize_config(plan: InferPlan) -> ray.ObjectRef:
     from lmbatch.actors.tokenize import with_backend
 
     config = tokenize_settings(plan.spec, plan.model, plan.max_length)
-    here = NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False
-    )
     # No CPU reserved: a one-off that must not wait behind the job's own tasks.
-    task = ray.remote(with_backend).options(num_cpus=0, scheduling_strategy=here)
+    task = ray.remote(with_backend).options(num_cpus=0, scheduling_strategy=this_node())
     return task.remote(config)
 
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lmbatch.errors import UserError
 
@@ -54,3 +55,10 @@ def attach(address: str) -> None:
             f"no Ray answers at {address} ({str(e).splitlines()[0]}): is the cluster "
             "up, and is this its GCS port (6379 by default)?",
         ) from None
+
+
+def this_node() -> NodeAffinitySchedulingStrategy:
+    """Ray's option that keeps an actor or task on the driver's node."""
+    return NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )

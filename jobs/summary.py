@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lmbatch.jobs.session import this_node
 from lmbatch.jobs.stages import Stage
 
 SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output dir
@@ -32,15 +32,14 @@ class StatsSink:
     new process, and each of its lives is reported."""
 
     def __init__(self) -> None:
+        # Each with ``ready_at``, time.time() on this node when the process first
+        # reported (its model loaded and its budget probed).
         self.actors: dict[str, dict] = {}
-        # time.time() on this node: when each actor process first reported (its model
-        # loaded and its budget probed), and when a batch first reached one.
-        self.ready_at: dict[str, float] = {}
-        self.first_batch_at: float | None = None
+        self.first_batch_at: float | None = None  # when a batch first reached one
 
     def report(self, stats: dict) -> None:
         key = f"{stats['actor']}/{stats['pid']}"
-        ready = self.ready_at.setdefault(key, time.time())
+        ready = self.actors[key]["ready_at"] if key in self.actors else time.time()
         if self.first_batch_at is None and stats.get("rows_started"):
             self.first_batch_at = time.time()
         self.actors[key] = {**stats, "ready_at": ready}
@@ -60,11 +59,8 @@ SINK_PREFIX = "lmbatch-stats-"
 def start_sink():
     """This run's StatsSink, under a name of its own (one driver may run many jobs),
     on the driver's node: a worker node lost mid-job must not take the stats with it."""
-    here = NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False
-    )
     return StatsSink.options(
-        name=SINK_PREFIX + uuid.uuid4().hex[:12], scheduling_strategy=here
+        name=SINK_PREFIX + uuid.uuid4().hex[:12], scheduling_strategy=this_node()
     ).remote()
 
 
@@ -86,7 +82,11 @@ class Summary:
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
     ray_seconds: float = 0.0  # of which: Ray up or attached
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
-    ready_seconds: list[float] = field(default_factory=list)  # into the job, sorted
+
+    @property
+    def ready_seconds(self) -> list[float]:
+        """When each actor process was ready, seconds into the job, sorted."""
+        return sorted(a["ready_seconds"] for a in self.actors)
 
     def lines(self) -> list[str]:
         out = [
