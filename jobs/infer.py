@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import pyarrow.fs as pafs
 import ray
 import ray.data
 
@@ -44,7 +45,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         tokenize = tokenize_config(plan)  # a task builds it while the pool is planned
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
-            plan.output_fs.delete_dir_contents(plan.output_path, missing_dir_ok=True)
+            replace_output(plan, tokenize)
         restored = begin_output(plan, pool.device)
         sink = start_sink()
         started = time.time()
@@ -96,6 +97,18 @@ def summarise(
     if first is not None:
         summary.first_batch_seconds = round(first - started, 3)
     return summary
+
+
+def replace_output(plan: InferPlan, tokenize: ray.ObjectRef) -> None:
+    """Empty the output ``--overwrite`` replaces, once the tokenizer has loaded: a
+    --model that cannot tokenize fails the job with the old output still there.
+    Waiting costs the task's second or two only when there is something to delete."""
+    fs, path = plan.output_fs, plan.output_path
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        ray.get(tokenize)
+        fs.delete_dir_contents(path)
 
 
 def plan_total(plan: InferPlan):

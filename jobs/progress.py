@@ -122,22 +122,44 @@ def _status(sink, pool: Pool, total: int | None, seconds: float, restored: int) 
     return f"{text}  ({blocked})" if blocked else text
 
 
+# Ray Data's loggers that announce a failed task before the job's error is raised.
+FAILURE_LOGGERS = (
+    "ray.data.exceptions",
+    "ray.data._internal.execution.streaming_executor_state",
+)
+
+
+def off_console(record: logging.LogRecord) -> bool:
+    """Marks an error record with Ray Data's own ``hide``: its log file keeps it, the
+    console does not. The job's error follows anyway, as one line for a user's
+    mistake, with its traceback for a bug."""
+    if record.levelno >= logging.ERROR:
+        record.hide = True
+    return True
+
+
 @contextlib.contextmanager
 def quiet_ray_data(verbose: bool) -> Iterator[None]:
     """Ray Data's own progress bars and tables off for the job (and its note that
-    they are off), unless ``verbose``."""
+    they are off), and its notes on a failed task off the console, unless
+    ``verbose``."""
     context = ray.data.DataContext.get_current()
     before = context.enable_progress_bars
     logger = logging.getLogger("ray.data._internal.progress")
     level = logger.level
+    failures = [logging.getLogger(name) for name in FAILURE_LOGGERS]
     if not verbose:
         context.enable_progress_bars = False
         logger.setLevel(logging.ERROR)
+        for failure in failures:
+            failure.addFilter(off_console)
     try:
         yield
     finally:
         context.enable_progress_bars = before
         logger.setLevel(level)
+        for failure in failures:
+            failure.removeFilter(off_console)
 
 
 def _duration(seconds: float) -> str:

@@ -257,11 +257,10 @@ def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):
         attach("10.0.0.9:6379")
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_a_model_without_tokenizer_files_is_one_line(base, tiny_models, tmp_path):
-    # transformers builds an empty tokenizer from config.json alone: every word would
-    # be [UNK]. The tokenizer loads on a task while the job starts; its error is
-    # still the one line.
+@pytest.fixture
+def no_tokenizer(tiny_models, tmp_path) -> str:
+    """BERT without its tokenizer files: transformers would build an empty tokenizer
+    from config.json alone, and every word would be [UNK]."""
     import shutil
 
     model = tmp_path / "no-tokenizer"
@@ -269,6 +268,34 @@ def test_a_model_without_tokenizer_files_is_one_line(base, tiny_models, tmp_path
     for file in model.iterdir():
         if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
             file.unlink()
-    assert_user_error(
-        run(*with_flag(base, "--model", str(model))), "--model", "no tokenizer files"
+    return str(model)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_model_without_tokenizer_files_is_one_line(base, no_tokenizer, tmp_path):
+    # The tokenizer loads on a task while the job starts; its error is still one line.
+    args = with_flag(base, "--model", no_tokenizer)
+    assert_user_error(run(*args), "--model", "no tokenizer files")
+    # --overwrite deletes the old output only once the tokenizer has loaded.
+    old = tmp_path / "out" / "part-old.parquet"
+    pq.write_table(pa.table({"id": ["kept"]}), old)
+    assert_user_error(run(*args, "--overwrite"), "--model", "no tokenizer files")
+    assert old.exists()
+
+
+def test_a_task_failed_by_a_users_mistake_prints_only_its_line(base, no_tokenizer):
+    # Ray Data announces a failed task in ERROR lines of its own; they stay in its log
+    # file, off the console, where the user reads the one line.
+    from ray_head import LMBATCH
+
+    args = with_flag(base, "--model", no_tokenizer)
+    done = subprocess.run(
+        [str(LMBATCH), "infer", *args], capture_output=True, text=True, timeout=300
     )
+    assert done.returncode != 0
+    assert done.stderr.splitlines()[-1].startswith(
+        "Error: --model: no tokenizer files"
+    ), done.stderr
+    printed = done.stdout + done.stderr  # Ray's console handler writes to stdout
+    assert not [line for line in printed.splitlines() if "ERROR" in line], printed
+    assert "Traceback" not in printed
