@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmbatch.errors import UserError
+
 META_FILE = "lmbatch.json"
 
 
@@ -35,6 +37,27 @@ class ArtifactMeta:
     def cpu_only(self) -> bool:
         """Whether it holds layers on torch's int8 CPU kernels (cpu-int8)."""
         return any(entry["kind"] == "int8" for entry in self.rebuild.values())
+
+    def check_precision(self, path: str, asked: str) -> None:
+        """Refuse a ``--precision`` this artifact cannot run in, from lmbatch.json
+        alone: the driver says so before any actor starts, and deletes nothing.
+
+        Raises:
+            UserError: naming ``--precision``.
+        """
+        if self.precision != "fp32" and asked not in ("auto", "fp32", self.precision):
+            raise UserError(
+                "--precision",
+                f"{path} is an artifact already in {self.precision}; "
+                "leave --precision out",
+            )
+        runs = asked if self.precision == "fp32" else self.precision
+        if runs in ("int8", "nf4") and (self.rebuild or self.sparse):
+            raise UserError(
+                "--precision",
+                f"{runs} cannot be applied to {path}: its lmbatch modules are not "
+                "bitsandbytes layers; use fp32, fp16, bf16 or cpu-int8",
+            )
 
     @classmethod
     def read(cls, path: str | Path) -> ArtifactMeta | None:

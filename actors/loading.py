@@ -133,15 +133,11 @@ def _artifact_spec(spec: ModelSpec, device: str):
     means by "as saved") take the artifact's own.
     Returns (spec with a concrete precision, bnb skips, meta)."""
     meta = ArtifactMeta.read(spec.path)
+    if meta is not None:
+        meta.check_precision(spec.path, spec.precision)
     if meta is None or meta.precision == "fp32":
         precision = resolve_precision(spec.precision, device)
         return replace(spec, precision=precision), [], meta
-    if spec.precision not in ("auto", "fp32", meta.precision):
-        raise UserError(
-            "--precision",
-            f"{spec.path} is an artifact already in {meta.precision}; "
-            "leave --precision out",
-        )
     q = meta.quantization or {}
     precision = "fp32" if meta.precision == "mixed" else meta.precision
     spec = replace(
@@ -153,13 +149,8 @@ def _artifact_spec(spec: ModelSpec, device: str):
 
 
 def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedModel:
-    """An artifact with lmbatch's own modules (low-rank, shared, int8, pruned heads)."""
-    if spec.precision in ("int8", "nf4"):
-        raise UserError(
-            "--precision",
-            f"{spec.precision} cannot be applied to {spec.path}: its lmbatch modules "
-            "are not bitsandbytes layers; use fp32, fp16, bf16 or cpu-int8",
-        )
+    """An artifact with lmbatch's own modules (low-rank, shared, int8, pruned heads);
+    ``ArtifactMeta.check_precision`` has refused bitsandbytes for it."""
     dtype = None if spec.precision == "fp32" else FLOAT_DTYPES.get(spec.precision)
     model = load_artifact(spec.path, cls, artifact, dtype)
     if spec.precision == "cpu-int8":

@@ -59,12 +59,17 @@ class ModelInfo:
 
 
 def inspect_model(
-    path: str, task: str, trust_remote_code: bool = False, allow_pickle: bool = False
+    path: str,
+    task: str,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    precision: str = "auto",
 ) -> ModelInfo:
-    """Check that ``path`` is a model directory fit for ``task``, from configs only.
+    """Check that ``path`` is a model directory fit for ``task`` (and, an artifact,
+    for ``precision``), from configs only.
 
     Raises:
-        UserError: naming ``--model`` or ``--task``.
+        UserError: naming ``--model``, ``--task`` or ``--precision``.
     """
     config = _config(path, trust_remote_code)
     arch = tuple(config.get("architectures") or ())
@@ -83,6 +88,8 @@ def inspect_model(
         )
     check_weights(Path(path), allow_pickle)
     artifact = ArtifactMeta.read(path)
+    if artifact is not None:
+        artifact.check_precision(path, precision)
     return ModelInfo(
         architectures=arch,
         max_positions=_max_positions(config),

@@ -217,8 +217,11 @@ def _json(file: Path, where: object, default: dict | None = None):
 
 def module_folders(path: Path) -> list[str]:
     """The folders of a model directory's sentence-transformers modules (what an
-    artifact must carry along), [] where there are none."""
+    artifact must carry along), [] where there are none. A module without files
+    (Normalize) may name a folder that is not there: a wheel cannot hold an empty
+    one, and all-MiniLM-L6-v2's lacks its 2_Normalize."""
     listing = path / "modules.json"
     if not listing.is_file():
         return []
-    return [m["path"] for m in _json(listing, path) if m.get("path")]
+    folders = (m["path"] for m in _json(listing, path) if m.get("path"))
+    return [f for f in folders if (path / f).is_dir()]

@@ -45,7 +45,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     """
     model_dir = fetch_model(spec.model)
     info = inspect_model(
-        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle
+        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )
     return ServePlan(spec, info, model_dir, max_length_of(spec, info))
 

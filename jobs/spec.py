@@ -238,7 +238,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     """
     model_dir = fetch_model(spec.model)
     info = inspect_model(
-        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle
+        model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )
     if spec.device == "cuda":
         check_runs_on_gpu(spec.model, spec.precision, info.cpu_only)

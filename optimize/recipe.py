@@ -186,6 +186,22 @@ STEP_NAMES: dict[type, str] = {
 # Steps after which nothing may come: later steps cannot train or reshape quantized
 # layers, and a search's choice is final.
 LAST_ONLY = (Quantize, Search)
+BITSANDBYTES = ("int8", "nf4")
+
+
+def own_layers(step: Step) -> str | None:
+    """What of lmbatch's own a step leaves in the model (rebuilt at load from
+    lmbatch.json), which bitsandbytes cannot quantize: None where it leaves layers
+    the config describes (an FFN cut the same in every block, a distilled student)."""
+    if isinstance(step, Lowrank):
+        return "low-rank factors"
+    if isinstance(step, Share):
+        return "codebook layers"
+    if isinstance(step, Prune) and step.storage == "bitmask":
+        return "bitmask-stored weights"
+    if isinstance(step, Prune) and step.heads:
+        return "attention layers cut to fewer heads"
+    return None
 
 
 class Recipe(UserModel):
@@ -203,7 +219,23 @@ class Recipe(UserModel):
                     f"{name} must be the last step: later steps cannot train or "
                     "reshape quantized layers; move it to the end",
                 )
+        self._quantizable()
         return self
+
+    def _quantizable(self) -> None:
+        """bitsandbytes after a step that leaves lmbatch's own layers makes an
+        artifact no job can load: refused before any step runs."""
+        last = self.steps[-1].step
+        if not (isinstance(last, Quantize) and last.method in BITSANDBYTES):
+            return
+        for i, entry in enumerate(self.steps[:-1]):
+            if left := own_layers(entry.step):
+                name = STEP_NAMES[type(entry.step)]
+                raise FieldError(
+                    ("steps", len(self.steps) - 1, "quantize", "method"),
+                    f"{last.method} (bitsandbytes) cannot quantize the {left} that "
+                    f"steps[{i}].{name} leaves; use cpu-int8, fp16 or bf16",
+                )
 
 
 def load_recipe(path: str) -> list[Step]:

@@ -223,22 +223,41 @@ def test_cpu_only_precision_on_cuda_refused(base):
     )
 
 
-def test_cpu_only_artifact_on_cuda_refused(base, tiny_models, tmp_path):
+def artifact_of(model: str, where, **meta) -> str:
+    """``model`` with an lmbatch.json, as an optimize job would leave it."""
     import json
     import shutil
 
-    artifact = tmp_path / "artifact"
-    shutil.copytree(tiny_models["bert"], artifact)
-    meta = {
-        "base_model": "bert",
-        "base_fingerprint": "0",
-        "task": "embed",
-        "recipe": [],
-        "rebuild": {"encoder.layer.0.output.dense": {"kind": "int8", "shape": [1, 1]}},
-    }
-    (artifact / "lmbatch.json").write_text(json.dumps(meta))
-    args = with_flag(base, "--model", str(artifact))
+    shutil.copytree(model, where)
+    record = {"base_model": "bert", "base_fingerprint": "0", "task": "embed"}
+    (where / "lmbatch.json").write_text(json.dumps({**record, "recipe": [], **meta}))
+    return str(where)
+
+
+INT8_LAYER = {"encoder.layer.0.output.dense": {"kind": "int8", "shape": [1, 1]}}
+LOWRANK = {"encoder.layer.0.output.dense": {"kind": "lowrank", "shape": [1, 1]}}
+
+
+def test_cpu_only_artifact_on_cuda_refused(base, tiny_models, tmp_path):
+    artifact = artifact_of(tiny_models["bert"], tmp_path / "a", rebuild=INT8_LAYER)
+    args = with_flag(base, "--model", artifact)
     assert_user_error(run(*args, "--device", "cuda"), "--model", "--device cpu")
+
+
+@pytest.mark.parametrize(
+    "meta,precision,message",
+    [
+        ({"rebuild": LOWRANK}, "int8", "its lmbatch modules are not bitsandbytes"),
+        ({"precision": "fp16"}, "bf16", "an artifact already in fp16"),
+    ],
+)
+def test_a_precision_the_artifact_cannot_run_in_is_refused_before_ray(
+    base, tiny_models, tmp_path, meta, precision, message
+):
+    # Checked from lmbatch.json on the driver: no actor starts, nothing is deleted.
+    artifact = artifact_of(tiny_models["bert"], tmp_path / "a", **meta)
+    args = with_flag(base, "--model", artifact)
+    assert_user_error(run(*args, "--precision", precision), "--precision", message)
 
 
 def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):

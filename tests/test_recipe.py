@@ -71,6 +71,32 @@ BAD = [
         [{"search": {"floor": {"cosine": 0.99}, "choices": ["bf16"]}}],
         "steps[0].search.choices: must include keep",
     ),
+    # bitsandbytes cannot quantize lmbatch's own layers: no job could load the artifact.
+    (
+        [{"lowrank": {"rank_ratio": 0.5}}, {"quantize": {"method": "int8"}}],
+        "steps[1].quantize.method: int8 (bitsandbytes) cannot quantize the low-rank "
+        "factors that steps[0].lowrank leaves",
+    ),
+    (
+        [{"share": {}}, {"quantize": {"method": "nf4"}}],
+        "steps[1].quantize.method: nf4 (bitsandbytes) cannot quantize the codebook",
+    ),
+    (
+        [
+            {"prune": {"method": "magnitude", "storage": "bitmask"}},
+            {"distill": {}},
+            {"quantize": {"method": "int8"}},
+        ],
+        "steps[2].quantize.method: int8 (bitsandbytes) cannot quantize the "
+        "bitmask-stored weights that steps[0].prune leaves",
+    ),
+    (
+        [
+            {"prune": {"method": "structured", "heads": 0.25}},
+            {"quantize": {"method": "nf4"}},
+        ],
+        "cannot quantize the attention layers cut to fewer heads that steps[0].prune",
+    ),
     ([], "steps: empty"),
     ([{"prune": {}, "distill": {}}], "steps[0]: each step is one"),
     (["prune"], "steps[0]: each step is one"),
@@ -83,6 +109,18 @@ def test_bad_recipe_names_the_field(items, message):
         to_steps(items)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"prune": {"method": "structured", "ffn": 0.3}},  # the config still says it
+        {"prune": {"method": "magnitude", "sparsity": 0.3}},
+        {"distill": {"layers": 2}},
+    ],
+)
+def test_bitsandbytes_after_a_step_whose_layers_the_config_describes(first):
+    assert to_steps([first, {"quantize": {"method": "int8"}}])[-1].method == "int8"
 
 
 def test_recipe_file_errors(tmp_path):
