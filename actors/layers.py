@@ -10,6 +10,10 @@ file on disk is really smaller.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,6 +123,16 @@ class CastLinear(nn.Module):
         }
 
 
+@contextlib.contextmanager
+def quantized_tensors() -> Iterator[None]:
+    """torch warns, in every cpu-int8 job, that its quantized tensors are deprecated
+    (pytorch#184982); they are still what its int8 CPU kernels take, and nothing a
+    job's user can act on. ``quantize_dynamic_int8`` silences the same."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
+        yield
+
+
 class Int8Linear(nn.Module):
     """Int8 weights with per-output-channel scales, on torch's int8 CPU kernels (fbgemm
     or onednn).
@@ -169,12 +183,13 @@ class Int8Linear(nn.Module):
 
     def packed(self):
         if self._packed is None:
-            q = torch._make_per_channel_quantized_tensor(
-                self.qweight,
-                self.scale.double(),
-                torch.zeros(self.out_features, dtype=torch.long),
-                0,
-            )
+            with quantized_tensors():
+                q = torch._make_per_channel_quantized_tensor(
+                    self.qweight,
+                    self.scale.double(),
+                    torch.zeros(self.out_features, dtype=torch.long),
+                    0,
+                )
             self._packed = torch.ops.quantized.linear_prepack(q, self.bias)
         return self._packed
 
@@ -185,7 +200,8 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(flat, self.packed(), True)
         else:
             x_range, y_range = self.ranges.tolist()
-            xq = torch.quantize_per_tensor(flat, x_range / 127, 128, torch.quint8)
+            with quantized_tensors():
+                xq = torch.quantize_per_tensor(flat, x_range / 127, 128, torch.quint8)
             y = torch.ops.quantized.linear(
                 xq, self.packed(), y_range / 127, 128
             ).dequantize()
