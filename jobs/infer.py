@@ -25,7 +25,7 @@ from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
-from lmbatch.jobs.resume import begin_output, checkpoint_config
+from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
 from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, ModelFlags
@@ -101,13 +101,15 @@ def summarise(
 
 def replace_output(plan: InferPlan, tokenize: ray.ObjectRef) -> None:
     """Empty the output ``--overwrite`` replaces, once the tokenizer has loaded: a
-    --model that cannot tokenize fails the job with the old output still there.
-    Waiting costs the task's second or two only when there is something to delete."""
+    --model that cannot tokenize fails the job with the old output still there. The
+    wait (the task's second or two) is skipped where there is nothing to delete, or
+    where the same model wrote it: re-running a job does not pay it."""
     fs, path = plan.output_fs, plan.output_path
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return
     if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        ray.get(tokenize)
+        if not same_model(plan):
+            ray.get(tokenize)
         fs.delete_dir_contents(path)
 
 

@@ -113,6 +113,18 @@ def begin_output(plan: InferPlan, device: str) -> int:
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
 
 
+def same_model(plan: InferPlan) -> bool:
+    """Whether the output's job record names this model's content. Its tokenizer
+    then loaded for that job (or, if it failed there, the output held nothing that
+    job had not just written)."""
+    try:
+        with plan.output_fs.open_input_stream(f"{plan.output_path}/{JOB_FILE}") as f:
+            written = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return False
+    return written.get("model_content") == fingerprint(plan.model_dir)
+
+
 def _is_empty(fs: pafs.FileSystem, path: str) -> bool:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return True

@@ -295,11 +295,12 @@ def test_a_model_without_tokenizer_files_is_one_line(base, no_tokenizer, tmp_pat
     # The tokenizer loads on a task while the job starts; its error is still one line.
     args = with_flag(base, "--model", no_tokenizer)
     assert_user_error(run(*args), "--model", "no tokenizer files")
-    # --overwrite deletes the old output only once the tokenizer has loaded.
-    old = tmp_path / "out" / "part-old.parquet"
-    pq.write_table(pa.table({"id": ["kept"]}), old)
+    # --overwrite deletes another model's output only once the tokenizer has loaded.
+    assert run(*base, "--overwrite").exit_code == 0
+    out = tmp_path / "out"
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert_user_error(run(*args, "--overwrite"), "--model", "no tokenizer files")
-    assert old.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 
 def test_a_task_failed_by_a_users_mistake_prints_only_its_line(base, no_tokenizer):
