@@ -16,11 +16,11 @@ import time
 import warnings
 from collections.abc import Iterator
 
-import pyarrow.fs as pafs
 import ray
 import ray.data
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
+from lmbatch.actors.storage import holds_files
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.pool import PoolPlan, plan_pool
@@ -105,9 +105,7 @@ def replace_output(plan: InferPlan, tokenize: ray.ObjectRef) -> None:
     wait (the task's second or two) is skipped where there is nothing to delete, or
     where the same model wrote it: re-running a job does not pay it."""
     fs, path = plan.output_fs, plan.output_path
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return
-    if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+    if holds_files(fs, path):
         if not same_model(plan):
             ray.get(tokenize)
         fs.delete_dir_contents(path)

@@ -17,7 +17,7 @@ from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from lmbatch.actors.model_files import fingerprint
-from lmbatch.actors.storage import absolute
+from lmbatch.actors.storage import absolute, holds_files
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferPlan
 
@@ -90,7 +90,7 @@ def begin_output(plan: InferPlan, device: str) -> int:
     """
     fs, path = plan.output_fs, plan.output_path
     record = job_record(plan, device)
-    if not plan.spec.resume or _is_empty(fs, path):  # a retry loop's first run
+    if not plan.spec.resume or not holds_files(fs, path):  # a retry loop's first run
         fs.create_dir(path, recursive=True)
         _write(fs, f"{path}/{JOB_FILE}", record)
         return 0
@@ -123,12 +123,6 @@ def same_model(plan: InferPlan) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return written.get("model_content") == fingerprint(plan.model_dir)
-
-
-def _is_empty(fs: pafs.FileSystem, path: str) -> bool:
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return True
-    return not fs.get_file_info(pafs.FileSelector(path, recursive=False))
 
 
 def committed_rows(fs: pafs.FileSystem, checkpoint_dir: str) -> int:

@@ -26,7 +26,7 @@ from lmbatch.actors.model_info import (
     check_runs_on_gpu,
     inspect_model,
 )
-from lmbatch.actors.storage import filesystem_of
+from lmbatch.actors.storage import filesystem_of, holds_files
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, resolve_inputs
 from lmbatch.jobs.options import (
@@ -310,10 +310,9 @@ def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
-    if info.type == pafs.FileType.Directory and not overwrite:
-        if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            raise UserError(
-                "--output",
-                f"{output} already holds files; pass --overwrite to replace them",
-            )
+    if not overwrite and holds_files(fs, path):
+        raise UserError(
+            "--output",
+            f"{output} already holds files; pass --overwrite to replace them",
+        )
     return fs, path
