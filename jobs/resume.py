@@ -94,15 +94,13 @@ def begin_output(plan: InferPlan, device: str) -> int:
         fs.create_dir(path, recursive=True)
         _write(fs, f"{path}/{JOB_FILE}", record)
         return 0
-    try:
-        with fs.open_input_stream(f"{path}/{JOB_FILE}") as f:
-            written = json.loads(f.read())
-    except FileNotFoundError:
+    written = recorded_job(fs, path)
+    if written is None:
         raise UserError(
             "--resume",
             f"{plan.spec.output} holds files but no lmbatch job to resume "
             f"(no {JOB_FILE})",
-        ) from None
+        )
     for key, now in record.items():
         if written.get(key) != now:
             raise UserError(
@@ -118,11 +116,21 @@ def same_model(plan: InferPlan) -> bool:
     then loaded for that job (or, if it failed there, the output held nothing that
     job had not just written)."""
     try:
-        with plan.output_fs.open_input_stream(f"{plan.output_path}/{JOB_FILE}") as f:
-            written = json.loads(f.read())
-    except (FileNotFoundError, ValueError):
+        written = recorded_job(plan.output_fs, plan.output_path)
+    except ValueError:  # a record cut short: --overwrite replaces it all the same
+        return False
+    if written is None:
         return False
     return written.get("model_content") == fingerprint(plan.model_dir)
+
+
+def recorded_job(fs: pafs.FileSystem, path: str) -> dict | None:
+    """The job record of the output at ``path``; None where it has none."""
+    try:
+        with fs.open_input_stream(f"{path}/{JOB_FILE}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
 
 
 def committed_rows(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
