@@ -7,6 +7,7 @@ is read here; the readers check every other file as they open it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "jsonl": (".jsonl", ".ndjson", ".json"),
     "csv": (".csv",),
 }
+# JSONL and CSV may be compressed whole, by suffix: pyarrow's input streams (the
+# schema read here, Ray Data's reads) detect the codec from the same suffix.
+COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 GLOB_CHARS = "*?["
 # A bad line is the reader's to report as a row; quoted values may span lines.
 CSV_PARSE = pacsv.ParseOptions(
@@ -79,8 +83,19 @@ def resolve_inputs(
     columns = schema.names
     for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
         if column is not None and column not in columns:
-            raise UserError(flag, f"no column {column!r} in {paths[0]} (has {columns})")
+            raise UserError(flag, no_column(column, paths[0], columns))
     return ResolvedInputs(sorted(dict.fromkeys(paths)), fmt, filesystem, schema)
+
+
+def no_column(name: str, where: str, names: list[str]) -> str:
+    """The message for a column the input lacks: its columns, or for a wide table
+    their count and the closest names (thousands of names are not one line)."""
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    if len(names) <= 10:
+        return f"no column {name!r} in {where} (has {names}){hint}"
+    shown = ", ".join(map(repr, names[:5]))
+    return f"no column {name!r} in {where} (has {len(names):,}: {shown}, ...){hint}"
 
 
 def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -127,8 +142,12 @@ def _listing(fs: pafs.FileSystem, base: str) -> list[str]:
 
 
 def _suffix_format(path: str) -> str | None:
+    """The format a file's suffix names: ``.jsonl.gz`` is JSONL, ``.parquet.gz``
+    nothing (Parquet compresses inside the file)."""
     lower = path.lower()
-    return next((f for f, sufs in FORMATS.items() if lower.endswith(sufs)), None)
+    inner = lower.removesuffix(next((s for s in COMPRESSED if lower.endswith(s)), ""))
+    fmt = next((f for f, sufs in FORMATS.items() if inner.endswith(sufs)), None)
+    return None if fmt == "parquet" and inner != lower else fmt
 
 
 def _format_of(paths: list[str]) -> str:

@@ -106,9 +106,23 @@ def begin_output(plan: InferPlan, device: str) -> int:
             raise UserError(
                 "--resume",
                 f"{plan.spec.output} was written with another {RECORD_FLAGS[key]}: "
-                f"{written.get(key)!r}, now {now!r}; use a new --output",
+                f"{_change(written.get(key), now)}; use a new --output",
             )
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
+
+
+def _change(then: object, now: object) -> str:
+    """A changed value for the one-line error; a file list by its count and the first
+    file new or gone, not both lists whole (a job may read thousands)."""
+    lists = isinstance(then, list) and isinstance(now, list)
+    if not lists or len(then) + len(now) <= 4:
+        return f"{then!r}, now {now!r}"
+    parts = [f"{len(then):,} then, {len(now):,} now"]
+    for what, names in (("new", set(now) - set(then)), ("gone", set(then) - set(now))):
+        if names:
+            more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
+            parts.append(f"{what}: {min(names)}{more}")
+    return "; ".join(parts)
 
 
 def same_model(plan: InferPlan) -> bool:

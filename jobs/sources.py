@@ -278,13 +278,19 @@ class JSONLRows(_RowSource):
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         rows: list[dict] = []
         start = 0
-        for line in _lines(f):
-            if line.strip():
-                rows.append(_parse_line(line, self._columns.text))
-            if len(rows) == JSONL_CHUNK_ROWS:
+        try:
+            for line in _lines(f):
+                if line.strip():
+                    rows.append(_parse_line(line, self._columns.text))
+                if len(rows) == JSONL_CHUNK_ROWS:
+                    yield _positioned(self._rows_table(rows), start)
+                    start += len(rows)
+                    rows = []
+        except READ_ERRORS:
+            # A file cut short (a truncated .gz): the lines read before it are rows.
+            if rows:
                 yield _positioned(self._rows_table(rows), start)
-                start += len(rows)
-                rows = []
+            raise
         if rows:
             yield _positioned(self._rows_table(rows), start)
 

@@ -28,7 +28,7 @@ from lmbatch.actors.model_info import (
 )
 from lmbatch.actors.storage import filesystem_of, holds_files
 from lmbatch.errors import FieldError, UserError
-from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, resolve_inputs
+from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.options import (
     Flag,
     Spec,
@@ -268,8 +268,7 @@ def kept_columns(spec: InferSpec, schema: pa.Schema) -> dict[str, pa.DataType]:
     for name in names:
         if name not in schema.names:
             raise UserError(
-                "--keep-columns",
-                f"no column {name!r} in the input (has {schema.names})",
+                "--keep-columns", no_column(name, "the input", schema.names)
             )
         if name in taken:
             raise UserError(

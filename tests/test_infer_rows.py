@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pyarrow as pa
@@ -32,6 +33,46 @@ def test_each_format_gives_same_embeddings(fmt, tiny_models, corpus, tmp_path):
     assert rows["doc-042"]["embedding"] == pytest.approx(
         reference["doc-042"]["embedding"], abs=1e-6
     )
+
+
+@pytest.mark.parametrize("fmt,codec", [("jsonl", "gz"), ("csv", "zst")])
+def test_compressed_inputs_read_as_their_format(
+    fmt, codec, tiny_models, corpus, tmp_path
+):
+    packed = tmp_path / f"rows.{fmt}.{codec}"
+    with open(corpus[fmt], "rb") as plain, pa.output_stream(str(packed)) as f:
+        f.write(plain.read())  # the codec named by the suffix
+    rows, _ = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(packed), task="embed",
+        keep_columns=("doc",),
+    )  # fmt: skip
+    reference, _ = run_job(
+        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus[fmt], task="embed",
+    )  # fmt: skip
+    assert set(rows) == {f"{packed}#{i}" for i in range(120)}
+    assert rows[f"{packed}#42"]["doc"] == "doc-042"
+    assert rows[f"{packed}#42"]["embedding"] == pytest.approx(
+        reference[f"{corpus[fmt]}#42"]["embedding"], abs=1e-6
+    )
+
+
+@pytest.mark.fault("a truncated .jsonl.gz: the rows before the cut, then one row")
+def test_a_truncated_gzip_file_keeps_its_rows_and_says_where_it_broke(
+    tiny_models, tmp_path, fault_report
+):
+    lines = "".join(json.dumps({"text": f"line {i} " * 40}) + "\n" for i in range(4000))
+    whole = gzip.compress(lines.encode(), mtime=0)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed"
+    )
+    bad = [r for r in rows.values() if r["error"]]
+    assert summary.errors == {"bad_file": 1} and len(bad) == 1
+    cut_at = int(bad[0]["id"].rsplit("#", 1)[1])
+    assert 0 < cut_at < 4000 and bad[0]["error"].startswith(f"bad_file: {path}")
+    assert set(rows) == {f"{path}#{i}" for i in range(cut_at + 1)}
+    fault_report(cut_at + 1, list(rows), sum(a["rows_started"] for a in summary.actors))
 
 
 def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):

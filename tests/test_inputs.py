@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lmbatch.errors import UserError
@@ -52,6 +54,39 @@ def test_mixed_formats_refused(tmp_path):
         resolve_inputs(
             [str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")], None, "text", None
         )
+
+
+def test_compressed_jsonl_and_csv_are_found_by_their_inner_suffix(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("a.jsonl.gz", "b.jsonl.zst", "c.JSONL.BZ2", "d.jsonl"):
+        with pa.output_stream(str(tmp_path / "d" / name)) as f:  # codec by suffix
+            f.write(b'{"text": "x", "n": 1}\n')
+    (tmp_path / "d" / "e.parquet.gz").write_bytes(b"")  # no such format
+    got = resolve_inputs([str(tmp_path / "d")], None, "text", "n")
+    assert got.format == "jsonl" and got.columns == ["text", "n"]
+    assert [p.rsplit("/", 1)[1] for p in got.paths] == [
+        "a.jsonl.gz",
+        "b.jsonl.zst",
+        "c.JSONL.BZ2",
+        "d.jsonl",
+    ]
+    with pytest.raises(UserError, match="cannot tell the format .*e.parquet.gz"):
+        resolve_inputs([str(tmp_path / "d" / "e.parquet.gz")], None, "text", None)
+
+
+def test_a_missing_column_is_named_with_the_closest_ones(tmp_path):
+    wide = pa.table({**{f"feature_{i}": [1] for i in range(40)}, "text": ["x"]})
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    with pytest.raises(UserError) as e:
+        resolve_inputs([str(tmp_path / "wide.parquet")], None, "txt", None)
+    assert e.value.where == "--text-column" and e.value.message == (
+        f"no column 'txt' in {tmp_path}/wide.parquet (has 41: 'feature_0', "
+        "'feature_1', 'feature_2', 'feature_3', 'feature_4', ...); did you mean "
+        "'text'?"
+    )
+    path = touch_csv(tmp_path / "narrow.csv")
+    with pytest.raises(UserError, match=r"\(has \['text', 'key'\]\)$"):
+        resolve_inputs([path], None, "body", None)
 
 
 def test_forced_format_reads_any_suffix(tmp_path):

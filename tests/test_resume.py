@@ -103,6 +103,23 @@ def test_resume_refuses_another_jobs_output(ray_local, tiny_models, corpus, tmp_
     assert e.value.where == "--resume" and "model" in e.value.message
 
 
+def test_resume_names_the_input_files_that_changed(ray_local, tiny_models, tmp_path):
+    parts = tmp_path / "in"
+    parts.mkdir()
+    for i in range(4):
+        write_rows(parts / f"part-{i}.jsonl", 5, start=5 * i)
+    flags = dict(model=tiny_models["bert"], inputs=str(parts), task="embed")
+    run_job(tmp_path / "out", **flags)
+    write_rows(parts / "part-4.jsonl", 5)
+    (parts / "part-0.jsonl").unlink()
+    with pytest.raises(UserError) as e:
+        run_job(tmp_path / "out", resume=True, **flags)
+    assert e.value.where == "--resume" and e.value.message.endswith(
+        f"another --input: 4 then, 4 now; new: {parts}/part-4.jsonl; "
+        f"gone: {parts}/part-0.jsonl; use a new --output"
+    )
+
+
 def test_resume_needs_a_job_to_resume(ray_local, tiny_models, corpus, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("not ours")
