@@ -9,9 +9,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
+def is_text(kind: pa.DataType) -> bool:
+    """Text in any of Arrow's layouts: large strings (polars writes them), string
+    views, and dictionary-encoded strings (a pandas categorical, as Parquet keeps
+    it)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_string_view(kind)
+    )
+
+
 def check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """-> (text or null, error or null); the error names what is wrong with the row."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not is_text(column.type):
         if pa.types.is_null(column.type):
             kind = pa.array(["null_text: text is null"] * len(column), pa.string())
         else:

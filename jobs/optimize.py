@@ -24,6 +24,7 @@ import ray
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import CAUSAL_SUFFIXES, ModelInfo, inspect_model
 from lmbatch.actors.storage import filesystem_of, is_local
+from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
@@ -115,12 +116,12 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
     if needs and not spec.calibration:
         raise UserError("--calibration", f"{needs} trains or calibrates on text")
     calibration = (
-        _read(spec.calibration, spec.text_column, spec.max_rows, "--calibration")
+        read_texts(spec.calibration, spec.text_column, spec.max_rows, "--calibration")
         if spec.calibration
         else []
     )
     if spec.eval:
-        evaluation = _read(spec.eval, spec.text_column, spec.eval_rows, "--eval")
+        evaluation = read_texts(spec.eval, spec.text_column, spec.eval_rows, "--eval")
     else:
         held = max(
             MIN_EVAL_ROWS, min(spec.eval_rows, int(len(calibration) * EVAL_SHARE))
@@ -154,16 +155,19 @@ def _needs_calibration(steps: list[Step]) -> str | None:
     return None
 
 
-def _read(given: tuple[str, ...], column: str, limit: int, flag: str) -> list[str]:
+def read_texts(given: tuple[str, ...], column: str, limit: int, flag: str) -> list[str]:
     """Up to ``limit`` non-empty strings of ``column``, files in order."""
     try:
         inputs = resolve_inputs(list(given), None, column, None)
     except UserError as e:  # --input is what resolve_inputs calls it; name ours
         raise UserError(flag if e.where == "--input" else e.where, e.message) from None
     texts: list[str] = []
+    fs = inputs.filesystem
+    # Parquet reads its footer first; a stream decompresses a .jsonl.gz by suffix.
+    opened = fs.open_input_file if inputs.format == "parquet" else fs.open_input_stream
     for path in inputs.paths:
         try:
-            with inputs.filesystem.open_input_file(path) as f:
+            with opened(path) as f:
                 table = {
                     "parquet": lambda: pq.read_table(f, columns=[column]),
                     "csv": lambda: pacsv.read_csv(f),
@@ -174,9 +178,7 @@ def _read(given: tuple[str, ...], column: str, limit: int, flag: str) -> list[st
                 flag, f"cannot read {path}: {str(e).splitlines()[0]}"
             ) from None
         values = table[column]
-        if not pa.types.is_string(values.type) and not pa.types.is_large_string(
-            values.type
-        ):
+        if not is_text(values.type):
             raise UserError(flag, f"column {column!r} of {path} is not text")
         texts += [t for t in values.to_pylist() if t and t.strip()]
         if len(texts) >= limit:

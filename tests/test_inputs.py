@@ -6,8 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lmbatch.actors.text import check_text
 from lmbatch.errors import UserError
 from lmbatch.jobs.inputs import resolve_inputs
+from lmbatch.jobs.optimize import read_texts
 
 
 def touch_csv(path):
@@ -144,3 +146,30 @@ def test_an_lmbatch_output_read_as_input_gives_its_data_only(
         task="embed", text_column="id", id_column="id",
     )  # fmt: skip
     assert summary.rows == 120 and set(again) == set(first)
+
+
+def test_text_in_any_arrow_layout_is_text():
+    """Polars writes large strings; a pandas categorical comes back from Parquet as
+    dictionary-encoded strings."""
+    words = ["a cat", None, "a cat", " "]
+    for column in (
+        pa.array(words, pa.large_string()),
+        pa.array(words, pa.string_view()),
+        pa.array(words).dictionary_encode(),
+    ):
+        text, error = check_text(pa.chunked_array([column]))
+        assert text.to_pylist() == words, column.type
+        assert error.to_pylist() == [
+            None, "null_text: text is null", None, "empty_text: text is empty"
+        ]  # fmt: skip
+
+
+def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
+    with pa.output_stream(str(tmp_path / "a.jsonl.gz")) as f:
+        f.write(b'{"text": "first"}\n{"text": "second"}\n')
+    table = pa.table({"text": pa.array(["third", "fourth"]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "b.parquet")
+    got = read_texts((str(tmp_path / "a.jsonl.gz"),), "text", 10, "--calibration")
+    assert got == ["first", "second"]
+    got = read_texts((str(tmp_path / "b.parquet"),), "text", 10, "--eval")
+    assert got == ["third", "fourth"]
