@@ -102,7 +102,9 @@ class InferSpec(ModelFlags):
               "kept; CSV columns are text); * for all of them."),
     ] = ()  # fmt: skip
     input_format: Literal[FORMAT_NAMES] | None = Field(
-        None, description="Default: from the file suffix."
+        None,
+        description="Default: from the file suffix; JSONL and CSV may be "
+        "compressed (.jsonl.gz, .csv.zst; .bz2, .lz4).",
     )
     max_new_tokens: Count = 32
     actors: Annotated[
