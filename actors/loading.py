@@ -23,6 +23,7 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import rebuild, replace_module
@@ -59,6 +60,9 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
         UserError: naming ``--precision`` or ``--model``.
     """
     check_precision(spec.precision)
+    # transformers' "Loading weights" bar: one per actor, interleaved on the driver's
+    # console by Ray's log forwarding; the summary says how long each load took.
+    hf_logging.disable_progress_bar()
     spec = replace(spec, path=fetch_model(spec.path))  # a URI: this node's copy
     check_weights(Path(spec.path), spec.allow_pickle)
     _check_config(spec)

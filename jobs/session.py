@@ -7,6 +7,7 @@ tasks that load a model do), so starting Ray is nearly all of its start-up.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -29,16 +30,33 @@ def ray_session(address: str | None) -> Iterator[None]:
     if address and address != "local":
         attach(address)
     else:
-        ray.init(
-            address="local",
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        notice = logging.getLogger(TOKEN_SETUP_LOGGER)
+        notice.addFilter(_not_token_notice)
+        try:
+            ray.init(
+                address="local",
+                num_cpus=max(2, os.cpu_count() or 2),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        finally:
+            notice.removeFilter(_not_token_notice)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+# The embedded Ray keeps Ray's default of token authentication on, by design
+# (tests/test_security.py); Ray's notice that it is on, printed at every start, is the
+# first line a user of the default local mode would read. Its warning that auth is
+# off (RAY_AUTH_MODE=disabled) still shows.
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+def _not_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
 def attach(address: str) -> None:

@@ -25,6 +25,10 @@ def test_lmbatch_infer_end_to_end(tiny_models, corpus, tmp_path):
     done = lmbatch_infer("--input", corpus["jsonl"], str(second), *common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows 240" in done.stdout and "errors none" in done.stdout
+    # Neither Ray's notice that the embedded Ray uses token auth (lmbatch's choice)
+    # nor a weight-loading bar per actor reaches the console.
+    console = done.stdout + done.stderr
+    assert "Token authentication" not in console and "Loading weights" not in console
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
     assert len(set(ids)) == 240 and f"{second}#119" in ids
 
