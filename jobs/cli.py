@@ -101,7 +101,7 @@ def launch(kind: str, spec_class: type, flags: dict) -> None:
     from lmbatch.jobs.submit import SubmitOptions, is_jobs_address, submit
 
     address, insecure, no_wait, pip, shared = (flags.pop(k) for k in SUBMIT_FLAGS)
-    spec = spec_class.from_flags(**flags)
+    spec = spec_class.from_command(flags)
     if not is_jobs_address(address):
         given = (("--no-wait", no_wait), ("--pip", pip), ("--shared-paths", shared))
         for flag, value in given:
@@ -122,6 +122,8 @@ def launch(kind: str, spec_class: type, flags: dict) -> None:
 @user_errors
 def infer(more_inputs: tuple[str, ...], **flags) -> None:
     """Run a model over a dataset; write Parquet with an id per input row."""
+    if more_inputs and not flags["inputs"]:
+        raise UserError("--input", f"{more_inputs[0]} follows no --input")
     flags["inputs"] += more_inputs
     launch("infer", InferSpec, flags)
 
@@ -149,7 +151,7 @@ def serve(address: str | None, **flags) -> None:
             "--address",
             "serve attaches to a Ray (HOST:6379 or auto); run it on the cluster's head",
         )
-    run_serve(prepare_serve(ServeSpec.from_flags(**flags)), address, click.echo)
+    run_serve(prepare_serve(ServeSpec.from_command(flags)), address, click.echo)
 
 
 @cli.group("jobs")

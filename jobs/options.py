@@ -5,10 +5,15 @@ A spec field (``jobs/spec.py``, ``jobs/serve.py``, ``jobs/optimize.py``) is its 
 use becomes a ``click.Choice``), its default and its description as help. ``Flag``
 metadata says what a type cannot: another flag name, a parser for sizes or ranges,
 that the value is a path. A validation error of the spec names the same flag.
+
+``--spec FILE`` gives the same flags as YAML (``batch-tokens: 4096``): a job kept
+beside its data and versioned with it. Flags given on the command line win over the
+file, the file over the defaults.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
@@ -17,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
+import yaml
+from click.core import ParameterSource
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from lmbatch.errors import Loc, UserModel, from_validation
+from lmbatch.actors.storage import filesystem_of
+from lmbatch.errors import Loc, UserError, UserModel, from_validation
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,20 @@ class Spec(UserModel):
             raise from_validation(e, cls.flag_at) from None
 
     @classmethod
+    def from_command(cls, flags: dict[str, Any]):
+        """The spec that a command's flags and its ``--spec`` file describe."""
+        path = flags.pop("spec", None)
+        values = read_spec_file(path, cls) if path else {}
+        given = given_flags(flags)
+        try:
+            return cls.from_flags(**{**values, **given})
+        except UserError as e:
+            from_file = {cls.flag_at((name,)) for name in values.keys() - given.keys()}
+            if e.where in from_file:
+                raise UserError(e.where, f"{e.message} (in {path})") from None
+            raise
+
+    @classmethod
     def from_json(cls, text: str):
         try:
             return cls.model_validate_json(text)
@@ -68,27 +90,111 @@ class Spec(UserModel):
 
 
 def spec_options(spec: type[Spec]) -> Callable[[Callable], Callable]:
-    """Decorate a click command with one option per field of ``spec``."""
+    """Decorate a click command with one option per field of ``spec``, and
+    ``--spec`` (read by ``Spec.from_command``)."""
 
     def decorate(command: Callable) -> Callable:
         for name, field in reversed(spec.model_fields.items()):
             if not _flag(field).hidden:
                 command = option(name, field)(command)
-        return command
+        return click.option(
+            "--spec",
+            "spec",
+            metavar="FILE",
+            help="YAML of this command's flags (batch-tokens: 4096, input: [a.csv]),"
+            " a path or URI; flags given here win over it.",
+        )(command)
 
     return decorate
+
+
+def given_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags the command line (or an environment variable) set: the rest are
+    click's copies of the spec's defaults, which a --spec file overrides."""
+    context = click.get_current_context(silent=True)
+    if context is None:  # called as a function: every value was given
+        return flags
+    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return {
+        k: v for k, v in flags.items() if context.get_parameter_source(k) not in unset
+    }
+
+
+def read_spec_file(path: str, spec: type[Spec]) -> dict[str, Any]:
+    """A YAML mapping of this command's flags, without their dashes (``input``,
+    ``batch-tokens`` or ``batch_tokens``), to values as a flag takes them or as YAML
+    types them (``actor-memory: 2GiB``, ``input: [a.csv, b.csv]``).
+
+    Raises:
+        UserError: naming ``--spec``, the file and the key.
+    """
+    fs, where = filesystem_of(path, "--spec")
+    try:
+        with fs.open_input_stream(where) as f:
+            data = yaml.safe_load(f.read().decode())
+    except FileNotFoundError:
+        raise UserError("--spec", f"no such file: {path}") from None
+    except OSError as e:
+        reason = e.strerror or str(e).splitlines()[0]
+        raise UserError("--spec", f"cannot read {path}: {reason}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError("--spec", f"{path} is not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError("--spec", f"{path} must map flags to values (task: embed)")
+    names = _file_keys(spec)
+    values = {}
+    for key, value in data.items():
+        name = names.get(str(key).replace("_", "-"))
+        if name is None:
+            close = difflib.get_close_matches(str(key).replace("_", "-"), names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError("--spec", f"{path}: no flag --{key} here{hint}")
+        values[name] = _file_value(spec.model_fields[name], value, f"{path}: {key}")
+    return values
+
+
+def _file_keys(spec: type[Spec]) -> dict[str, str]:
+    """A spec file's keys (its flags without dashes, or its field names, with ``-``
+    for ``_``) -> the spec's fields."""
+    keys = {}
+    for name, field in spec.model_fields.items():
+        if not _flag(field).hidden:
+            keys[flag_name(name, field).removeprefix("--")] = name
+            keys.setdefault(name.replace("_", "-"), name)
+    return keys
+
+
+def _file_value(field: FieldInfo, value: Any, where: str) -> Any:
+    """A value from a spec file as its flag's own would be: text through the flag's
+    parser, a list as the tuple a repeated flag gives, one path as a list of one."""
+    flag = _flag(field)
+    if flag.parse is not None and isinstance(value, str | int | float):
+        try:
+            return flag.parse(str(value))
+        except ValueError as e:
+            raise UserError("--spec", f"{where}: {e}") from None
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and _click_type(field.annotation)[1]:
+        return (value,)
+    return value
 
 
 def option(name: str, field: FieldInfo) -> Callable[[Callable], Callable]:
     flag = _flag(field)
     kind, multiple = _click_type(field.annotation)
     multiple = multiple and flag.parse is None  # a parser takes the whole text
-    required = field.is_required()
+    required = field.is_required()  # here or in --spec: the spec says which is missing
     default = None if required else field.default
+    help_text = field.description or ""
+    if required:
+        help_text = f"{help_text} Required, here or in --spec.".strip()
     kwargs: dict[str, Any] = dict(
-        required=required,
         default=default,
-        help=field.description,
+        help=help_text,
         metavar=flag.metavar,
         multiple=multiple,
     )
