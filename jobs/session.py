@@ -16,6 +16,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lmbatch.errors import UserError
 
+# The embedded Ray keeps Ray's default of token authentication on, by design
+# (tests/test_security.py); Ray's notice that it is on, printed at every start, is the
+# first line a user of the default local mode would read. Its warning that auth is
+# off (RAY_AUTH_MODE=disabled) still shows.
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+def _not_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_NOTICE)
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
@@ -45,18 +56,6 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-# The embedded Ray keeps Ray's default of token authentication on, by design
-# (tests/test_security.py); Ray's notice that it is on, printed at every start, is the
-# first line a user of the default local mode would read. Its warning that auth is
-# off (RAY_AUTH_MODE=disabled) still shows.
-TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
-TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
-
-
-def _not_token_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
 def attach(address: str) -> None:
