@@ -51,9 +51,19 @@ class ResolvedInputs:
 
 
 def resolve_inputs(
-    inputs: list[str], input_format: str | None, text_column: str, id_column: str | None
+    inputs: list[str],
+    input_format: str | None,
+    text_column: str,
+    id_column: str | None,
+    output: str | None = None,
 ) -> ResolvedInputs:
     """Expand paths, globs and directories; check format and columns.
+
+    Args:
+        output: the job's ``--output``. Its files are never inputs: a directory or
+            glob that holds it (``--input data/ --output data/embeddings/``) skips
+            them, and a file inside it is refused, as ``--overwrite`` would delete
+            it before the job read it.
 
     Raises:
         UserError: naming ``--input``, ``--input-format``, ``--text-column`` or
@@ -69,7 +79,7 @@ def resolve_inputs(
                 "--input", f"{given!r} is on another filesystem than the rest"
             )
         filesystem = fs
-        paths += found
+        paths += _outside(output, fs, given, found)
     fmt = input_format or _format_of(paths)
     if fmt not in FORMATS:
         raise UserError(
@@ -96,6 +106,32 @@ def no_column(name: str, where: str, names: list[str]) -> str:
         return f"no column {name!r} in {where} (has {names}){hint}"
     shown = ", ".join(map(repr, names[:5]))
     return f"no column {name!r} in {where} (has {len(names):,}: {shown}, ...){hint}"
+
+
+def _outside(
+    output: str | None, fs: pafs.FileSystem, given: str, found: list[str]
+) -> list[str]:
+    """``found`` without the files inside ``output`` (on the same filesystem).
+
+    Raises:
+        UserError: naming ``--input`` where ``given`` is such a file, or all of its
+            files are.
+    """
+    if output is None:
+        return found
+    out_fs, out_path = filesystem_of(output, "--output")
+    if type(out_fs) is not type(fs):
+        return found
+    inside = out_path.rstrip("/") + "/"
+    kept = [p for p in found if not p.startswith(inside)]
+    if not kept:
+        what = found[0] if len(found) == 1 else f"every file of {given}"
+        raise UserError(
+            "--input",
+            f"{what} is inside --output {output}: the job would read what it "
+            "writes; write the output elsewhere",
+        )
+    return kept
 
 
 def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:

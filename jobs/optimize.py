@@ -116,12 +116,20 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
     if needs and not spec.calibration:
         raise UserError("--calibration", f"{needs} trains or calibrates on text")
     calibration = (
-        read_texts(spec.calibration, spec.text_column, spec.max_rows, "--calibration")
+        read_texts(
+            spec.calibration,
+            spec.text_column,
+            spec.max_rows,
+            "--calibration",
+            spec.output,
+        )
         if spec.calibration
         else []
     )
     if spec.eval:
-        evaluation = read_texts(spec.eval, spec.text_column, spec.eval_rows, "--eval")
+        evaluation = read_texts(
+            spec.eval, spec.text_column, spec.eval_rows, "--eval", spec.output
+        )
     else:
         held = max(
             MIN_EVAL_ROWS, min(spec.eval_rows, int(len(calibration) * EVAL_SHARE))
@@ -155,10 +163,17 @@ def _needs_calibration(steps: list[Step]) -> str | None:
     return None
 
 
-def read_texts(given: tuple[str, ...], column: str, limit: int, flag: str) -> list[str]:
-    """Up to ``limit`` non-empty strings of ``column``, files in order."""
+def read_texts(
+    given: tuple[str, ...],
+    column: str,
+    limit: int,
+    flag: str,
+    output: str | None = None,
+) -> list[str]:
+    """Up to ``limit`` non-empty strings of ``column``, files in order; none from
+    inside ``output`` (the artifact's directory, which --overwrite empties)."""
     try:
-        inputs = resolve_inputs(list(given), None, column, None)
+        inputs = resolve_inputs(list(given), None, column, None, output)
     except UserError as e:  # --input is what resolve_inputs calls it; name ours
         raise UserError(flag if e.where == "--input" else e.where, e.message) from None
     texts: list[str] = []

@@ -245,7 +245,11 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     if spec.device == "cuda":
         check_runs_on_gpu(spec.model, spec.precision, info.cpu_only)
     inputs = resolve_inputs(
-        list(spec.inputs), spec.input_format, spec.text_column, spec.id_column
+        list(spec.inputs),
+        spec.input_format,
+        spec.text_column,
+        spec.id_column,
+        spec.output,
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     keep = kept_columns(spec, inputs.schema)

@@ -131,6 +131,21 @@ def test_directories_globs_and_several_inputs(tiny_models, corpus, tmp_path):
     assert f"{parts}/part-2.parquet#39" in by_dir and "doc-119" in listed
 
 
+def test_an_output_inside_the_input_directory_is_not_read_back(
+    tiny_models, corpus, tmp_path
+):
+    """--input data/ --output data/embeddings/: the second run reads the data only,
+    and its --overwrite deletes no input."""
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pq.read_table(corpus["parquet"]), data / "rows.parquet")
+    flags = dict(model=tiny_models["bert"], inputs=str(data), task="embed")
+    first, _ = run_job(data / "embeddings", **flags)
+    again, summary = run_job(data / "embeddings", overwrite=True, **flags)
+    assert summary.rows == 120 and summary.errors == {}
+    assert set(again) == set(first) == {f"{data}/rows.parquet#{i}" for i in range(120)}
+
+
 @pytest.mark.fault(
     "bad rows in JSONL: null, empty, not text, bad JSON, bad UTF-8, long"
 )

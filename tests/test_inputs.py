@@ -91,6 +91,25 @@ def test_a_missing_column_is_named_with_the_closest_ones(tmp_path):
         resolve_inputs([path], None, "body", None)
 
 
+def test_files_inside_the_output_are_never_inputs(tmp_path):
+    data = tmp_path / "data"
+    touch_csv(data / "a.csv")
+    for part in ("part-0.csv", "part-1.csv"):  # what a job writing data/out left
+        touch_csv(data / "out" / part)
+    out = str(data / "out")
+    got = resolve_inputs([str(data)], None, "text", None, output=out)
+    assert got.paths == [str(data / "a.csv")]
+    glob = resolve_inputs([f"{data}/**/*.csv"], None, "text", None, output=out)
+    assert glob.paths == got.paths
+    with pytest.raises(UserError) as e:
+        resolve_inputs([str(data / "a.csv")], None, "text", None, output=str(data))
+    assert e.value.where == "--input" and e.value.message.startswith(
+        f"{data}/a.csv is inside --output {data}: the job would read what it writes"
+    )
+    with pytest.raises(UserError, match=f"every file of {data}/out is inside"):
+        resolve_inputs([str(data / "out")], None, "text", None, output=str(data))
+
+
 def test_forced_format_reads_any_suffix(tmp_path):
     path = tmp_path / "rows.txt"
     path.write_text('{"text": "x", "n": 1}\n')
