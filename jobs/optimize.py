@@ -58,7 +58,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
         )
     info = inspect_model(model_dir, task)
     texts = _texts(spec, steps)
-    check_output(spec.output, spec.overwrite)
+    check_output(spec.output, spec.overwrite, spec.model)
     return OptimizePlan(spec, task, steps, texts, info)
 
 

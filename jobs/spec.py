@@ -253,7 +253,9 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     keep = kept_columns(spec, inputs.schema)
-    output_fs, output_path = check_output(spec.output, spec.overwrite or spec.resume)
+    output_fs, output_path = check_output(
+        spec.output, spec.overwrite or spec.resume, spec.model
+    )
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep
     )
@@ -309,12 +311,24 @@ def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int
     return limit or 512
 
 
-def check_output(output: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
-    """Refuse an output directory that holds files, unless ``--overwrite``."""
+def check_output(
+    output: str, overwrite: bool, model: str
+) -> tuple[pafs.FileSystem, str]:
+    """Refuse an output directory that holds files, unless ``--overwrite``, and one
+    that is or holds the ``--model`` directory, which --overwrite would delete."""
     fs, path = filesystem_of(output, "--output")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
+    model_fs, model_path = filesystem_of(model, "--model")
+    if type(model_fs) is type(fs) and f"{model_path}/".startswith(
+        f"{path.rstrip('/')}/"
+    ):
+        raise UserError(
+            "--output",
+            f"{output} holds --model {model}: replacing it would delete the model; "
+            "write the output elsewhere",
+        )
     if not overwrite and holds_files(fs, path):
         raise UserError(
             "--output",

@@ -6,6 +6,7 @@ them needs the session's Ray (and each asserts that none was started).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -203,6 +204,27 @@ def test_parse_size_units():
     assert parse_size("2GiB") == 2 << 30
     assert parse_size("512MB") == 512_000_000
     assert parse_size("1e9") == 1_000_000_000
+
+
+def test_an_output_that_holds_the_model_is_refused(tiny_models, corpus, tmp_path):
+    model = tmp_path / "models" / "bert"
+    shutil.copytree(tiny_models["bert"], model)
+    before = sorted(p.name for p in model.iterdir())
+    for output in (model, model.parent):
+        args = ["--model", str(model), "--output", str(output), "--overwrite"]
+        assert_user_error(
+            run(*args, "--input", corpus["parquet"], "--task", "embed"),
+            f"--output: {output} holds --model {model}: replacing it would delete",
+        )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: bf16}\n")
+    optimized = CliRunner().invoke(
+        cli,
+        ["optimize", "--model", str(model), "--recipe", str(recipe), "--output",
+         str(model), "--calibration", corpus["parquet"], "--overwrite"],
+    )  # fmt: skip
+    assert_user_error(optimized, f"--output: {model} holds --model")
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 @pytest.mark.usefixtures("ray_local")
