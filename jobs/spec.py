@@ -315,20 +315,21 @@ def check_output(
     output: str, overwrite: bool, model: str
 ) -> tuple[pafs.FileSystem, str]:
     """Refuse an output directory that holds files, unless ``--overwrite``, and one
-    that is or holds the ``--model`` directory, which --overwrite would delete."""
+    that is, holds or lies inside the ``--model`` directory: --overwrite would delete
+    the model, and a model's identity (a resumed job's check) covers all its files."""
     fs, path = filesystem_of(output, "--output")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
     model_fs, model_path = filesystem_of(model, "--model")
-    if type(model_fs) is type(fs) and f"{model_path}/".startswith(
-        f"{path.rstrip('/')}/"
-    ):
-        raise UserError(
-            "--output",
-            f"{output} holds --model {model}: replacing it would delete the model; "
-            "write the output elsewhere",
-        )
+    if type(model_fs) is type(fs):
+        out, held = f"{path.rstrip('/')}/", f"{model_path.rstrip('/')}/"
+        where = "holds" if held.startswith(out) else "is inside"
+        if held.startswith(out) or out.startswith(held):
+            raise UserError(
+                "--output",
+                f"{output} {where} --model {model}: write the output elsewhere",
+            )
     if not overwrite and holds_files(fs, path):
         raise UserError(
             "--output",

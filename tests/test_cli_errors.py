@@ -210,11 +210,12 @@ def test_an_output_that_holds_the_model_is_refused(tiny_models, corpus, tmp_path
     model = tmp_path / "models" / "bert"
     shutil.copytree(tiny_models["bert"], model)
     before = sorted(p.name for p in model.iterdir())
-    for output in (model, model.parent):
+    for output, where in ((model, "holds"), (model.parent, "holds"),
+                          (model / "embeddings", "is inside")):  # fmt: skip
         args = ["--model", str(model), "--output", str(output), "--overwrite"]
         assert_user_error(
             run(*args, "--input", corpus["parquet"], "--task", "embed"),
-            f"--output: {output} holds --model {model}: replacing it would delete",
+            f"--output: {output} {where} --model {model}: write the output elsewhere",
         )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("steps:\n  - quantize: {method: bf16}\n")
