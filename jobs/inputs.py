@@ -72,6 +72,7 @@ def resolve_inputs(
     if not inputs:
         raise UserError("--input", "give at least one file, glob or directory")
     filesystem, paths = None, []
+    out = filesystem_of(output, "--output") if output is not None else None
     for given in inputs:
         fs, found = _expand(given)
         if filesystem is not None and type(fs) is not type(filesystem):
@@ -79,7 +80,9 @@ def resolve_inputs(
                 "--input", f"{given!r} is on another filesystem than the rest"
             )
         filesystem = fs
-        paths += _outside(output, fs, given, found)
+        if out is not None and type(out[0]) is type(fs):
+            found = _outside(out[1], given, found, output)
+        paths += found
     fmt = input_format or _format_of(paths)
     if fmt not in FORMATS:
         raise UserError(
@@ -108,20 +111,13 @@ def no_column(name: str, where: str, names: list[str]) -> str:
     return f"no column {name!r} in {where} (has {len(names):,}: {shown}, ...){hint}"
 
 
-def _outside(
-    output: str | None, fs: pafs.FileSystem, given: str, found: list[str]
-) -> list[str]:
-    """``found`` without the files inside ``output`` (on the same filesystem).
+def _outside(out_path: str, given: str, found: list[str], output: str) -> list[str]:
+    """``found`` without the files inside the output directory ``out_path``.
 
     Raises:
         UserError: naming ``--input`` where ``given`` is such a file, or all of its
             files are.
     """
-    if output is None:
-        return found
-    out_fs, out_path = filesystem_of(output, "--output")
-    if type(out_fs) is not type(fs):
-        return found
     inside = out_path.rstrip("/") + "/"
     kept = [p for p in found if not p.startswith(inside)]
     if not kept:
