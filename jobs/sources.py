@@ -333,8 +333,15 @@ def _decode(column: pa.ChunkedArray, name: str, bad: list[str | None]) -> pa.Arr
         return pa.array(values, pa.string())
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _lines(f: pa.NativeFile, chunk: int = 1 << 20) -> Iterator[bytes]:
-    rest = b""
+    """The file's lines, without a leading byte-order mark (Windows tools write one;
+    JSON does not allow it, and pyarrow's CSV reader drops it too)."""
+    rest = f.read(len(UTF8_BOM))
+    if rest == UTF8_BOM:
+        rest = b""
     while data := f.read(chunk):
         lines = (rest + data).split(b"\n")
         rest = lines.pop()

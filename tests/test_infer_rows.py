@@ -75,6 +75,16 @@ def test_a_truncated_gzip_file_keeps_its_rows_and_says_where_it_broke(
     fault_report(cut_at + 1, list(rows), sum(a["rows_started"] for a in summary.actors))
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tiny_models, tmp_path):
+    """Windows tools start UTF-8 text with a BOM, which JSON does not allow."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first row"}\n{"text": "second"}\n')
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed"
+    )
+    assert summary.rows == 2 and summary.errors == {}, rows
+
+
 def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):
     first, _ = run_job(
         tmp_path / "a",
