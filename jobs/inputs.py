@@ -92,12 +92,24 @@ def resolve_inputs(
         others = [p for p in paths if _suffix_format(p) != fmt]
         if others:
             raise UserError("--input", f"mixed formats: {others[0]} is not {fmt}")
-    schema = read_schema(filesystem, paths[0], fmt)
+    paths = sorted(dict.fromkeys(paths))
+    first, schema = first_schema(filesystem, paths, fmt)
     columns = schema.names
     for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
         if column is not None and column not in columns:
-            raise UserError(flag, no_column(column, paths[0], columns))
-    return ResolvedInputs(sorted(dict.fromkeys(paths)), fmt, filesystem, schema)
+            raise UserError(flag, no_column(column, first, columns))
+    return ResolvedInputs(paths, fmt, filesystem, schema)
+
+
+def first_schema(
+    fs: pafs.FileSystem, paths: list[str], fmt: str
+) -> tuple[str, pa.Schema]:
+    """The first file that has columns, and its schema: an empty shard (a Spark or
+    Dask partition with no rows, zero bytes) says nothing of the others."""
+    for path in paths:
+        if fmt == "parquet" or fs.get_file_info(path).size:
+            return path, read_schema(fs, path, fmt)
+    return paths[0], read_schema(fs, paths[0], fmt)  # every one empty: say so
 
 
 def no_column(name: str, where: str, names: list[str]) -> str:

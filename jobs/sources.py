@@ -198,16 +198,21 @@ class CSVRows(_RowSource):
             invalid.append(row)
             return "skip"
 
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(
-                invalid_row_handler=skip, newlines_in_values=True
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(columns, pa.binary())
-            ),
-        )
+        try:
+            reader = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(use_threads=False),
+                parse_options=pacsv.ParseOptions(
+                    invalid_row_handler=skip, newlines_in_values=True
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(columns, pa.binary())
+                ),
+            )
+        except pa.ArrowInvalid as e:
+            if str(e).startswith(EMPTY_CSV):  # an empty shard: no rows, not bad ones
+                return
+            raise
         positions = _Positions()
         for batch in reader:
             positions.skip(row.number - 2 for row in invalid)  # 1: the header row
@@ -240,6 +245,9 @@ class CSVRows(_RowSource):
         )
         columns["_row"] = pa.array([r.number - 2 for r in rows], pa.int64())
         return pa.table(columns)
+
+
+EMPTY_CSV = "Empty CSV file"  # pyarrow's error for a file of no bytes
 
 
 class _Positions:

@@ -85,6 +85,21 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tiny_models, tmp_path):
     assert summary.rows == 2 and summary.errors == {}, rows
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_empty_shards_have_no_rows(fmt, tiny_models, corpus, tmp_path):
+    """Spark and Dask write a file per partition, zero bytes where it had no rows;
+    here the empty one sorts first, where the driver reads the columns."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / f"part-0.{fmt}").write_bytes(b"")
+    (shards / f"part-1.{fmt}").write_bytes(open(corpus[fmt], "rb").read())
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(shards), task="embed",
+        id_column="doc",
+    )  # fmt: skip
+    assert summary.rows == 120 and summary.errors == {}
+
+
 def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):
     first, _ = run_job(
         tmp_path / "a",
