@@ -172,11 +172,19 @@ class ParquetRows(_RowSource):
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         pfile = pq.ParquetFile(f)
         c = self._columns
-        names = pfile.schema_arrow.names
-        wanted = [n for n in (c.text, c.id, *c.keep) if n and n in names]
+        schema = pfile.schema_arrow
+        wanted = [n for n in (c.text, c.id, *c.keep) if n and n in schema.names]
+        # Text stored as bytes without Parquet's UTF-8 annotation (older Hive and
+        # Impala writers; Spark's binaryAsString): decoded as CSV's is.
+        raw = [
+            n
+            for n in (c.text, c.id)
+            if n in schema.names and _is_bytes(schema.field(n).type)
+        ]
         start = 0
         for batch in pfile.iter_batches(columns=list(dict.fromkeys(wanted)) or None):
-            yield _positioned(pa.Table.from_batches([batch]), start)
+            table = _positioned(pa.Table.from_batches([batch]), start)
+            yield _decoded(table, raw) if raw else table
             start += batch.num_rows
 
 
@@ -223,12 +231,7 @@ class CSVRows(_RowSource):
                 invalid.clear()
 
     def _decoded(self, table: pa.Table, columns: list[str], rows: np.ndarray):
-        bad: list[str | None] = [None] * table.num_rows
-        for name in columns:
-            if name in table.column_names:
-                i = table.column_names.index(name)
-                table = table.set_column(i, name, _decode(table[name], name, bad))
-        table = table.append_column("_bad", pa.array(bad, pa.string()))
+        table = _decoded(table, columns)
         return table.append_column("_row", pa.array(rows, pa.int64()))
 
     def _invalid(self, schema: pa.Schema, rows: list[pacsv.InvalidRow]) -> pa.Table:
@@ -323,6 +326,21 @@ class JSONLRows(_RowSource):
                 bad = [b or e for b, e in zip(bad, errors.to_pylist(), strict=True)]
         table = pa.table(columns)
         return table.append_column("_bad", pa.array(bad, pa.string()))
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _decoded(table: pa.Table, columns: list[str]) -> pa.Table:
+    """``columns`` of UTF-8 bytes as strings, and ``_bad`` naming each row whose bytes
+    are not UTF-8."""
+    bad: list[str | None] = [None] * table.num_rows
+    for name in columns:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, _decode(table[name], name, bad))
+    return table.append_column("_bad", pa.array(bad, pa.string()))
 
 
 def _decode(column: pa.ChunkedArray, name: str, bad: list[str | None]) -> pa.Array:

@@ -100,6 +100,33 @@ def test_empty_shards_have_no_rows(fmt, tiny_models, corpus, tmp_path):
     assert summary.rows == 120 and summary.errors == {}
 
 
+def test_parquet_text_stored_as_bytes_is_decoded(tiny_models, corpus, tmp_path):
+    """Older Hive and Impala writers store strings as bytes without the UTF-8
+    annotation; a value that is not UTF-8 is that row's error."""
+    table = pq.read_table(corpus["parquet"])
+    as_bytes = [t.encode() for t in table["text"].to_pylist()]
+    as_bytes[7] = b"caf\xe9"  # Latin-1, not UTF-8
+    raw = pa.table({
+        "doc": pa.array([d.encode() for d in table["doc"].to_pylist()], pa.binary()),
+        "text": pa.array(as_bytes, pa.binary()),
+    })  # fmt: skip
+    path = tmp_path / "raw.parquet"
+    pq.write_table(raw, path)
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed",
+        id_column="doc",
+    )  # fmt: skip
+    reference, _ = run_job(
+        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus["parquet"],
+        task="embed", id_column="doc",
+    )  # fmt: skip
+    assert summary.rows == 120 and summary.errors == {"bad_utf8": 1}
+    assert rows["doc-007"]["error"] == "bad_utf8: text is not valid UTF-8"
+    assert rows["doc-042"]["embedding"] == pytest.approx(
+        reference["doc-042"]["embedding"], abs=1e-6
+    )
+
+
 def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):
     first, _ = run_job(
         tmp_path / "a",
