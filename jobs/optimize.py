@@ -181,6 +181,8 @@ def read_texts(
     # Parquet reads its footer first; a stream decompresses a .jsonl.gz by suffix.
     opened = fs.open_input_file if inputs.format == "parquet" else fs.open_input_stream
     for path in inputs.paths:
+        if inputs.format != "parquet" and not fs.get_file_info(path).size:
+            continue  # an empty shard: no text, and pyarrow's CSV reader refuses it
         try:
             with opened(path) as f:
                 table = {

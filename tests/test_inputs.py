@@ -186,6 +186,11 @@ def test_text_in_any_arrow_layout_is_text():
 def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
     with pa.output_stream(str(tmp_path / "a.jsonl.gz")) as f:
         f.write(b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "part-0.csv").write_bytes(b"")  # an empty partition
+    (tmp_path / "shards" / "part-1.csv").write_text("text\nthird\n")
+    got = read_texts((str(tmp_path / "shards"),), "text", 10, "--calibration")
+    assert got == ["third"]
     table = pa.table({"text": pa.array(["third", "fourth"]).dictionary_encode()})
     pq.write_table(table, tmp_path / "b.parquet")
     got = read_texts((str(tmp_path / "a.jsonl.gz"),), "text", 10, "--calibration")
