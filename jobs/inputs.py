@@ -104,12 +104,18 @@ def resolve_inputs(
 def first_schema(
     fs: pafs.FileSystem, paths: list[str], fmt: str
 ) -> tuple[str, pa.Schema]:
-    """The first file that has columns, and its schema: an empty shard (a Spark or
-    Dask partition with no rows, zero bytes) says nothing of the others."""
+    """The first file that has columns, and its schema: an empty shard says nothing
+    of the others."""
     for path in paths:
-        if fmt == "parquet" or fs.get_file_info(path).size:
+        if not empty_shard(fs, path, fmt):
             return path, read_schema(fs, path, fmt)
     return paths[0], read_schema(fs, paths[0], fmt)  # every one empty: say so
+
+
+def empty_shard(fs: pafs.FileSystem, path: str, fmt: str) -> bool:
+    """A JSONL or CSV file of zero bytes, as Spark and Dask write for a partition
+    with no rows (an empty Parquet file still has its footer)."""
+    return fmt != "parquet" and not fs.get_file_info(path).size
 
 
 def no_column(name: str, where: str, names: list[str]) -> str:

@@ -28,7 +28,7 @@ from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
-from lmbatch.jobs.inputs import resolve_inputs
+from lmbatch.jobs.inputs import empty_shard, resolve_inputs
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, check_output
 from lmbatch.optimize.pipeline import Texts, run_recipe
@@ -181,8 +181,8 @@ def read_texts(
     # Parquet reads its footer first; a stream decompresses a .jsonl.gz by suffix.
     opened = fs.open_input_file if inputs.format == "parquet" else fs.open_input_stream
     for path in inputs.paths:
-        if inputs.format != "parquet" and not fs.get_file_info(path).size:
-            continue  # an empty shard: no text, and pyarrow's CSV reader refuses it
+        if empty_shard(fs, path, inputs.format):
+            continue  # no text, and pyarrow's CSV reader refuses it
         try:
             with opened(path) as f:
                 table = {
