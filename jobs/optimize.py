@@ -29,8 +29,9 @@ from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
 from lmbatch.jobs.inputs import empty_shard, resolve_inputs
+from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
-from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, check_output
+from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
 from lmbatch.optimize.pipeline import Texts, run_recipe
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
@@ -58,7 +59,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
         )
     info = inspect_model(model_dir, task)
     texts = _texts(spec, steps)
-    check_output(spec.output, spec.overwrite, spec.model)
+    check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
     return OptimizePlan(spec, task, steps, texts, info)
 
 

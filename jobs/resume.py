@@ -19,9 +19,9 @@ from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.storage import absolute, holds_files
 from lmbatch.errors import UserError
+from lmbatch.jobs.output import JOB_FILE
 from lmbatch.jobs.spec import InferPlan
 
-JOB_FILE = "_job.json"
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset
 PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
 

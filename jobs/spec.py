@@ -26,7 +26,6 @@ from lmbatch.actors.model_info import (
     check_runs_on_gpu,
     inspect_model,
 )
-from lmbatch.actors.storage import filesystem_of, holds_files
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.options import (
@@ -37,6 +36,7 @@ from lmbatch.jobs.options import (
     parse_range,
     parse_size,
 )
+from lmbatch.jobs.output import INFER_MARKERS, check_output
 
 ON_LONG = ("truncate", "error")
 SERVE_TASKS = ("embed", "score", "classify")
@@ -140,7 +140,9 @@ class InferSpec(ModelFlags):
         Flag(parse=parse_auto_int, metavar="auto|N"),
         Field(description="Default auto: from the model's footprint."),
     ] = None
-    overwrite: bool = Field(False, description="Replace what --output holds.")
+    overwrite: bool = Field(
+        False, description="Replace an earlier lmbatch output in --output."
+    )
     resume: bool = Field(
         False,
         description="Continue the job that wrote --output: finished rows are kept, "
@@ -215,7 +217,9 @@ class OptimizeSpec(Spec):
         "auto",
         description="auto: a GPU where the cluster has or can get one, else CPU.",
     )
-    overwrite: bool = Field(False, description="Replace what --output holds.")
+    overwrite: bool = Field(
+        False, description="Replace an earlier lmbatch output in --output."
+    )
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     keep = kept_columns(spec, inputs.schema)
     output_fs, output_path = check_output(
-        spec.output, spec.overwrite or spec.resume, spec.model
+        spec.output, spec.model, INFER_MARKERS, spec.overwrite, spec.resume
     )
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep
@@ -309,30 +313,3 @@ def max_length_of(spec: ModelFlags, info: ModelInfo, new_tokens: int = 0) -> int
     if spec.task == "embed" and st_limit:
         return min(st_limit, limit or st_limit)
     return limit or 512
-
-
-def check_output(
-    output: str, overwrite: bool, model: str
-) -> tuple[pafs.FileSystem, str]:
-    """Refuse an output directory that holds files, unless ``--overwrite``, and one
-    that is, holds or lies inside the ``--model`` directory: --overwrite would delete
-    the model, and a model's identity (a resumed job's check) covers all its files."""
-    fs, path = filesystem_of(output, "--output")
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        raise UserError("--output", f"{output} is a file; give a directory")
-    model_fs, model_path = filesystem_of(model, "--model")
-    if type(model_fs) is type(fs):
-        out, held = f"{path.rstrip('/')}/", f"{model_path.rstrip('/')}/"
-        where = "holds" if held.startswith(out) else "is inside"
-        if held.startswith(out) or out.startswith(held):
-            raise UserError(
-                "--output",
-                f"{output} {where} --model {model}: write the output elsewhere",
-            )
-    if not overwrite and holds_files(fs, path):
-        raise UserError(
-            "--output",
-            f"{output} already holds files; pass --overwrite to replace them",
-        )
-    return fs, path

@@ -20,10 +20,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 
+from lmbatch.jobs.output import SUMMARY_FILE
 from lmbatch.jobs.session import this_node
 from lmbatch.jobs.stages import Stage
-
-SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output dir
 
 
 @ray.remote(num_cpus=0)

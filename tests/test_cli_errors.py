@@ -150,11 +150,18 @@ def test_bad_actors(base):
 
 
 def test_output_with_files_is_left_alone(base, tmp_path):
+    """Files no lmbatch job wrote stay, even with --overwrite: it replaces only an
+    earlier lmbatch output, so `--output . --overwrite` cannot empty a project."""
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"x": [1]}), out / "precious.parquet")
     before = (out / "precious.parquet").read_bytes()
-    assert_user_error(run(*base), "--output", "--overwrite")
+    for flags in ((), ("--overwrite",)):
+        assert_user_error(
+            run(*base, *flags),
+            f"--output: {out} holds files no lmbatch job wrote (precious.parquet); "
+            "--overwrite replaces only an earlier lmbatch output",
+        )
     assert sorted(p.name for p in out.iterdir()) == ["precious.parquet"]
     assert (out / "precious.parquet").read_bytes() == before
 
@@ -233,6 +240,7 @@ def test_overwrite_deletes_nothing_when_the_pool_is_refused(base, tmp_path):
     """--actors is checked against the cluster, after Ray is up: still nothing lost."""
     out = tmp_path / "out"
     out.mkdir()
+    (out / "_job.json").write_text("{}")  # an earlier job's output
     (out / "keep.parquet").write_bytes(b"data")
     assert_user_error(run(*base, "--overwrite", "--actors", "9"), "--actors", "at most")
     assert (out / "keep.parquet").read_bytes() == b"data"

@@ -276,6 +276,7 @@ def test_score_refuses_one_token_rows(tiny_models, tmp_path):
 def test_overwrite_replaces_output(tiny_models, corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "_job.json").write_text("{}")  # an earlier job's output
     (out / "old.parquet").write_bytes(b"stale")
     rows, _ = run_job(
         out,

@@ -170,6 +170,20 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
             ],
             "--overwrite",
         ),
+        (
+            [
+                "--model",
+                tiny_models["bert"],
+                "--recipe",
+                recipe,
+                "--calibration",
+                corpus["parquet"],
+                "--output",
+                str(taken),
+                "--overwrite",
+            ],
+            f"{taken} holds files no lmbatch job wrote (x)",
+        ),
     ]
     for args, fragment in cases:
         assert_user_error(optimize(*args), fragment)

@@ -1,0 +1,79 @@
+"""An output directory: the files by which lmbatch knows its own, and the check that
+decides, before Ray starts, whether a job may write there.
+
+``--overwrite`` deletes what the output holds, so it replaces only what an lmbatch
+job wrote: a typo such as ``--output . --overwrite`` must not empty the working
+directory, nor ``--output models/bert`` a model. An infer job writes ``_job.json``
+before any row; an optimize job writes ``lmbatch.json`` with its artifact.
+"""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+
+from lmbatch.actors.artifact import META_FILE
+from lmbatch.actors.storage import filesystem_of, holds_files
+from lmbatch.errors import UserError
+
+JOB_FILE = "_job.json"  # an infer job's record, written before its first row
+SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output
+INFER_MARKERS = (JOB_FILE, SUMMARY_FILE)
+OPTIMIZE_MARKERS = (META_FILE,)
+
+
+def check_output(
+    output: str,
+    model: str,
+    markers: tuple[str, ...],
+    overwrite: bool = False,
+    resume: bool = False,
+) -> tuple[pafs.FileSystem, str]:
+    """Refuse an output that is a file, or that is, holds or lies inside the
+    ``--model`` directory (--overwrite would delete the model, and a model's
+    identity, a resumed job's check, covers all its files). One that holds files is
+    refused unless it is an earlier lmbatch output (one of ``markers`` in it) and
+    ``--overwrite`` replaces it, or ``--resume`` continues it (``resume.py`` checks
+    that it is the same job).
+
+    Raises:
+        UserError: naming ``--output``.
+    """
+    fs, path = filesystem_of(output, "--output")
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise UserError("--output", f"{output} is a file; give a directory")
+    _check_apart_from_model(fs, path, output, model)
+    if resume or not holds_files(fs, path):
+        return fs, path
+    held = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(f.base_name for f in held)
+    if not set(markers) & set(names):
+        raise UserError(
+            "--output",
+            f"{output} holds files no lmbatch job wrote ({_some(names)}); "
+            "--overwrite replaces only an earlier lmbatch output: write elsewhere",
+        )
+    if not overwrite:
+        raise UserError(
+            "--output",
+            f"{output} already holds files; pass --overwrite to replace them",
+        )
+    return fs, path
+
+
+def _check_apart_from_model(
+    fs: pafs.FileSystem, path: str, output: str, model: str
+) -> None:
+    model_fs, model_path = filesystem_of(model, "--model")
+    if type(model_fs) is not type(fs):
+        return
+    out, held = f"{path.rstrip('/')}/", f"{model_path.rstrip('/')}/"
+    if held.startswith(out) or out.startswith(held):
+        where = "holds" if held.startswith(out) else "is inside"
+        raise UserError(
+            "--output", f"{output} {where} --model {model}: write the output elsewhere"
+        )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
