@@ -23,6 +23,7 @@ from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.storage import holds_files
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
+from lmbatch.jobs.lease import writer_lease
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
@@ -40,13 +41,14 @@ TOKENIZE_CPUS = 1.0
 def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     """Run a validated job to the end; return its summary (also written to OUTPUT)."""
     begun = time.time()
-    with ray_session(address):
+    with contextlib.ExitStack() as lease, ray_session(address):
         up = time.time()
         tokenize = tokenize_config(plan)  # a task builds it while the pool is planned
         pool, sized = size_pool(plan)  # may refuse the job: delete nothing before it
         if plan.spec.overwrite:
             replace_output(plan, tokenize)
         restored = begin_output(plan, pool.device)
+        lease.enter_context(writer_lease(plan.output_fs, plan.output_path))
         sink = start_sink()
         started = time.time()
         with (
@@ -67,7 +69,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 ray.get(tokenize)  # a tokenizer that does not load: its own UserError
                 raise
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
-    write_summary(plan.output_fs, plan.output_path, summary)
+        write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
 

@@ -28,6 +28,7 @@ from lmbatch.actors.model_info import (
 )
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
+from lmbatch.jobs.lease import check_no_writer
 from lmbatch.jobs.options import (
     Flag,
     Spec,
@@ -260,6 +261,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     output_fs, output_path = check_output(
         spec.output, spec.model, INFER_MARKERS, spec.overwrite, spec.resume
     )
+    check_no_writer(output_fs, output_path, spec.output)
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep
     )

@@ -15,10 +15,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from helpers import run_job, write_rows
 from ray_head import LMBATCH
 
 from lmbatch.errors import UserError
+from lmbatch.jobs.cli import cli
+from lmbatch.jobs.lease import WRITER_FILE
 from lmbatch.jobs.resume import CHECKPOINT_DIR, JOB_FILE, PENDING_SUFFIX
 
 ROWS = 24_000  # enough that files are written while the job runs: read in 4096s
@@ -55,6 +58,11 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no output files came"
         time.sleep(0.2)
+    # While it writes, a second run on its output is refused before its Ray starts:
+    # both would write the rows not yet committed.
+    second = CliRunner().invoke(cli, [*args[1:], "--resume"])
+    assert second.exit_code != 0
+    assert f"--output: another lmbatch job is writing {out}" in second.output
     # The driver dies, and with it (as on a lost machine) the Ray it started: every
     # process of its tree, by pid.
     tree = psutil.Process(driver.pid).children(recursive=True)
@@ -64,10 +72,12 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
 
+    assert (out / WRITER_FILE).exists()  # the killed run's lease, gone with it
     done = subprocess.run(
         [*args, "--resume"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (out / WRITER_FILE).exists()
     ids = ids_in(out)
     assert len(ids) == ROWS and len(set(ids)) == ROWS
     restored = int(done.stdout.split("restored ")[1].split()[0])

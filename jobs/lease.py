@@ -1,0 +1,122 @@
+"""One writer per output: the job writing an output holds a lease on it.
+
+Two jobs on one output lose or duplicate rows: a second ``--resume`` recomputes and
+writes again every row the first has not committed yet, and a second
+``--overwrite`` deletes files the first has written and goes on writing. So a
+running infer job keeps ``_writer.json`` in its output (its host, pid and a
+heartbeat every 15 s) and removes it when it ends; another job refuses that output
+before Ray starts while the writer lives. A writer is gone when its heartbeat is a
+minute old (a lost machine), or at once when it ran on this host and its process
+has ended (a driver killed with SIGKILL, then ``--resume``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from lmbatch.errors import UserError
+
+log = logging.getLogger("lmbatch")
+WRITER_FILE = "_writer.json"  # leading '_': no reader takes it for data
+HEARTBEAT_SECONDS = 15.0
+LAPSE_SECONDS = 60.0  # a writer not seen for this long is gone
+
+
+@dataclass(frozen=True)
+class Writer:
+    host: str
+    pid: int
+    seen: float  # wall clock of its last heartbeat
+
+    @classmethod
+    def this_process(cls) -> Writer:
+        return cls(socket.gethostname(), os.getpid(), time.time())
+
+    def gone(self, now: float) -> bool:
+        if now - self.seen > LAPSE_SECONDS:
+            return True
+        return self.host == socket.gethostname() and not _alive(self.pid)
+
+
+def check_no_writer(fs: pafs.FileSystem, path: str, output: str) -> None:
+    """Raises: UserError naming ``--output`` while another job writes there."""
+    writer = read_writer(fs, path)
+    now = time.time()
+    if writer is None or writer.gone(now):
+        return
+    raise UserError(
+        "--output",
+        f"another lmbatch job is writing {output} (pid {writer.pid} on "
+        f"{writer.host}, seen {now - writer.seen:.0f}s ago); wait for it or stop "
+        f"it (a job whose machine was lost lapses {LAPSE_SECONDS:.0f}s after it "
+        "was last seen)",
+    )
+
+
+@contextlib.contextmanager
+def writer_lease(fs: pafs.FileSystem, path: str) -> Iterator[None]:
+    """Hold the output's lease while the block runs, its heartbeat on a thread (the
+    driver's own thread blocks in Ray Data's write)."""
+    file = f"{path}/{WRITER_FILE}"
+    _write(fs, file)
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(fs, file, stop), name="lmbatch-lease", daemon=True
+    )
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(file)
+
+
+def read_writer(fs: pafs.FileSystem, path: str) -> Writer | None:
+    """The output's lease; None where there is none, or what is there is unreadable
+    (a writer cut short while writing it is gone)."""
+    try:
+        with fs.open_input_stream(f"{path}/{WRITER_FILE}") as f:
+            return Writer(**json.loads(f.read()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _heartbeat(fs: pafs.FileSystem, file: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            _write(fs, file)
+        except OSError as e:  # a storage hiccup; the next beat tries again
+            log.warning("lmbatch: could not renew %s: %s", file, e)
+
+
+def _write(fs: pafs.FileSystem, file: str) -> None:
+    with fs.open_output_stream(file) as f:
+        f.write(json.dumps(asdict(Writer.this_process())).encode())
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, killed but not yet
+    reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
