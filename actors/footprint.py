@@ -14,9 +14,8 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
-from safetensors import safe_open
+from lmbatch.actors.model_files import safetensors_header, weight_names
 
 GPU_USABLE = 0.9  # of a GPU's memory; the rest: CUDA contexts and fragmentation
 # Bytes per weight of a quantised Linear: LLM.int8 keeps one byte and an fp32 scale
@@ -37,7 +36,7 @@ def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
     compute = "fp32" if device == "cpu" else "fp16"
     dense = FLOAT_BYTES.get(precision, FLOAT_BYTES[compute])
     total = 0.0
-    for name, shape, integer_bytes in _tensors(Path(path)):
+    for name, shape, integer_bytes in _tensors(path):
         count = math.prod(shape)
         if integer_bytes:  # ids, int8 layers, codebook indices: kept as stored
             total += count * integer_bytes
@@ -87,15 +86,14 @@ def smallest_mib(listing: str) -> int | None:
     return min(sizes) * 2**20 if sizes else None
 
 
-def _tensors(path: Path):
-    """(name, shape, bytes per element if integer else 0) of every stored tensor."""
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="np") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                dtype = piece.get_dtype()
-                integer = _integer_bytes(dtype)
-                yield name, piece.get_shape(), integer
+def _tensors(path: str):
+    """(name, shape, bytes per element if integer else 0) of every stored tensor of
+    the top-level safetensors files (a weights-free copy's record of them too)."""
+    for file in weight_names(path):
+        if "/" in file or not file.endswith(".safetensors"):
+            continue
+        for name, tensor in safetensors_header(path, file).items():
+            yield name, tensor["shape"], _integer_bytes(tensor["dtype"])
 
 
 def _integer_bytes(dtype: str) -> int:

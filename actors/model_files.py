@@ -6,8 +6,14 @@ node's cache, ``$LMBATCH_CACHE`` (default ``~/.cache/lmbatch``), in a directory 
 by the digest of the files' content, so two URIs of the same weights share one copy.
 An index keyed by the URI and its listing (names, sizes, modification times) finds that
 copy again without downloading; a lock makes the actors of one node wait for the first
-one's download instead of each fetching the model. The tokenize tasks, which may run
-on nodes that hold no actor, fetch everything but the weights.
+one's download instead of each fetching the model.
+
+The driver and the tokenize tasks, which may run on nodes that hold no actor (a CPU
+head), fetch everything but the weights: in their place the copy holds a record of
+the weight files (names, sizes, times) and their safetensors headers (every tensor's
+dtype and shape, a few kilobytes read by range), which is all the driver's checks and
+the pool's footprint need. A 140 GB model's weights are downloaded where an actor
+loads them, and nowhere else.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from lmbatch.errors import UserError
 
 CHUNK = 8 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+WEIGHTS_FILE = ".lmbatch-weights.json"  # a weights-free copy's record of its weights
+MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
 
 def fetch_model(uri: str, weights: bool = True) -> str:
@@ -42,10 +50,8 @@ def fetch_model(uri: str, weights: bool = True) -> str:
     if is_local(fs):
         return path
     files = _listing(fs, path, uri)
-    if not weights:
-        files = [f for f in files if not f[0].endswith(WEIGHT_SUFFIXES)]
     root = cache_root()
-    key = hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([uri, files, weights]).encode()).hexdigest()[:32]
     index = root / "index" / f"{key}.json"
     index.parent.mkdir(parents=True, exist_ok=True)
     with open(root / "index" / f"{key}.lock", "w") as lock:
@@ -54,9 +60,74 @@ def fetch_model(uri: str, weights: bool = True) -> str:
             cached = root / "models" / json.loads(index.read_text())["digest"]
             if (cached / ".complete").is_file():
                 return str(cached)
-        digest = _download(fs, path, [name for name, _, _ in files], root)
+        names = [name for name, _, _ in files]
+        record = None
+        if not weights:
+            held = [f for f in files if f[0].endswith(WEIGHT_SUFFIXES)]
+            names = [name for name in names if not name.endswith(WEIGHT_SUFFIXES)]
+            record = _weights_record(fs, path, held)
+        digest = _download(fs, path, names, root, record)
         index.write_text(json.dumps({"uri": uri, "digest": digest}))
     return str(root / "models" / digest)
+
+
+def weight_names(model_dir: str) -> list[str]:
+    """Every weight file of a model directory (relative names, sorted): its own
+    files, or a weights-free copy's record of them."""
+    record = _record(Path(model_dir))
+    if record is not None:
+        return [name for name, _, _ in record["files"]]
+    root = Path(model_dir)
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    )
+
+
+def safetensors_header(model_dir: str, name: str) -> dict:
+    """The header of the safetensors file ``name``: tensor name -> dtype, shape.
+
+    Raises:
+        UserError: naming ``--model`` when the file is no safetensors file.
+    """
+    record = _record(Path(model_dir))
+    if record is not None:
+        return record["headers"][name]
+    with open(Path(model_dir) / name, "rb") as f:
+        return read_header(f, name)
+
+
+def read_header(f, name: str) -> dict:
+    """The JSON header a safetensors file starts with (its size in 8 bytes, little
+    endian, then the header), without the file's ``__metadata__``."""
+    size = int.from_bytes(f.read(8), "little")
+    try:
+        if size > MAX_HEADER:
+            raise ValueError(f"a header of {size:,} bytes")
+        header = json.loads(f.read(size))
+    except ValueError as e:
+        raise UserError("--model", f"{name} is not a safetensors file: {e}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weights_record(
+    fs: pafs.FileSystem, path: str, files: list[tuple[str, int, str]]
+) -> bytes:
+    """What a weights-free copy keeps of the weights: their listing, and each
+    safetensors file's header, read from the start of the file alone."""
+    headers = {}
+    for name, _, _ in files:
+        if name.endswith(".safetensors"):
+            with fs.open_input_file(f"{path}/{name}") as f:
+                headers[name] = read_header(f, name)
+    return json.dumps({"files": files, "headers": headers}, sort_keys=True).encode()
+
+
+def _record(root: Path) -> dict | None:
+    file = root / WEIGHTS_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def cache_root() -> Path:
@@ -80,9 +151,11 @@ def _listing(fs: pafs.FileSystem, path: str, uri: str) -> list[tuple[str, int, s
     return files
 
 
-def _download(fs: pafs.FileSystem, path: str, names: list[str], root: Path) -> str:
-    """Copy every file into the cache, hashing as it streams; returns the digest
-    that names the copy."""
+def _download(
+    fs: pafs.FileSystem, path: str, names: list[str], root: Path, record: bytes | None
+) -> str:
+    """Copy every file into the cache, hashing as it streams, and the weights'
+    ``record`` in place of the weights; returns the digest that names the copy."""
     (root / "models").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root / "models"))
     digest = hashlib.sha256()
@@ -94,6 +167,9 @@ def _download(fs: pafs.FileSystem, path: str, names: list[str], root: Path) -> s
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
+    if record is not None:  # the weights by listing and headers: their identity here
+        digest.update(WEIGHTS_FILE.encode() + b"\0" + record)
+        (staging / WEIGHTS_FILE).write_bytes(record)
     final = root / "models" / digest.hexdigest()[:32]
     if (final / ".complete").is_file():  # the same content under another URI
         shutil.rmtree(staging)
@@ -112,7 +188,9 @@ def fingerprint(model_dir: str) -> str:
     (weights, configs, tokenizer, sentence-transformers modules): the identity a
     resumed job checks. Streamed, and cached beside the model (or, where its folder
     is read-only, in the lmbatch cache) under the files' names, sizes and times, so a
-    15 GB model is hashed once. A copy from a URI is named by this digest already."""
+    15 GB model is hashed once. A copy from a URI is named by its digest already; a
+    weights-free copy's digest takes the weights by their record (names, sizes and
+    times at the URI, and headers), since their content was never read."""
     root = Path(model_dir)
     if root.parent == cache_root() / "models":
         return root.name

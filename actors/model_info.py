@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmbatch.actors.artifact import ArtifactMeta
+from lmbatch.actors.model_files import weight_names
 from lmbatch.actors.sentence import Sentence, read_sentence
 from lmbatch.errors import UserError
 
@@ -158,9 +159,10 @@ def _id2label(config: dict) -> dict[int, str]:
 
 
 def check_weights(path: Path, allow_pickle: bool) -> None:
-    if any(path.glob("*.safetensors")):
+    top = [name for name in weight_names(str(path)) if "/" not in name]
+    if any(name.endswith(".safetensors") for name in top):
         return
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+    if any(name.endswith((".bin", ".pt")) for name in top):
         if allow_pickle:
             return
         raise UserError(

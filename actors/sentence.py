@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lmbatch.actors.model_files import weight_names
 from lmbatch.errors import UserError
 
 MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -124,7 +125,7 @@ def _read_module(path: Path, module: dict, where: str, found: dict) -> None:
     elif kind == "Pooling":
         found["modes"] = _modes(_json(folder / "config.json", where), where)
     elif kind == "Dense":
-        found["steps"].append(_dense(folder, module, where))
+        found["steps"].append(_dense(path, module, where))
     else:
         _check_io(_json(folder / "config.json", where, {}), where)
         found["steps"].append("normalize")
@@ -167,8 +168,8 @@ def _modes(config: dict, where: str) -> tuple[str, ...]:
     return modes
 
 
-def _dense(folder: Path, module: dict, where: str) -> Dense:
-    config = _json(folder / "config.json", where)
+def _dense(path: Path, module: dict, where: str) -> Dense:
+    config = _json(path / module.get("path", "") / "config.json", where)
     _check_io(config, where)
     activation = ACTIVATIONS.get(config.get("activation_function", ""))
     if activation is None:
@@ -188,7 +189,7 @@ def _dense(folder: Path, module: dict, where: str) -> Dense:
         raise UserError(
             "--model", f"{where}: a residual across widths is not supported"
         )
-    if not (folder / "model.safetensors").is_file():
+    if f"{dense.folder}/model.safetensors" not in weight_names(str(path)):
         raise UserError(  # safetensors only: never a pickle
             "--model", f"{where}: no model.safetensors with its weights"
         )

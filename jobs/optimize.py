@@ -51,7 +51,7 @@ class OptimizePlan:
 def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     """Check model, recipe, text and output; nothing is started or written."""
     steps = load_recipe(spec.recipe)
-    model_dir = fetch_model(spec.model)
+    model_dir = fetch_model(spec.model, weights=False)  # the task fetches the rest
     task = spec.task or _task_of(model_dir)
     if task not in OPTIMIZE_TASKS:
         raise UserError(

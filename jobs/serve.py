@@ -33,7 +33,7 @@ from lmbatch.jobs.submit import is_loopback_host
 class ServePlan:
     spec: ServeSpec
     info: ModelInfo
-    model_dir: str  # the model on this machine: --model, or its cached copy
+    model_dir: str  # --model, or its weights-free copy on this machine (a URI)
     max_length: int
 
 
@@ -43,7 +43,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     Raises:
         UserError: naming the flag at fault.
     """
-    model_dir = fetch_model(spec.model)
+    model_dir = fetch_model(spec.model, weights=False)
     info = inspect_model(
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )

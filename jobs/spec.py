@@ -230,7 +230,7 @@ class InferPlan:
     spec: InferSpec
     inputs: ResolvedInputs
     model: ModelInfo
-    model_dir: str  # the model on this machine: --model, or its cached copy
+    model_dir: str  # --model, or its weights-free copy on this machine (a URI)
     max_length: int
     output_fs: pafs.FileSystem
     output_path: str
@@ -243,7 +243,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     Raises:
         UserError: naming the flag at fault.
     """
-    model_dir = fetch_model(spec.model)
+    model_dir = fetch_model(spec.model, weights=False)
     info = inspect_model(
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )

@@ -118,6 +118,12 @@ def test_int8_and_nf4_footprints_on_a_gpu_are_smaller_than_fp16(tiny_models):
     assert nf4 < int8 < fp16
 
 
+def test_a_weight_file_that_is_not_safetensors_is_one_line(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="--model: model.safetensors is not a safet"):
+        model_bytes(str(tmp_path), "fp16")
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_a_driver_holds_its_whole_gpu():
     from lmbatch.actors.predictor import _gpu_share

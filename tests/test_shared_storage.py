@@ -21,7 +21,13 @@ import pytest
 from helpers import run_job
 from ray_head import free_port
 
-from lmbatch.actors.model_files import cache_root, fetch_model
+from lmbatch.actors.footprint import model_bytes
+from lmbatch.actors.model_files import (
+    WEIGHT_SUFFIXES,
+    cache_root,
+    fetch_model,
+    fingerprint,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -128,6 +134,39 @@ def test_the_tokenize_stage_fetches_a_model_without_its_weights(bucket, tiny_mod
     assert path != Path(fetch_model(uri))  # the whole model is a copy of its own
     tokenizer = load_tokenizer(uri)
     assert tokenizer("a text")["input_ids"]
+
+
+def test_the_driver_checks_a_model_on_object_storage_without_its_weights(
+    bucket, tiny_models, corpus, tmp_path, monkeypatch
+):
+    """On a cluster the driver runs on the head, which holds no actor: it checks the
+    model and sizes the pool from configs and safetensors headers, and downloads no
+    weights (a 140 GB model would not fit there)."""
+    from lmbatch.jobs.spec import InferSpec, prepare_infer
+
+    monkeypatch.setenv("LMBATCH_CACHE", str(tmp_path / "cache"))
+    uri = bucket.upload(tiny_models["bert"], "models/for-the-driver")
+    spec = InferSpec.from_flags(
+        model=uri, inputs=(corpus["parquet"],), task="embed",
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    plan = prepare_infer(spec)
+    fetched = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert "config.json" in fetched
+    assert not any(name.endswith(WEIGHT_SUFFIXES) for name in fetched)
+    for precision in ("fp32", "fp16", "int8", "nf4"):
+        assert model_bytes(plan.model_dir, precision) == model_bytes(
+            tiny_models["bert"], precision
+        )
+    # Other weights of the same size at the same URI: another model to --resume.
+    weights = bytearray((Path(tiny_models["bert"]) / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    time.sleep(1.1)  # the store's modification times count whole seconds
+    with bucket.fs.open_output_stream(
+        "lmbatch/models/for-the-driver/model.safetensors"
+    ) as f:
+        f.write(bytes(weights))
+    assert fingerprint(prepare_infer(spec).model_dir) != fingerprint(plan.model_dir)
 
 
 def test_an_optimize_artifact_written_to_object_storage_and_read_back(
