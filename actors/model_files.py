@@ -106,6 +106,8 @@ def read_header(f, name: str) -> dict:
         if size > MAX_HEADER:
             raise ValueError(f"a header of {size:,} bytes")
         header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
     except ValueError as e:
         raise UserError("--model", f"{name} is not a safetensors file: {e}") from None
     header.pop("__metadata__", None)

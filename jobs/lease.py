@@ -55,12 +55,12 @@ def check_no_writer(fs: pafs.FileSystem, path: str, output: str) -> None:
     now = time.time()
     if writer is None or writer.gone(now):
         return
+    ago = max(0.0, now - writer.seen)  # another host's clock may run ahead
     raise UserError(
         "--output",
         f"another lmbatch job is writing {output} (pid {writer.pid} on "
-        f"{writer.host}, seen {now - writer.seen:.0f}s ago); wait for it or stop "
-        f"it (a job whose machine was lost lapses {LAPSE_SECONDS:.0f}s after it "
-        "was last seen)",
+        f"{writer.host}, seen {ago:.0f}s ago); wait for it or stop it (a job whose "
+        f"machine was lost lapses {LAPSE_SECONDS:.0f}s after it was last seen)",
     )
 
 
