@@ -109,10 +109,25 @@ def launch(kind: str, spec_class: type, flags: dict) -> None:
                 raise UserError(
                     flag, "applies to a submission: --address http://HEAD:8265"
                 )
-        click.echo("\n".join(run_job(kind, spec, address)))
+        try:
+            lines = run_job(kind, spec, address)
+        except KeyboardInterrupt:  # Ctrl-C: Ray is stopped; say what is left
+            click.echo(f"\n{interrupted(kind, spec.output)}", err=True)
+            sys.exit(130)
+        click.echo("\n".join(lines))
         return
     options = SubmitOptions(address, insecure, not no_wait, tuple(pip), shared)
     sys.exit(submit(kind, spec, options, click.echo))
+
+
+def interrupted(kind: str, output: str) -> str:
+    """What a job stopped by Ctrl-C leaves, and how to go on."""
+    if kind == "infer":
+        return (
+            f"interrupted: the rows written to {output} are kept; the same command "
+            "with --resume (not --overwrite) goes on from them"
+        )
+    return f"interrupted: no artifact was written to {output}"
 
 
 @cli.command()

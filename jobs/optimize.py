@@ -10,6 +10,7 @@ Usage: ``run_optimize(prepare_optimize(spec))``; the CLI does both
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from lmbatch.jobs.inputs import empty_shard, resolve_inputs
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
-from lmbatch.optimize.pipeline import Texts, run_recipe
+from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
 EVAL_SHARE = 0.1  # of the calibration text held out when no --eval is given
@@ -66,16 +67,26 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
 def run_optimize(plan: OptimizePlan, address: str | None = None) -> list[dict]:
     """Run the recipe as one Ray task, with a GPU where the cluster has or can get
     one (``--device``); the task writes the artifact to ``--output`` itself."""
-    with ray_session(address):
-        view = gpu_view()
-        device = choose_device(plan.spec.device, "fp32", plan.info, view)
-        if device == "cuda":
-            gpus, cpus = 1, max(1, int(view.cpus_per_gpu))
-        else:
-            nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]]
-            gpus, cpus = 0, max(1, int(max(nodes)))
-        task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_run)
-        return ray.get(task.remote(plan, cpus))
+    try:
+        with ray_session(address):
+            gpus, cpus = _resources(plan)
+            task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_run)
+            return ray.get(task.remote(plan, cpus))
+    except BaseException:  # Ctrl-C, a lost node: the task died with Ray, mid-step
+        fs, path = filesystem_of(plan.spec.output, "--output")
+        if is_local(fs):
+            shutil.rmtree(snapshots_dir(Path(path)), ignore_errors=True)
+        raise
+
+
+def _resources(plan: OptimizePlan) -> tuple[int, int]:
+    """(GPUs, CPUs) of the recipe's task: a GPU and its share of its node's CPUs,
+    or the CPUs of the largest node."""
+    view = gpu_view()
+    if choose_device(plan.spec.device, "fp32", plan.info, view) == "cuda":
+        return 1, max(1, int(view.cpus_per_gpu))
+    nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]]
+    return 0, max(1, int(max(nodes)))
 
 
 def _run(plan: OptimizePlan, threads: int) -> list[dict]:

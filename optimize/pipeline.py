@@ -101,7 +101,7 @@ def run_recipe(
         recipe=to_dicts(steps),
     )
     model = copy.deepcopy(teacher).requires_grad_(True)
-    work = output.parent / f".{output.name}.steps"
+    work = snapshots_dir(output)
     snapshot = None
     try:
         for i, step in enumerate(steps):
@@ -127,6 +127,12 @@ def run_recipe(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def snapshots_dir(output: Path) -> Path:
+    """Where each step's model is saved to be measured, beside the artifact, and
+    removed when the recipe ends."""
+    return output.parent / f".{output.name}.steps"
 
 
 def measure(

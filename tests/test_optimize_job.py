@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 from helpers import run_job
+from ray_head import LMBATCH
 from test_cli_errors import assert_user_error
 
 from lmbatch.actors.model_info import inspect_model
@@ -75,6 +81,7 @@ def test_optimize_writes_a_measured_artifact_that_infer_loads(
     assert (out / "report.md").read_text().count("\n| ") == 6  # header + 5 rows
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "modules.json").is_file()  # sentence-transformers pooling kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "recipe.yaml"]
 
     rows, summary = run_job(
         tmp_path / "emb", model=str(out), inputs=corpus["parquet"], task="embed"
@@ -189,3 +196,51 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         assert_user_error(optimize(*args), fragment)
     assert (taken / "x").read_text() == "keep me"
     assert not Path(tmp_path / "o").exists()
+
+
+def test_ctrl_c_leaves_no_step_snapshots(tiny_models, corpus, tmp_path):
+    """The task dies with Ray mid-step, before its own cleanup: the driver's runs."""
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(
+        "steps:\n  - prune: {method: magnitude, sparsity: 0.5}\n"
+        "  - distill: {steps: 100000}\n"
+    )
+    out = tmp_path / "artifact"
+    args = [
+        str(LMBATCH), "optimize", "--model", tiny_models["bert"], "--recipe",
+        str(recipe), "--calibration", corpus["parquet"], "--output", str(out),
+    ]  # fmt: skip
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    snapshot = tmp_path / ".artifact.steps" / "0-prune"
+    deadline = time.monotonic() + 240
+    while not (snapshot / "lmbatch.json").is_file():  # distilling now
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the prune step never ended"
+        time.sleep(0.2)
+    # The task's process is busy in a long kernel: it cannot run its own cleanup
+    # before Ray kills it (held stopped here, so that it never does).
+    (task,) = [
+        p for p in psutil.Process(driver.pid).children(recursive=True)
+        if _title(p).startswith("ray::_run")
+    ]  # fmt: skip
+    task.suspend()
+    driver.send_signal(signal.SIGINT)
+    try:
+        _, err = driver.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            task.kill()  # already, unless Ray left it behind
+    assert driver.returncode == 130, err[-3000:]
+    assert err.decode().strip().splitlines()[-1] == (
+        f"interrupted: no artifact was written to {out}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.yaml"]
+
+
+def _title(process: psutil.Process) -> str:
+    """A process's title (Ray names a task's worker ``ray::FUNCTION``), or "" for one
+    gone meanwhile."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""

@@ -40,15 +40,15 @@ def committed(out: Path) -> list[Path]:
     return [f for f in files if not f.name.endswith(PENDING_SUFFIX)]
 
 
-@pytest.mark.fault("the driver killed (SIGKILL) mid-job, then --resume")
-def test_driver_killed_then_resume_loses_and_duplicates_nothing(
-    tiny_models, tmp_path, fault_report
-):
+def start_long_job(
+    gpt2: str, tmp_path: Path
+) -> tuple[list[str], Path, subprocess.Popen]:
+    """An ``lmbatch infer`` process, once the first of its many files is committed."""
     data = tmp_path / "rows.jsonl"
     write_rows(data, ROWS)
     out = tmp_path / "out"
     args = [
-        str(LMBATCH), "infer", "--model", tiny_models["gpt2"], "--task", "generate",
+        str(LMBATCH), "infer", "--model", gpt2, "--task", "generate",
         "--max-new-tokens", "8", "--input", str(data), "--output", str(out),
         "--batch-rows", "50", "--rows-per-file", "50",
     ]  # fmt: skip
@@ -58,6 +58,14 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no output files came"
         time.sleep(0.2)
+    return args, out, driver
+
+
+@pytest.mark.fault("the driver killed (SIGKILL) mid-job, then --resume")
+def test_driver_killed_then_resume_loses_and_duplicates_nothing(
+    tiny_models, tmp_path, fault_report
+):
+    args, out, driver = start_long_job(tiny_models["gpt2"], tmp_path)
     # While it writes, a second run on its output is refused before its Ray starts:
     # both would write the rows not yet committed.
     second = CliRunner().invoke(cli, [*args[1:], "--resume"])
@@ -86,6 +94,34 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     summary = json.loads((out / "_summary.json").read_text())
     started = sum(a["rows_started"] for a in summary["actors"])
     fault_report(ROWS, ids, started, restored=restored)
+
+
+def test_ctrl_c_stops_a_job_in_one_line_and_leaves_it_resumable(tiny_models, tmp_path):
+    _, out, driver = start_long_job(tiny_models["gpt2"], tmp_path)
+    tree = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, err[-3000:]
+    assert "Traceback" not in err.decode()
+    assert err.decode().strip().splitlines()[-1] == (
+        f"interrupted: the rows written to {out} are kept; the same command with "
+        "--resume (not --overwrite) goes on from them"
+    )
+    assert committed(out) and not (out / WRITER_FILE).exists()
+    deadline = time.monotonic() + 30  # the Ray it started stops with it
+    while running := [p for p in tree if _runs(p)]:
+        if time.monotonic() > deadline:
+            for p in running:
+                p.kill()
+            pytest.fail(f"left running: {[p.name() for p in running]}")
+        time.sleep(0.5)
+
+
+def _runs(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_resume_of_a_finished_job_computes_nothing(
