@@ -122,16 +122,20 @@ def run_recipe(
         meta.steps = results
         if ctx.search:
             meta.recipe[-1]["search"]["result"] = ctx.search
-        save_artifact(model, output, base, meta, ctx.storage)
-        write_report(output, task, results)
+        whole = work / "artifact"  # renamed into place once whole: never half there
+        save_artifact(model, whole, base, meta, ctx.storage)
+        write_report(whole, task, results)
+        shutil.rmtree(output, ignore_errors=True)
+        whole.rename(output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def snapshots_dir(output: Path) -> Path:
-    """Where each step's model is saved to be measured, beside the artifact, and
-    removed when the recipe ends."""
+    """Where each step's model is saved to be measured, and the artifact until it is
+    whole: beside the output (one filesystem, so a rename moves it), and removed
+    when the recipe ends."""
     return output.parent / f".{output.name}.steps"
 
 
