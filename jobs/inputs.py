@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,10 +26,18 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "parquet": (".parquet", ".pq"),
     "jsonl": (".jsonl", ".ndjson", ".json"),
     "csv": (".csv",),
+    # Arrow IPC: Hugging Face datasets' save_to_disk (stream), Feather v2 (file).
+    "arrow": (".arrow", ".feather", ".ipc"),
 }
 # JSONL and CSV may be compressed whole, by suffix: pyarrow's input streams (the
 # schema read here, Ray Data's reads) detect the codec from the same suffix.
 COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+SEEKABLE = ("parquet", "arrow")  # read from a footer or by batch: never compressed
+ARROW_FILE_MAGIC = b"ARROW1"
+# A Hugging Face datasets folder (save_to_disk): its data files are those its
+# state.json lists; the JSON beside them is metadata, not rows.
+HF_STATE = "state.json"
+HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 GLOB_CHARS = "*?["
 # A bad line is the reader's to report as a row; quoted values may span lines.
 CSV_PARSE = pacsv.ParseOptions(
@@ -167,10 +176,60 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
             return fs, [path]
         if info.type == pafs.FileType.NotFound:
             raise UserError("--input", f"no such file or directory: {given}")
-        found = [p for p in _listing(fs, path) if _suffix_format(p) is not None]
+        found = _hf_data_files(fs, _listing(fs, path))
+        found = [p for p in found if _suffix_format(p) is not None]
     if not found:
         raise UserError("--input", f"no input files matched {given}")
     return fs, found
+
+
+def _hf_data_files(fs: pafs.FileSystem, found: list[str]) -> list[str]:
+    """``found`` with each Hugging Face datasets folder's files cut to the data files
+    its ``state.json`` lists (not its metadata, nor ``cache-*.arrow`` files of
+    ``map``); the files of other folders as they are."""
+    folders: dict[str, set[str]] = {}
+    for path in found:
+        folder, _, name = path.rpartition("/")
+        if name == HF_STATE:
+            data = _hf_state_files(fs, path)
+            if data is not None:
+                folders[folder] = {f"{folder}/{n}" for n in data}
+    if not folders:
+        return found
+
+    def kept(path: str) -> bool:
+        folder, _, name = path.rpartition("/")
+        if folder in folders:
+            return path in folders[folder]
+        return name not in HF_METADATA  # a DatasetDict's dataset_dict.json
+
+    return [p for p in found if kept(p)]
+
+
+def _hf_state_files(fs: pafs.FileSystem, path: str) -> list[str] | None:
+    """The data files a datasets ``state.json`` names; None for any other JSON."""
+    try:
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read())
+        return [entry["filename"] for entry in state["_data_files"]]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def arrow_batches(
+    f: pa.NativeFile,
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """An Arrow IPC file's schema and record batches, in either layout: the file
+    format (Feather v2, starting with ``ARROW1``) or the stream format (what
+    Hugging Face datasets' ``save_to_disk`` writes)."""
+    magic = f.read(len(ARROW_FILE_MAGIC))
+    f.seek(0)
+    if magic == ARROW_FILE_MAGIC:
+        reader = pa.ipc.open_file(f)
+        count = reader.num_record_batches
+        return reader.schema, (reader.get_batch(i) for i in range(count))
+    reader = pa.ipc.open_stream(f)
+    return reader.schema, iter(reader)
 
 
 def _listing(fs: pafs.FileSystem, base: str) -> list[str]:
@@ -197,7 +256,7 @@ def _suffix_format(path: str) -> str | None:
     lower = path.lower()
     inner = lower.removesuffix(next((s for s in COMPRESSED if lower.endswith(s)), ""))
     fmt = next((f for f, sufs in FORMATS.items() if inner.endswith(sufs)), None)
-    return None if fmt == "parquet" and inner != lower else fmt
+    return None if fmt in SEEKABLE and inner != lower else fmt
 
 
 def _format_of(paths: list[str]) -> str:
@@ -218,6 +277,9 @@ def read_schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema:
         if fmt == "parquet":
             with fs.open_input_file(path) as f:
                 return pq.read_schema(f)
+        if fmt == "arrow":
+            with fs.open_input_file(path) as f:
+                return arrow_batches(f)[0]
         with fs.open_input_stream(path) as f:
             if fmt == "csv":
                 names = pacsv.open_csv(f, parse_options=CSV_PARSE).schema.names

@@ -29,7 +29,7 @@ from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
-from lmbatch.jobs.inputs import empty_shard, resolve_inputs
+from lmbatch.jobs.inputs import SEEKABLE, arrow_batches, empty_shard, resolve_inputs
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
@@ -175,6 +175,14 @@ def _needs_calibration(steps: list[Step]) -> str | None:
     return None
 
 
+def _arrow_column(f: pa.NativeFile, column: str) -> pa.Table:
+    schema, batches = arrow_batches(f)
+    if column not in schema.names:
+        raise pa.ArrowInvalid(f"no column {column!r}")
+    kept = pa.schema([schema.field(column)])
+    return pa.Table.from_batches([b.select([column]) for b in batches], kept)
+
+
 def read_texts(
     given: tuple[str, ...],
     column: str,
@@ -190,8 +198,8 @@ def read_texts(
         raise UserError(flag if e.where == "--input" else e.where, e.message) from None
     texts: list[str] = []
     fs = inputs.filesystem
-    # Parquet reads its footer first; a stream decompresses a .jsonl.gz by suffix.
-    opened = fs.open_input_file if inputs.format == "parquet" else fs.open_input_stream
+    # Parquet and Arrow read a footer first; a stream decompresses a .jsonl.gz.
+    opened = fs.open_input_file if inputs.format in SEEKABLE else fs.open_input_stream
     for path in inputs.paths:
         if empty_shard(fs, path, inputs.format):
             continue  # no text, and pyarrow's CSV reader refuses it
@@ -201,6 +209,7 @@ def read_texts(
                     "parquet": lambda: pq.read_table(f, columns=[column]),
                     "csv": lambda: pacsv.read_csv(f),
                     "jsonl": lambda: pajson.read_json(f),
+                    "arrow": lambda: _arrow_column(f, column),
                 }[inputs.format]()
         except pa.ArrowInvalid as e:
             raise UserError(

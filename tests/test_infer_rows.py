@@ -56,6 +56,50 @@ def test_compressed_inputs_read_as_their_format(
     )
 
 
+def test_arrow_inputs_hugging_face_folders_feather_and_a_cut_stream(
+    tiny_models, corpus, tmp_path
+):
+    """A DatasetDict saved by Hugging Face datasets (its shards, not its JSON
+    metadata), a Feather file and an Arrow stream cut short, in one job."""
+    import datasets
+    import pyarrow.feather as feather
+
+    table = pq.read_table(corpus["parquet"])
+    data = datasets.Dataset(table)
+    split = datasets.DatasetDict(
+        train=data.select(range(80)), test=data.select(range(80, 120))
+    )
+    split.save_to_disk(str(tmp_path / "hf"), num_shards={"train": 2, "test": 1})
+    feather.write_feather(table, tmp_path / "rows.feather", chunksize=50)
+    cut = tmp_path / "cut.arrow"
+    with pa.ipc.new_stream(str(cut), table.schema) as w:
+        w.write_table(table, max_chunksize=10)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    inputs = (str(tmp_path / "hf"), str(tmp_path / "rows.feather"), str(cut))
+    rows, summary = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=inputs, task="embed",
+        keep_columns=("doc",),
+    )  # fmt: skip
+    reference, _ = run_job(
+        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus["parquet"],
+        task="embed", id_column="doc",
+    )  # fmt: skip
+    by_file: dict[str, list[dict]] = {}
+    for row_id, row in rows.items():
+        by_file.setdefault(row_id.rsplit("#", 1)[0], []).append(row)
+    hf = [r for f, got in by_file.items() if "/hf/" in f for r in got]
+    assert sorted(r["doc"] for r in hf) == sorted(reference)  # every row, once
+    assert len(by_file[str(tmp_path / "rows.feather")]) == 120
+    bad = [r for r in by_file[str(cut)] if r["error"]]
+    assert summary.errors == {"bad_file": 1} and len(bad) == 1
+    assert 0 < len(by_file[str(cut)]) - 1 < 120  # the rows before the cut, kept
+    for row in rows.values():
+        if row["doc"] == "doc-042":
+            assert row["embedding"] == pytest.approx(
+                reference["doc-042"]["embedding"], abs=1e-6
+            )
+
+
 @pytest.mark.fault("a truncated .jsonl.gz: the rows before the cut, then one row")
 def test_a_truncated_gzip_file_keeps_its_rows_and_says_where_it_broke(
     tiny_models, tmp_path, fault_report

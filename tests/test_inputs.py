@@ -197,3 +197,50 @@ def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
     assert got == ["first", "second"]
     got = read_texts((str(tmp_path / "b.parquet"),), "text", 10, "--eval")
     assert got == ["third", "fourth"]
+
+
+def save_hf_dataset(root, rows: int = 30):
+    """A DatasetDict as Hugging Face datasets saves it: dataset_dict.json, and per
+    split its Arrow shards beside state.json and dataset_info.json."""
+    import datasets
+
+    texts = [f"text number {i}" for i in range(rows)]
+    data = datasets.Dataset.from_dict({"text": texts, "n": list(range(rows))})
+    split = datasets.DatasetDict(
+        train=data.select(range(20)), test=data.select(range(20, rows))
+    )
+    split.save_to_disk(str(root), num_shards={"train": 2, "test": 1})
+    return texts
+
+
+def test_a_hugging_face_dataset_folder_reads_its_data_files(tmp_path):
+    texts = save_hf_dataset(tmp_path / "hf")
+    (tmp_path / "hf" / "train" / "cache-0a1b.arrow").write_bytes(b"")  # map()'s
+    got = resolve_inputs([str(tmp_path / "hf")], None, "text", "n")
+    shards = sorted(str(p) for p in (tmp_path / "hf").rglob("data-*.arrow"))
+    assert got.format == "arrow" and got.paths == shards and len(shards) == 3
+    assert got.schema.field("n").type == pa.int64()
+    one = resolve_inputs([str(tmp_path / "hf" / "train")], None, "text", None)
+    assert len(one.paths) == 2
+    got = read_texts((str(tmp_path / "hf"),), "text", 100, "--calibration")
+    assert got == texts[20:] + texts[:20]  # files in order: test/ before train/
+
+
+def test_feather_and_arrow_files_in_either_ipc_layout(tmp_path):
+    import pyarrow.feather as feather
+
+    table = pa.table({"text": ["a", "b", "c"], "k": [1, 2, 3]})
+    feather.write_feather(table, tmp_path / "rows.feather", chunksize=2)
+    with pa.ipc.new_stream(str(tmp_path / "rows.arrow"), table.schema) as w:
+        w.write_table(table, max_chunksize=2)
+    for name in ("rows.feather", "rows.arrow"):
+        got = resolve_inputs([str(tmp_path / name)], None, "text", "k")
+        assert got.format == "arrow" and got.columns == ["text", "k"]
+        assert read_texts((str(tmp_path / name),), "text", 10, "--eval") == [
+            "a",
+            "b",
+            "c",
+        ]
+    (tmp_path / "rows.arrow.gz").write_bytes(b"")  # Arrow compresses inside
+    with pytest.raises(UserError, match="cannot tell the format"):
+        resolve_inputs([str(tmp_path / "rows.arrow.gz")], None, "text", None)
