@@ -133,6 +133,10 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("keep me")
+    into_taken = [
+        "--model", tiny_models["bert"], "--recipe", recipe,
+        "--calibration", corpus["parquet"], "--output", str(taken),
+    ]  # fmt: skip
     cases = [
         (
             [*base, "--recipe", str(bad), "--calibration", corpus["parquet"]],
@@ -164,33 +168,8 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
             ],
             "--model",
         ),
-        (
-            [
-                "--model",
-                tiny_models["bert"],
-                "--recipe",
-                recipe,
-                "--calibration",
-                corpus["parquet"],
-                "--output",
-                str(taken),
-            ],
-            "--overwrite",
-        ),
-        (
-            [
-                "--model",
-                tiny_models["bert"],
-                "--recipe",
-                recipe,
-                "--calibration",
-                corpus["parquet"],
-                "--output",
-                str(taken),
-                "--overwrite",
-            ],
-            f"{taken} holds files no lmbatch job wrote (x)",
-        ),
+        (into_taken, "--overwrite"),
+        ([*into_taken, "--overwrite"], f"{taken} holds files no lmbatch job wrote (x)"),
     ]
     for args, fragment in cases:
         assert_user_error(optimize(*args), fragment)
