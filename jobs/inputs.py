@@ -123,8 +123,8 @@ def first_schema(
 
 def empty_shard(fs: pafs.FileSystem, path: str, fmt: str) -> bool:
     """A JSONL or CSV file of zero bytes, as Spark and Dask write for a partition
-    with no rows (an empty Parquet file still has its footer)."""
-    return fmt != "parquet" and not fs.get_file_info(path).size
+    with no rows (an empty Parquet or Arrow file still has its schema)."""
+    return fmt not in SEEKABLE and not fs.get_file_info(path).size
 
 
 def no_column(name: str, where: str, names: list[str]) -> str:
