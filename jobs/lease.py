@@ -7,7 +7,9 @@ running infer job keeps ``_writer.json`` in its output (its host, pid and a
 heartbeat every 15 s) and removes it when it ends; another job refuses that output
 before Ray starts while the writer lives. A writer is gone when its heartbeat is a
 minute old (a lost machine), or at once when it ran on this host and its process
-has ended (a driver killed with SIGKILL, then ``--resume``).
+has ended (a driver killed with SIGKILL, then ``--resume``). An optimize job, whose
+output appears only once its artifact is whole, holds its lease beside it
+(``.OUT.writer.json``): two runs would share their step snapshots.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ class Writer:
         return self.host == socket.gethostname() and not _alive(self.pid)
 
 
-def check_no_writer(fs: pafs.FileSystem, path: str, output: str) -> None:
-    """Raises: UserError naming ``--output`` while another job writes there."""
-    writer = read_writer(fs, path)
+def check_no_writer(
+    fs: pafs.FileSystem, path: str, output: str, name: str = WRITER_FILE
+) -> None:
+    """Raises: UserError naming ``--output`` while another job holds the lease
+    ``name`` in the folder ``path``."""
+    writer = read_writer(fs, path, name)
     now = time.time()
     if writer is None or writer.gone(now):
         return
@@ -65,10 +70,12 @@ def check_no_writer(fs: pafs.FileSystem, path: str, output: str) -> None:
 
 
 @contextlib.contextmanager
-def writer_lease(fs: pafs.FileSystem, path: str) -> Iterator[None]:
-    """Hold the output's lease while the block runs, its heartbeat on a thread (the
-    driver's own thread blocks in Ray Data's write)."""
-    file = f"{path}/{WRITER_FILE}"
+def writer_lease(
+    fs: pafs.FileSystem, path: str, name: str = WRITER_FILE
+) -> Iterator[None]:
+    """Hold the lease ``name`` in the folder ``path`` while the block runs, its
+    heartbeat on a thread (the driver's own thread blocks in Ray's calls)."""
+    file = f"{path}/{name}"
     _write(fs, file)
     stop = threading.Event()
     beat = threading.Thread(
@@ -84,11 +91,13 @@ def writer_lease(fs: pafs.FileSystem, path: str) -> Iterator[None]:
             fs.delete_file(file)
 
 
-def read_writer(fs: pafs.FileSystem, path: str) -> Writer | None:
-    """The output's lease; None where there is none, or what is there is unreadable
-    (a writer cut short while writing it is gone)."""
+def read_writer(
+    fs: pafs.FileSystem, path: str, name: str = WRITER_FILE
+) -> Writer | None:
+    """The lease ``name`` in ``path``; None where there is none, or what is there is
+    unreadable (a writer cut short while writing it is gone)."""
     try:
-        with fs.open_input_stream(f"{path}/{WRITER_FILE}") as f:
+        with fs.open_input_stream(f"{path}/{name}") as f:
             return Writer(**json.loads(f.read()))
     except (FileNotFoundError, ValueError, TypeError):
         return None

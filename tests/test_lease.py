@@ -13,18 +13,20 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
+from click.testing import CliRunner
 
 from lmbatch.errors import UserError
 from lmbatch.jobs import lease
+from lmbatch.jobs.cli import cli
 from lmbatch.jobs.lease import WRITER_FILE, check_no_writer, read_writer, writer_lease
 
 FS = pafs.LocalFileSystem()
 
 
-def held_by(out, host: str, pid: int, age: float) -> None:
+def held_by(out, host: str, pid: int, age: float, name: str = WRITER_FILE) -> None:
     out.mkdir(exist_ok=True)
     record = {"host": host, "pid": pid, "seen": time.time() - age}
-    (out / WRITER_FILE).write_text(json.dumps(record))
+    (out / name).write_text(json.dumps(record))
 
 
 def ended_pid() -> int:
@@ -88,3 +90,22 @@ def test_the_lease_is_held_renewed_and_given_back(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError), writer_lease(FS, str(tmp_path)):
         raise RuntimeError("the job failed")
     assert not (tmp_path / WRITER_FILE).exists()
+
+
+def test_an_optimize_job_holds_its_lease_beside_its_output(
+    tiny_models, corpus, tmp_path
+):
+    """Its output appears only once the artifact is whole; two runs would share
+    their step snapshots (``.OUT.steps/``)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: bf16}\n")
+    held_by(tmp_path, socket.gethostname(), os.getpid(), 2, ".artifact.writer.json")
+    done = CliRunner().invoke(cli, [
+        "optimize", "--model", tiny_models["bert"], "--recipe", str(recipe),
+        "--calibration", corpus["parquet"], "--output", str(tmp_path / "artifact"),
+    ])  # fmt: skip
+    assert done.exit_code != 0
+    assert (
+        f"--output: another lmbatch job is writing {tmp_path / 'artifact'}"
+        in done.output
+    )
