@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 
-from lmbatch.actors.model_files import safetensors_header, weight_names
+from lmbatch.actors.model_files import safetensors_headers, weight_names
 
 GPU_USABLE = 0.9  # of a GPU's memory; the rest: CUDA contexts and fragmentation
 # Bytes per weight of a quantised Linear: LLM.int8 keeps one byte and an fp32 scale
@@ -89,10 +89,11 @@ def smallest_mib(listing: str) -> int | None:
 def _tensors(path: str):
     """(name, shape, bytes per element if integer else 0) of every stored tensor of
     the top-level safetensors files (a weights-free copy's record of them too)."""
-    for file in weight_names(path):
-        if "/" in file or not file.endswith(".safetensors"):
-            continue
-        for name, tensor in safetensors_header(path, file).items():
+    files = [
+        f for f in weight_names(path) if "/" not in f and f.endswith(".safetensors")
+    ]
+    for header in safetensors_headers(path, files):
+        for name, tensor in header.items():
             yield name, tensor["shape"], _integer_bytes(tensor["dtype"])
 
 

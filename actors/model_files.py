@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,17 +86,20 @@ def weight_names(model_dir: str) -> list[str]:
     )
 
 
-def safetensors_header(model_dir: str, name: str) -> dict:
-    """The header of the safetensors file ``name``: tensor name -> dtype, shape.
+def safetensors_headers(model_dir: str, names: list[str]) -> Iterator[dict]:
+    """The headers of the safetensors files ``names`` (tensor name -> dtype, shape),
+    in that order: read from each file, or from a weights-free copy's record, once.
 
     Raises:
-        UserError: naming ``--model`` when the file is no safetensors file.
+        UserError: naming ``--model`` when a file is no safetensors file.
     """
     record = _record(Path(model_dir))
-    if record is not None:
-        return record["headers"][name]
-    with open(Path(model_dir) / name, "rb") as f:
-        return read_header(f, name)
+    for name in names:
+        if record is not None:
+            yield record["headers"][name]
+            continue
+        with open(Path(model_dir) / name, "rb") as f:
+            yield read_header(f, name)
 
 
 def read_header(f, name: str) -> dict:
