@@ -16,7 +16,7 @@ Every block leaves here with ``id``, ``_text``, ``_error`` and the kept columns.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,11 @@ class Columns:
 
     def schema(self) -> pa.Schema:
         return pa.schema(ROW_FIELDS + list(self.keep.items()))
+
+    @property
+    def names(self) -> list[str]:
+        """The input columns to read, each once."""
+        return list(dict.fromkeys(n for n in (self.text, self.id, *self.keep) if n))
 
 
 class _RowSource(FileBasedDatasource):
@@ -171,21 +176,10 @@ class ParquetRows(_RowSource):
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         pfile = pq.ParquetFile(f)
-        c = self._columns
         schema = pfile.schema_arrow
-        wanted = [n for n in (c.text, c.id, *c.keep) if n and n in schema.names]
-        # Text stored as bytes without Parquet's UTF-8 annotation (older Hive and
-        # Impala writers; Spark's binaryAsString): decoded as CSV's is.
-        raw = [
-            n
-            for n in (c.text, c.id)
-            if n in schema.names and _is_bytes(schema.field(n).type)
-        ]
-        start = 0
-        for batch in pfile.iter_batches(columns=list(dict.fromkeys(wanted)) or None):
-            table = _positioned(pa.Table.from_batches([batch]), start)
-            yield _decoded(table, raw) if raw else table
-            start += batch.num_rows
+        wanted = [n for n in self._columns.names if n in schema.names]
+        batches = pfile.iter_batches(columns=wanted or None)
+        yield from _batch_tables(batches, schema, self._columns)
 
 
 class ArrowRows(_RowSource):
@@ -201,19 +195,9 @@ class ArrowRows(_RowSource):
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         schema, batches = arrow_batches(f)
-        c = self._columns
-        wanted = [n for n in dict.fromkeys((c.text, c.id, *c.keep)) if n]
-        present = [n for n in wanted if n in schema.names]
-        raw = [
-            n
-            for n in (c.text, c.id)
-            if n in present and _is_bytes(schema.field(n).type)
-        ]
-        start = 0
-        for batch in batches:
-            table = _positioned(pa.Table.from_batches([batch]).select(present), start)
-            yield _decoded(table, raw) if raw else table
-            start += batch.num_rows
+        wanted = [n for n in self._columns.names if n in schema.names]
+        selected = (batch.select(wanted) for batch in batches)
+        yield from _batch_tables(selected, schema, self._columns)
 
 
 class CSVRows(_RowSource):
@@ -226,8 +210,7 @@ class CSVRows(_RowSource):
     _FILE_EXTENSIONS = ["csv"]
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        c = self._columns
-        columns = list(dict.fromkeys(n for n in (c.text, c.id, *c.keep) if n))
+        columns = self._columns.names
         invalid: list[pacsv.InvalidRow] = []
 
         def skip(row: pacsv.InvalidRow) -> str:
@@ -354,6 +337,24 @@ class JSONLRows(_RowSource):
                 bad = [b or e for b, e in zip(bad, errors.to_pylist(), strict=True)]
         table = pa.table(columns)
         return table.append_column("_bad", pa.array(bad, pa.string()))
+
+
+def _batch_tables(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, columns: Columns
+) -> Iterator[pa.Table]:
+    """A columnar file's batches as tables with their rows' positions. Text and ids
+    stored as bytes (Parquet without its UTF-8 annotation, as older Hive and Impala
+    writers leave it; Spark's binaryAsString) are decoded as CSV's are."""
+    raw = [
+        n
+        for n in (columns.text, columns.id)
+        if n in schema.names and _is_bytes(schema.field(n).type)
+    ]
+    start = 0
+    for batch in batches:
+        table = _positioned(pa.Table.from_batches([batch]), start)
+        yield _decoded(table, raw) if raw else table
+        start += batch.num_rows
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
