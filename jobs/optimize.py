@@ -61,37 +61,36 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
         )
     info = inspect_model(model_dir, task)
     texts = _texts(spec, steps)
-    check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
-    fs, folder, name = _lease(spec.output)
-    check_no_writer(fs, folder, spec.output, name)
+    fs, path = check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
+    folder, lease = _lease(path)
+    check_no_writer(fs, folder, spec.output, lease)
     return OptimizePlan(spec, task, steps, texts, info)
 
 
 def run_optimize(plan: OptimizePlan, address: str | None = None) -> list[dict]:
     """Run the recipe as one Ray task, with a GPU where the cluster has or can get
     one (``--device``); the task writes the artifact to ``--output`` itself."""
-    fs, folder, name = _lease(plan.spec.output)
+    fs, path = filesystem_of(plan.spec.output, "--output")
+    folder, lease = _lease(path)
     if is_local(fs):
         fs.create_dir(folder, recursive=True)
     try:
-        with writer_lease(fs, folder, name), ray_session(address):
+        with writer_lease(fs, folder, lease), ray_session(address):
             gpus, cpus = _resources(plan)
             task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_run)
             return ray.get(task.remote(plan, cpus))
     except BaseException:  # Ctrl-C, a lost node: the task died with Ray, mid-step
         if is_local(fs):
-            output = filesystem_of(plan.spec.output, "--output")[1]
-            shutil.rmtree(snapshots_dir(Path(output)), ignore_errors=True)
+            shutil.rmtree(snapshots_dir(Path(path)), ignore_errors=True)
         raise
 
 
-def _lease(output: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, folder, name) of an optimize job's lease: beside its output, as
+def _lease(path: str) -> tuple[str, str]:
+    """(folder, name) of the lease of an optimize job writing ``path``: beside it, as
     its step snapshots are, since the output appears only once the artifact is
     whole."""
-    fs, path = filesystem_of(output, "--output")
     folder, _, name = path.rstrip("/").rpartition("/")
-    return fs, folder or "/", f".{name}.writer.json"
+    return folder or "/", f".{name}.writer.json"
 
 
 def _resources(plan: OptimizePlan) -> tuple[int, int]:
