@@ -23,8 +23,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+import psutil
 import pyarrow.fs as pafs
 
 from lmbatch.errors import UserError
@@ -120,12 +120,8 @@ def _alive(pid: int) -> bool:
     """Whether process ``pid`` of this host runs (a zombie, killed but not yet
     reaped by its parent, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # another user's process
+    except psutil.AccessDenied:  # another user's process
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
