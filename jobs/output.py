@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 
 from lmbatch.actors.artifact import META_FILE
-from lmbatch.actors.storage import filesystem_of, holds_files
+from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import UserError
 
 JOB_FILE = "_job.json"  # an infer job's record, written before its first row
@@ -39,13 +39,16 @@ def check_output(
         UserError: naming ``--output``.
     """
     fs, path = filesystem_of(output, "--output")
-    if fs.get_file_info(path).type == pafs.FileType.File:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
     _check_apart_from_model(fs, path, output, model)
-    if resume or not holds_files(fs, path):
+    if resume or kind != pafs.FileType.Directory:
         return fs, path
     held = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     names = sorted(f.base_name for f in held)
+    if not names:
+        return fs, path
     if not set(markers) & set(names):
         raise UserError(
             "--output",
