@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "corpus.parquet"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+MOTO_PORT = 45_999
 
 
 def launcher() -> str:
@@ -84,3 +91,30 @@ def append_results(title: str, lines: list[str]) -> None:
     print(text)
     with open(RESULTS, "a") as f:
         f.write("\n" + text)
+
+
+@contextlib.contextmanager
+def object_store() -> Iterator[tuple[pafs.FileSystem, Callable[[str], str]]]:
+    """An S3-compatible server (moto) on loopback with a bucket ``lmbatch``: its
+    pyarrow filesystem, and the URI lmbatch's flags take for a path in it."""
+    moto = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{MOTO_PORT}/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        query = f"endpoint_override=127.0.0.1:{MOTO_PORT}&scheme=http"
+        fs, _ = pafs.FileSystem.from_uri(
+            f"s3://key:secret@lmbatch?{query}&allow_bucket_creation=true"
+        )
+        fs.create_dir("lmbatch")
+        yield fs, lambda path: f"s3://key:secret@{path}?{query}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
-from common import CORPUS, append_results, minilm
+from common import CORPUS, append_results, minilm, object_store
 
 from lmbatch.actors.footprint import model_bytes
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.jobs.spec import InferSpec, prepare_infer
-
-PORT = 45_999
 
 
 def bert_base(tmp: Path) -> Path:
@@ -43,28 +38,6 @@ def bert_base(tmp: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         shutil.copy(Path(minilm()) / name, path / name)
     return path
-
-
-def serve_bucket(model: Path) -> tuple[subprocess.Popen, str]:
-    """moto on loopback with ``model`` uploaded; its URI."""
-    moto = Path(sys.executable).with_name("moto_server")
-    server = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    query = f"endpoint_override=127.0.0.1:{PORT}&scheme=http"
-    fs, _ = pafs.FileSystem.from_uri(
-        f"s3://key:secret@lmbatch?{query}&allow_bucket_creation=true"
-    )
-    fs.create_dir("lmbatch")
-    pafs.copy_files(str(model), "lmbatch/model", destination_filesystem=fs)
-    return server, f"s3://key:secret@lmbatch/model?{query}"
 
 
 def timed(check, tmp: Path) -> tuple[float, float, int]:
@@ -87,8 +60,9 @@ def main() -> None:
         tmp = Path(tmp)
         model = args.model or bert_base(tmp)
         size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**20
-        server, uri = serve_bucket(model)
-        try:
+        with object_store() as (fs, uri_of):
+            pafs.copy_files(str(model), "lmbatch/model", destination_filesystem=fs)
+            uri = uri_of("lmbatch/model")
             spec = InferSpec.from_flags(
                 model=uri, inputs=(str(CORPUS),), task="embed",
                 output=str(tmp / "out"),
@@ -98,9 +72,6 @@ def main() -> None:
                 "weights-free (now)": lambda: prepare_infer(spec).model_dir,
             }
             results = {name: timed(check, tmp) for name, check in runs.items()}
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     whole = results["whole model (before)"][0]
     lines = [
         "| driver fetch | seconds | MiB fetched | fp16 footprint MiB | × whole model |",

@@ -8,12 +8,15 @@ import io
 import json
 import shutil
 import subprocess
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,7 +30,7 @@ from lmbatch.actors.memory import CpuMemory, rss
 from lmbatch.actors.model_info import TASK_COLUMNS
 from lmbatch.errors import UserError
 from lmbatch.jobs import progress as progress_module
-from lmbatch.jobs.progress import Pool, line, progress, waiting
+from lmbatch.jobs.progress import Pool, line, parquet_rows, progress, waiting
 from lmbatch.jobs.sources import Columns, ParquetRows
 from lmbatch.jobs.summary import count_errors, start_sink
 
@@ -219,11 +222,34 @@ def test_progress_says_what_it_waits_for_and_prints_while_the_job_runs(monkeypat
     sink = start_sink()
     sink.report.remote({"actor": "a", "pid": 1, "rows": 30, "errors": 2})
     out = io.StringIO()
-    with progress(sink, Pool(actors=1, gpus=0), lambda: 120, restored=10, out=out):
-        import time
+    counted = threading.Event()
 
-        time.sleep(0.5)
-    assert "40 of 120 rows (33%)" in out.getvalue() and "errors 2" in out.getvalue()
+    def total() -> int:  # footers on slow storage: the lines go on meanwhile
+        counted.wait(10)
+        return 120
+
+    def printed(text: str) -> bool:
+        deadline = time.monotonic() + 10
+        while text not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return text in out.getvalue()
+
+    with progress(sink, Pool(actors=1, gpus=0), total, restored=10, out=out):
+        assert printed("40 rows  ")  # no total yet, and no wait for it
+        counted.set()
+        assert printed("40 of 120 rows (33%)")
+    assert "errors 2" in out.getvalue()
+
+
+def test_the_total_comes_from_every_footer_or_none(tmp_path):
+    paths = []
+    for i in range(40):
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"text": ["a"] * i}), paths[-1])
+    fs = pafs.LocalFileSystem()
+    assert parquet_rows(fs, paths) == sum(range(40))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    assert parquet_rows(fs, [*paths, str(tmp_path / "broken.parquet")]) is None
 
 
 @ray_job
