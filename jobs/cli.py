@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from importlib import metadata
 
 import click
 
@@ -46,7 +47,34 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+# What a bug report needs besides lmbatch's own version.
+REPORTED_PACKAGES = ("ray", "torch", "transformers", "bitsandbytes", "pyarrow")
+
+
+def show_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: lmbatch's and its main dependencies', read from their package
+    metadata (importing torch to ask it would take seconds)."""
+    if not value or ctx.resilient_parsing:
+        return
+    found = []
+    for name in REPORTED_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    click.echo(f"lmbatch {metadata.version('lmbatch')} ({', '.join(found)})")
+    ctx.exit()
+
+
 @click.group()
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=show_versions,
+    help="Show lmbatch's version and its main dependencies', then exit.",
+)
 def cli() -> None:
     """Make language models cheaper to run, then run them over large datasets."""
 

@@ -98,6 +98,10 @@ def test_a_wheel_install_has_one_namespace(wheel_python, tmp_path):
     assert bare == "None None None"
     helped = run(wheel_python, "-m", "lmbatch.jobs.cli", "--help", cwd=tmp_path)
     assert helped.returncode == 0 and "infer" in helped.stdout
+    told = run(wheel_python, "-m", "lmbatch.jobs.cli", "--version", cwd=tmp_path)
+    assert told.returncode == 0, told.stderr[-2000:]
+    assert told.stdout.startswith("lmbatch 0.1.0 (ray ")  # from the wheel's metadata
+    assert "torch " in told.stdout and "bitsandbytes " in told.stdout
 
 
 @pytest.mark.cluster
