@@ -11,10 +11,11 @@ Usage: ``run_infer(prepare_infer(spec))``; the CLI does both (``lmbatch infer``)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ray
 import ray.data
@@ -50,13 +51,12 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         restored = begin_output(plan, pool.device)
         lease.enter_context(writer_lease(plan.output_fs, plan.output_path))
         sink = start_sink()
+        total = plan_total(plan)
         started = time.time()
         with (
             data_context(checkpoint_config(plan)),
             quiet_ray_data(plan.spec.verbose),
-            progress(
-                sink, Pool(pool.min_actors, pool.gpus), plan_total(plan), restored
-            ),
+            progress(sink, Pool(pool.min_actors, pool.gpus), total, restored),
         ):
             ds = build_dataset(plan, pool, tokenize, sink)
             try:
@@ -69,6 +69,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 ray.get(tokenize)  # a tokenizer that does not load: its own UserError
                 raise
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
+        summary.input_rows = total()
         write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
@@ -113,12 +114,13 @@ def replace_output(plan: InferPlan, tokenize: ray.ObjectRef) -> None:
         fs.delete_dir_contents(path)
 
 
-def plan_total(plan: InferPlan):
-    """Counts the job's input rows, where the files' metadata gives them."""
+def plan_total(plan: InferPlan) -> Callable[[], int | None]:
+    """Counts the job's input rows, where the files' metadata gives them; once, for
+    the progress line and the summary's check of rows out against rows in."""
     inputs = plan.inputs
     if inputs.format != "parquet":
         return lambda: None
-    return lambda: parquet_rows(inputs.filesystem, inputs.paths)
+    return functools.cache(lambda: parquet_rows(inputs.filesystem, inputs.paths))
 
 
 @contextlib.contextmanager

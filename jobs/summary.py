@@ -81,6 +81,9 @@ class Summary:
     startup_seconds: float = 0.0  # before the job: Ray up, the pool planned
     ray_seconds: float = 0.0  # of which: Ray up or attached
     first_batch_seconds: float | None = None  # into the job: first batch at an actor
+    # Rows the inputs hold, where their metadata says (Parquet footers): the check
+    # that rows out = rows in. None where it is not known.
+    input_rows: int | None = None
 
     @property
     def ready_seconds(self) -> list[float]:
@@ -91,7 +94,9 @@ class Summary:
         out = [
             f"ran on {'; '.join(self.ran) or 'no actor'}",
             f"pool {self.pool}",
-            f"rows {self.rows}  tokens {self.tokens}  seconds {self.seconds:.1f}",
+            f"rows {self.rows}{self._of_input()}  tokens {self.tokens}  "
+            f"seconds {self.seconds:.1f}",
+            *self.missing(),
             self._startup_line(),
             f"restored {self.restored}  computed {self.computed}",
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
@@ -116,6 +121,27 @@ class Summary:
             )
         out.append(f"output {self.output}")
         return out
+
+    def _of_input(self) -> str:
+        return "" if self.input_rows is None else f" of {self.input_rows} input rows"
+
+    def missing(self) -> list[str]:
+        """A warning where the output's rows are not the inputs' rows, one for one."""
+        if self.input_rows is None or self.rows == self.input_rows:
+            return []
+        if self.rows > self.input_rows:
+            return [
+                f"warning: the output holds {_rows(self.rows - self.input_rows)} more "
+                "than its inputs; please report this with its _summary.json"
+            ]
+        lost = f"warning: {_rows(self.input_rows - self.rows, 'input ')} no output row"
+        if not self.restored:
+            return [f"{lost}; please report this with its _summary.json"]
+        return [
+            f"{lost}: --resume skips every row whose --id-column value a finished "
+            "file holds, so ids that repeat skip rows; run again with --overwrite "
+            "and ids that do not repeat (or no --id-column)"
+        ]
 
     def _startup_line(self) -> str:
         first = self.first_batch_seconds
@@ -146,6 +172,13 @@ class Summary:
             f"{len(ready)} actor(s) ready {span} (the last began at {began:.1f}s: "
             f"{spent})"
         )
+
+
+def _rows(n: int, kind: str = "") -> str:
+    """``2 input rows have`` or ``1 input row has``; ``3 rows``."""
+    if kind:
+        return f"{n:,} {kind}row has" if n == 1 else f"{n:,} {kind}rows have"
+    return f"{n:,} row" if n == 1 else f"{n:,} rows"
 
 
 def build_summary(

@@ -23,6 +23,7 @@ from lmbatch.errors import UserError
 from lmbatch.jobs.cli import cli
 from lmbatch.jobs.lease import WRITER_FILE
 from lmbatch.jobs.resume import CHECKPOINT_DIR, JOB_FILE, PENDING_SUFFIX
+from lmbatch.jobs.summary import Summary
 
 ROWS = 24_000  # enough that files are written while the job runs: read in 4096s
 
@@ -132,6 +133,57 @@ def test_resume_of_a_finished_job_computes_nothing(
     again, summary = run_job(tmp_path / "out", resume=True, **flags)
     assert (summary.restored, summary.computed) == (120, 0)
     assert again.keys() == first.keys() and len(ids_in(tmp_path / "out")) == 120
+
+
+def test_a_resume_that_skips_rows_of_repeated_ids_says_so(
+    ray_local, tiny_models, tmp_path
+):
+    data = tmp_path / "rows.parquet"
+    keys = [str(i % 60) for i in range(120)]  # every id twice
+    texts = [f"the word {i} is one of many" for i in range(120)]
+    pq.write_table(pa.table({"text": texts, "key": keys}), data)
+    out = tmp_path / "out"
+    flags = dict(model=tiny_models["bert"], inputs=str(data), task="embed",
+                 id_column="key", batch_rows=20, rows_per_file=20)  # fmt: skip
+    _, summary = run_job(out, **flags)
+    assert (summary.rows, summary.input_rows, summary.missing()) == (120, 120, [])
+    # As if the run had been killed before one file was committed: it and its
+    # checkpoint are gone. Its rows' ids that a finished file also holds are skipped.
+    checkpoint = committed(out)[0]
+    gone = pq.read_table(checkpoint)["id"].to_pylist()
+    data_file = next(
+        f for f in out.glob("*.parquet") if sorted(ids_in(f)) == sorted(gone)
+    )
+    checkpoint.unlink()
+    data_file.unlink()
+    kept = set(ids_in(out))
+    lost = sum(1 for key in gone if key in kept)
+    _, summary = run_job(out, resume=True, **flags)
+    assert summary.input_rows == 120 and summary.rows == 120 - lost and lost > 0
+    assert summary.missing() == [
+        f"warning: {lost} input rows have no output row: --resume skips every row "
+        "whose --id-column value a finished file holds, so ids that repeat skip "
+        "rows; run again with --overwrite and ids that do not repeat (or no "
+        "--id-column)"
+    ]
+    assert summary.missing()[0] in summary.lines()
+
+
+def test_rows_out_against_rows_in_where_the_inputs_say():
+    def summary(rows: int, input_rows: int | None, restored: int = 0) -> Summary:
+        return Summary(rows, 0, 1.0, 0.0, 0.0, {}, restored=restored,
+                       input_rows=input_rows)  # fmt: skip
+
+    assert summary(120, None).missing() == []  # JSONL, CSV: not known
+    assert summary(120, 120).lines()[2].startswith("rows 120 of 120 input rows  ")
+    assert summary(118, 120).missing() == [
+        "warning: 2 input rows have no output row; please report this with its "
+        "_summary.json"
+    ]  # no resume skipped them: a bug
+    assert summary(121, 120, restored=50).missing() == [
+        "warning: the output holds 1 row more than its inputs; please report this "
+        "with its _summary.json"
+    ]
 
 
 def test_resume_refuses_another_jobs_output(ray_local, tiny_models, corpus, tmp_path):
