@@ -47,7 +47,8 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     info = inspect_model(
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )
-    return ServePlan(spec, info, model_dir, max_length_of(spec, info))
+    max_length = max_length_of(spec, info, spec.max_new_tokens)
+    return ServePlan(spec, info, model_dir, max_length)
 
 
 def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
@@ -58,6 +59,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             info=plan.info,
             device=device,
             threads=threads,
+            max_new_tokens=spec.max_new_tokens,
             max_length=plan.max_length,
             actors_per_node=spec.replicas,
         ),

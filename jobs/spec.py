@@ -40,7 +40,6 @@ from lmbatch.jobs.options import (
 from lmbatch.jobs.output import INFER_MARKERS, check_output
 
 ON_LONG = ("truncate", "error")
-SERVE_TASKS = ("embed", "score", "classify")
 OPTIMIZE_TASKS = ("embed", "score", "classify")
 FORMAT_NAMES = tuple(FORMATS)
 Count = Annotated[int, Field(ge=1)]
@@ -73,6 +72,9 @@ class ModelFlags(Spec):
     )
     on_long: Literal[ON_LONG] = Field(
         "truncate", description="A text longer than --max-length: cut, or an error row."
+    )
+    max_new_tokens: Count = Field(
+        32, description="Tokens each text is continued by (--task generate, greedy)."
     )
 
 
@@ -107,7 +109,6 @@ class InferSpec(ModelFlags):
         description="Default: from the file suffix; JSONL and CSV may be "
         "compressed (.jsonl.gz, .csv.zst; .bz2, .lz4).",
     )
-    max_new_tokens: Count = 32
     actors: Annotated[
         tuple[Count, Count] | None,
         Flag(parse=parse_range, metavar="MIN[,MAX]"),
@@ -166,7 +167,7 @@ class InferSpec(ModelFlags):
 class ServeSpec(ModelFlags):
     """One endpoint, as the user asked for it."""
 
-    task: Literal[SERVE_TASKS]
+    task: Literal[TASKS]
     max_batch_size: Count = Field(
         32, description="Texts per model call, gathered across requests (@serve.batch)."
     )

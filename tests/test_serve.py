@@ -17,6 +17,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import run_job
 from ray import serve
 from ray_head import LMBATCH, free_port
@@ -132,7 +133,8 @@ def test_bound_to_loopback_only(endpoint):
 @pytest.mark.parametrize(
     "flags, where",
     [
-        ({"task": "generate"}, "--task"),
+        ({"task": "translate"}, "--task"),
+        ({"task": "generate", "max_new_tokens": 0}, "--max-new-tokens"),
         ({"port": 70000}, "--port"),
         ({"max_batch_size": 0}, "--max-batch-size"),
         ({"precision": "fp8"}, "--precision"),
@@ -158,11 +160,27 @@ WITH_CTRL_C = [
 ]
 
 
-def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
+def greedy(path: str, text: str, new_tokens: int) -> str:
+    """A text's greedy continuation by transformers itself, alone and unpadded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )  # fmt: skip
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("task", ["classify", "generate"])
+def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task):
     port = free_port()
+    model = tiny_models["bert_cls" if task == "classify" else "gpt2"]
     process = subprocess.Popen(
-        [*WITH_CTRL_C, str(LMBATCH), "serve", "--model", tiny_models["bert_cls"],
-         "--task", "classify", "--port", str(port)],
+        [*WITH_CTRL_C, str(LMBATCH), "serve", "--model", model, "--task", task,
+         "--max-new-tokens", "4", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -173,9 +191,16 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models):
         while f"at {url}" not in lines[-1]:
             assert lines[-1] or process.poll() is None, process.stderr.read()[-3000:]
             lines.append(process.stdout.readline())
-        status, body = post(url, {"inputs": ["the water", "one day"]})
+        status, body = post(url, {"inputs": TEXTS})
         assert status == 200, body
-        assert {r["label"] for r in body["results"]} <= {"neg", "neutral", "pos"}
+        results = body["results"]
+        if task == "classify":
+            assert {r["label"] for r in results} <= {"neg", "neutral", "pos"}
+        else:  # batched with left padding, as each text alone
+            want = [greedy(model, text, 4) for text in TEXTS]
+            assert any(want), want  # real continuations, not all empty
+            assert [r["generated_text"] for r in results] == want
+        assert all(r["error"] is None for r in results)
     finally:
         process.send_signal(signal.SIGINT)
         try:
