@@ -32,7 +32,13 @@ from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, ModelFlags
 from lmbatch.jobs.stages import stage_times
-from lmbatch.jobs.summary import Summary, build_summary, start_sink, write_summary
+from lmbatch.jobs.summary import (
+    Summary,
+    build_summary,
+    expected_rows,
+    start_sink,
+    write_summary,
+)
 
 log = logging.getLogger("lmbatch")
 MAX_TASK_RETRIES = 3
@@ -56,7 +62,12 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         with (
             data_context(checkpoint_config(plan)),
             quiet_ray_data(plan.spec.verbose),
-            progress(sink, Pool(pool.min_actors, pool.gpus), total, restored),
+            progress(
+                sink,
+                Pool(pool.min_actors, pool.gpus),
+                lambda: expected_rows(total(), restored, plan.spec.limit),
+                restored,
+            ),
         ):
             ds = build_dataset(plan, pool, tokenize, sink)
             try:
@@ -69,7 +80,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 ray.get(tokenize)  # a tokenizer that does not load: its own UserError
                 raise
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
-        summary.input_rows = total()
+        summary.input_rows, summary.limit = total(), plan.spec.limit
         write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 
@@ -230,6 +241,8 @@ def build_dataset(
     )
     columns = Columns(spec.text_column, spec.id_column, plan.keep)
     ds = read_rows(plan.inputs, columns)
+    if spec.limit is not None:  # after Ray Data's checkpoint filter: new rows only
+        ds = ds.limit(spec.limit)
     rows = spec.batch_rows or pool.rows_per_call
     # Tokenizing is a CPU stage of its own tasks, never fused into the actors (their
     # resources differ), so every free core can feed them.

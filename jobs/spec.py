@@ -142,6 +142,11 @@ class InferSpec(ModelFlags):
         Flag(parse=parse_auto_int, metavar="auto|N"),
         Field(description="Default auto: from the model's footprint."),
     ] = None
+    limit: Count | None = Field(
+        None,
+        description="Compute at most this many rows in this run, to try a job on a "
+        "sample; the same command with --resume and no --limit does the rest.",
+    )
     overwrite: bool = Field(
         False, description="Replace an earlier lmbatch output in --output."
     )

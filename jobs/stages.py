@@ -24,6 +24,7 @@ STAGE_NAMES = {
     "tokenize_batch": "tokenize",
     "PredictActor": "predict",
     "Write": "write",
+    "limit=": "limit",  # --limit
 }
 
 

@@ -84,6 +84,7 @@ class Summary:
     # Rows the inputs hold, where their metadata says (Parquet footers): the check
     # that rows out = rows in. None where it is not known.
     input_rows: int | None = None
+    limit: int | None = None  # --limit: rows this run was to compute at most
 
     @property
     def ready_seconds(self) -> list[float]:
@@ -123,18 +124,23 @@ class Summary:
         return out
 
     def _of_input(self) -> str:
-        return "" if self.input_rows is None else f" of {self.input_rows} input rows"
+        limited = "" if self.limit is None else f" (--limit {self.limit})"
+        if self.input_rows is None:
+            return limited
+        return f" of {self.input_rows} input rows{limited}"
 
     def missing(self) -> list[str]:
-        """A warning where the output's rows are not the inputs' rows, one for one."""
-        if self.input_rows is None or self.rows == self.input_rows:
+        """A warning where the output's rows are not the inputs' rows, one for one
+        (as many as ``--limit`` let this run compute)."""
+        expected = expected_rows(self.input_rows, self.restored, self.limit)
+        if expected is None or self.rows == expected:
             return []
-        if self.rows > self.input_rows:
+        if self.rows > expected:
             return [
-                f"warning: the output holds {_rows(self.rows - self.input_rows)} more "
+                f"warning: the output holds {_rows(self.rows - expected)} more "
                 "than its inputs; please report this with its _summary.json"
             ]
-        lost = f"warning: {_rows(self.input_rows - self.rows, 'input ')} no output row"
+        lost = f"warning: {_rows(expected - self.rows, 'input ')} no output row"
         if not self.restored:
             return [f"{lost}; please report this with its _summary.json"]
         return [
@@ -172,6 +178,17 @@ class Summary:
             f"{len(ready)} actor(s) ready {span} (the last began at {began:.1f}s: "
             f"{spent})"
         )
+
+
+def expected_rows(
+    input_rows: int | None, restored: int, limit: int | None
+) -> int | None:
+    """Rows the output should hold when this run ends: every input row, or as many
+    as ``--limit`` lets it add to those restored. None where the inputs' count is
+    not known."""
+    if input_rows is None or limit is None:
+        return input_rows
+    return min(input_rows, restored + limit)
 
 
 def _rows(n: int, kind: str = "") -> str:

@@ -169,6 +169,26 @@ def test_a_resume_that_skips_rows_of_repeated_ids_says_so(
     assert summary.missing()[0] in summary.lines()
 
 
+def test_a_sample_with_limit_then_the_rest_with_resume(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    out = tmp_path / "out"
+    flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed",
+                 batch_rows=16, rows_per_file=16)  # fmt: skip
+    _, summary = run_job(out, limit=50, **flags)
+    assert (summary.rows, summary.computed, summary.missing()) == (50, 50, [])
+    assert summary.lines()[2].startswith("rows 50 of 120 input rows (--limit 50)  ")
+    _, summary = run_job(out, limit=50, resume=True, **flags)  # 50 more, none again
+    assert (summary.restored, summary.computed) == (50, 50)
+    rows, summary = run_job(out, resume=True, **flags)
+    assert (summary.restored, summary.computed, summary.missing()) == (100, 20, [])
+    ids = ids_in(out)
+    assert len(ids) == 120 and set(ids) == set(rows) and len(set(ids)) == 120
+    full, _ = run_job(tmp_path / "whole", **flags)
+    for key, row in rows.items():
+        assert row["embedding"] == pytest.approx(full[key]["embedding"], abs=1e-5)
+
+
 def test_rows_out_against_rows_in_where_the_inputs_say():
     def summary(rows: int, input_rows: int | None, restored: int = 0) -> Summary:
         return Summary(rows, 0, 1.0, 0.0, 0.0, {}, restored=restored,
