@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     DEVICES,
@@ -43,14 +44,20 @@ ON_LONG = ("truncate", "error")
 OPTIMIZE_TASKS = ("embed", "score", "classify")
 FORMAT_NAMES = tuple(FORMATS)
 Count = Annotated[int, Field(ge=1)]
+# --model: a hub id becomes its snapshot in this machine's hub cache, where the spec
+# is made (before a submission makes local paths absolute).
+ModelPath = Annotated[str, AfterValidator(hub_snapshot)]
 
 
 class ModelFlags(Spec):
     """How to hold a model: the flags infer and serve share."""
 
     model: Annotated[
-        str, Flag(path=True), Field(description="Model or artifact directory.")
-    ]
+        ModelPath,
+        Flag(path=True),
+        Field(description="Model or artifact directory, URI, or a Hugging Face hub "
+              "id in this machine's hub cache."),
+    ]  # fmt: skip
     task: str  # each command narrows it to the tasks it runs
     precision: Literal[PRECISIONS] = Field(
         "auto",
@@ -191,8 +198,11 @@ class OptimizeSpec(Spec):
     """One optimize job, as the user asked for it."""
 
     model: Annotated[
-        str, Flag(path=True), Field(description="Hugging Face model directory.")
-    ]
+        ModelPath,
+        Flag(path=True),
+        Field(description="Hugging Face model directory, URI, or hub id in this "
+              "machine's hub cache."),
+    ]  # fmt: skip
     recipe: Annotated[
         str, Flag(path=True), Field(description="YAML recipe: a list of `steps`.")
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,3 +62,33 @@ def test_the_driver_imports_neither_torch_nor_transformers(
     rows, imported = done.stdout.splitlines()[-2:]
     assert rows.startswith("rows 120 ") and imported == "[]"
     assert pq.read_table(out).num_rows == 120
+
+
+def test_a_hub_id_runs_from_this_machines_hub_cache(tiny_models, corpus, tmp_path):
+    # The layout `hf download` leaves: a snapshot per revision, refs/main naming it.
+    repo = tmp_path / "hub" / "models--lmbatch-test--tiny-bert"
+    shutil.copytree(tiny_models["bert"], repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = tmp_path / "out"
+    flags = ["--task", "embed", "--input", corpus["parquet"], "--output", str(out)]
+    done = subprocess.run(
+        [str(LMBATCH), "infer", "--model", "lmbatch-test/tiny-bert", *flags],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rows 120 " in done.stdout
+    job = json.loads((out / "_job.json").read_text())
+    assert job["model"] == str(repo / "snapshots" / "0123abc")
+
+    missing = subprocess.run(
+        [str(LMBATCH), "infer", "--model", "lmbatch-test/not-here", *flags],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip() == (
+        "Error: --model: lmbatch-test/not-here is no directory here, nor in the "
+        f"Hugging Face cache ({tmp_path / 'hub'}); lmbatch downloads nothing from a "
+        "hub: run `hf download lmbatch-test/not-here` first, or give a directory or URI"
+    )
