@@ -4,7 +4,7 @@ The total of a Parquet input is the sum of its files' footer row counts. Each fo
 is a round trip or two to the store, so a job of thousands of files read serially
 waited seconds to minutes before its total (and, before this change, before its
 first progress line). Side by side in one run, on files served by an S3-compatible
-server (moto) on loopback: lmbatch's ``parquet_rows`` (footers read 16 at a time),
+server (moto) on loopback: lmbatch's ``footer_rows`` (footers read 16 at a time),
 the serial loop it replaced, and pyarrow's ``dataset(...).count_rows()``, what a user
 would write. Loopback has no round trip to speak of, so each request passes through a
 proxy that holds it ``--latency-ms`` first: AWS's guidance puts small S3 requests'
@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from common import MOTO_PORT, append_results, object_store
 
-from lmbatch.jobs.progress import parquet_rows
+from lmbatch.jobs.progress import footer_rows
 
 PROXY_PORT = MOTO_PORT + 1
 
@@ -66,7 +66,7 @@ def delayed(latency_s: float) -> Iterator[None]:
 
 
 def serial_rows(fs, paths: list[str]) -> int:
-    """The loop ``parquet_rows`` replaced: one footer after another."""
+    """The loop ``footer_rows`` replaced: one footer after another."""
     total = 0
     for path in paths:
         with fs.open_input_file(path) as f:
@@ -90,7 +90,9 @@ def main() -> None:
             endpoint_override=f"127.0.0.1:{PROXY_PORT}",
         )  # fmt: skip
         counts = {
-            "lmbatch parquet_rows (16 at once)": lambda: parquet_rows(fs, paths),
+            "lmbatch footer_rows (16 at once)": lambda: footer_rows(
+                fs, paths, "parquet"
+            ),
             "serial loop (before)": lambda: serial_rows(fs, paths),
             "pyarrow dataset count_rows": lambda: pads.dataset(
                 paths, filesystem=fs, format="parquet"
@@ -101,7 +103,7 @@ def main() -> None:
             started = time.perf_counter()
             rows = count()
             results[name] = (time.perf_counter() - started, rows)
-    lmbatch = results["lmbatch parquet_rows (16 at once)"][0]
+    lmbatch = results["lmbatch footer_rows (16 at once)"][0]
     lines = [
         "| total from footers | seconds | rows | × lmbatch |",
         "|---|---|---|---|",

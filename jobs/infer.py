@@ -26,7 +26,7 @@ from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
 from lmbatch.jobs.lease import writer_lease
 from lmbatch.jobs.pool import PoolPlan, plan_pool
-from lmbatch.jobs.progress import Pool, parquet_rows, progress, quiet_ray_data
+from lmbatch.jobs.progress import Pool, footer_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
 from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
@@ -129,9 +129,9 @@ def plan_total(plan: InferPlan) -> Callable[[], int | None]:
     """Counts the job's input rows, where the files' metadata gives them; once, for
     the progress line and the summary's check of rows out against rows in."""
     inputs = plan.inputs
-    if inputs.format != "parquet":
-        return lambda: None
-    return functools.cache(lambda: parquet_rows(inputs.filesystem, inputs.paths))
+    return functools.cache(
+        lambda: footer_rows(inputs.filesystem, inputs.paths, inputs.format)
+    )
 
 
 @contextlib.contextmanager

@@ -3,10 +3,11 @@
     48,128 of 120,000 rows (40%)  1,204 rows/s  ETA 59s  errors 3
 
 Rows done and errors are what the actors report to the job's stats sink; the total
-comes from the inputs' Parquet footers where they give it (CSV and JSONL do not). While
-the pool is short of actors the line says so ("waiting for 2 of 2 GPU actors; the
-autoscaler is starting nodes"), so a job waiting on the cluster is never silent. Ray
-Data's own multi-line operator tables are replaced by this line unless ``--verbose``.
+comes from the inputs' footers where they give it (Parquet, Feather; CSV and JSONL
+do not). While the pool is short of actors the line says so ("waiting for 2 of 2 GPU
+actors; the autoscaler is starting nodes"), so a job waiting on the cluster is never
+silent. Ray Data's own multi-line operator tables are replaced by this line unless
+``--verbose``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
+
+from lmbatch.jobs.inputs import ARROW_FILE_MAGIC
 
 LOGGED_EVERY_S = 15.0  # where stderr is not a terminal: logs, CI, a submitted job
 LIVE_EVERY_S = 1.0
@@ -38,20 +42,28 @@ class Pool:
     gpus: int  # GPUs it spreads over; 0 on CPU
 
 
-def parquet_rows(fs: pafs.FileSystem, paths: list[str]) -> int | None:
-    """Rows of the input files from their footers, or None if any is not Parquet or
-    not readable (the reader reports that file itself). Footers are read
-    ``FOOTER_READERS`` at a time: on object storage each is a round trip or two, and a
-    job of 10,000 files would otherwise wait minutes for its total."""
+def footer_rows(fs: pafs.FileSystem, paths: list[str], fmt: str) -> int | None:
+    """Rows of the input files from their footers (Parquet's, or an Arrow IPC file's:
+    Feather), or None if any has none (JSONL, CSV, an Arrow stream as Hugging Face
+    datasets write) or is not readable (the reader reports that file itself).
+    Footers are read ``FOOTER_READERS`` at a time: on object storage each is a round
+    trip or two, and a job of 10,000 files would otherwise wait minutes for its
+    total."""
+    if fmt not in ("parquet", "arrow"):
+        return None
     with ThreadPoolExecutor(FOOTER_READERS, thread_name_prefix="lmbatch-footer") as ex:
-        counts = list(ex.map(lambda path: _footer_rows(fs, path), paths))
+        counts = list(ex.map(lambda path: _footer_rows(fs, path, fmt), paths))
     return None if None in counts else sum(counts)
 
 
-def _footer_rows(fs: pafs.FileSystem, path: str) -> int | None:
+def _footer_rows(fs: pafs.FileSystem, path: str, fmt: str) -> int | None:
     try:
         with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            if fmt == "parquet":
+                return pq.ParquetFile(f).metadata.num_rows
+            if f.read(len(ARROW_FILE_MAGIC)) != ARROW_FILE_MAGIC:
+                return None  # the stream layout has no footer to count from
+            return pa.ipc.open_file(f).count_rows()
     except Exception:  # noqa: BLE001 - a count is a nicety; reading reports errors
         return None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.feather as pafeather
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -30,7 +31,7 @@ from lmbatch.actors.memory import CpuMemory, rss
 from lmbatch.actors.model_info import TASK_COLUMNS
 from lmbatch.errors import UserError
 from lmbatch.jobs import progress as progress_module
-from lmbatch.jobs.progress import Pool, line, parquet_rows, progress, waiting
+from lmbatch.jobs.progress import Pool, footer_rows, line, progress, waiting
 from lmbatch.jobs.sources import Columns, ParquetRows
 from lmbatch.jobs.summary import count_errors, start_sink
 
@@ -247,9 +248,19 @@ def test_the_total_comes_from_every_footer_or_none(tmp_path):
         paths.append(str(tmp_path / f"part-{i}.parquet"))
         pq.write_table(pa.table({"text": ["a"] * i}), paths[-1])
     fs = pafs.LocalFileSystem()
-    assert parquet_rows(fs, paths) == sum(range(40))
+    assert footer_rows(fs, paths, "parquet") == sum(range(40))
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    assert parquet_rows(fs, [*paths, str(tmp_path / "broken.parquet")]) is None
+    assert (
+        footer_rows(fs, [*paths, str(tmp_path / "broken.parquet")], "parquet") is None
+    )
+    table = pa.table({"text": ["a"] * 30})
+    feather, stream = str(tmp_path / "t.feather"), str(tmp_path / "t.arrow")
+    pafeather.write_feather(table, feather, chunksize=7)  # the file layout
+    with pa.ipc.new_stream(stream, table.schema) as writer:  # as datasets writes
+        writer.write_table(table)
+    assert footer_rows(fs, [feather, feather], "arrow") == 60
+    assert footer_rows(fs, [feather, stream], "arrow") is None  # no footer
+    assert footer_rows(fs, [feather], "jsonl") is None
 
 
 @ray_job
