@@ -161,26 +161,37 @@ def off_console(record: logging.LogRecord) -> bool:
     return True
 
 
+# Ray Data's loggers of its own progress, and the level kept on the console: its
+# note that the bars are off (a warning), the execution plan as a job starts, its
+# time and rows written as it ends (the summary says all of it).
+PROGRESS_LOGGERS = {
+    "ray.data._internal.progress": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    "ray.data.dataset": logging.WARNING,
+}
+
+
 @contextlib.contextmanager
 def quiet_ray_data(verbose: bool) -> Iterator[None]:
-    """Ray Data's own progress bars and tables off for the job (and its note that
-    they are off), and its notes on a failed task off the console, unless
-    ``verbose``."""
+    """Ray Data's own progress bars, tables and notes off for the job, and its notes
+    on a failed task off the console, unless ``verbose``. Its log files keep them."""
     context = ray.data.DataContext.get_current()
     before = context.enable_progress_bars
-    logger = logging.getLogger("ray.data._internal.progress")
-    level = logger.level
+    loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
+    levels = [logger.level for logger in loggers]
     failures = [logging.getLogger(name) for name in FAILURE_LOGGERS]
     if not verbose:
         context.enable_progress_bars = False
-        logger.setLevel(logging.ERROR)
+        for logger, kept in zip(loggers, PROGRESS_LOGGERS.values(), strict=True):
+            logger.setLevel(kept)
         for failure in failures:
             failure.addFilter(off_console)
     try:
         yield
     finally:
         context.enable_progress_bars = before
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
         for failure in failures:
             failure.removeFilter(off_console)
 

@@ -274,6 +274,8 @@ def test_the_cli_prints_one_line_not_ray_datas_tables(tiny_models, corpus, tmp_p
     assert "of 120 rows" in done.stderr
     assert "Progress will be logged" not in done.stderr  # Ray Data's own tables
     assert "Progress bars disabled" not in done.stderr
+    assert "Execution plan of Dataset" not in done.stderr  # nor its INFO notes
+    assert "Data sink Parquet finished" not in done.stderr
 
 
 def test_errors_are_counted_by_arrow_compute(tmp_path):
