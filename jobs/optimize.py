@@ -10,7 +10,9 @@ Usage: ``run_optimize(prepare_optimize(spec))``; the CLI does both
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,7 @@ def _run(plan: OptimizePlan, threads: int) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to 1 in workers
+    show_progress()
     spec = plan.spec
     model_dir = fetch_model(spec.model)
     fs, path = filesystem_of(spec.output, "--output")
@@ -120,6 +123,19 @@ def _run(plan: OptimizePlan, threads: int) -> list[dict]:
         fs.delete_dir_contents(path, missing_dir_ok=True)
         pafs.copy_files(str(local), path, destination_filesystem=fs)
     return results
+
+
+def show_progress() -> None:
+    """The recipe's own lines (each step as it starts, training every 15 s, each
+    measurement) on this process's stdout, which Ray forwards to the driver's
+    console: a recipe can run for hours, and a worker logs nothing below WARNING."""
+    logger = logging.getLogger("lmbatch")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "lmbatch_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.lmbatch_progress = True
+        logger.addHandler(handler)
 
 
 def _task_of(model: str) -> str:

@@ -12,13 +12,14 @@ initialised), or a smaller model from a directory.
 from __future__ import annotations
 
 import copy
+import logging
 import random
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmbatch.actors.loading import TASK_MODEL_CLASSES
@@ -27,6 +28,9 @@ from lmbatch.optimize.arch import layer_list
 from lmbatch.optimize.calibrate import Batch, make_batches
 from lmbatch.optimize.context import Context
 from lmbatch.optimize.recipe import Distill
+
+log = logging.getLogger("lmbatch")
+PROGRESS_EVERY_S = 15.0  # as an infer job's progress line in a log
 
 
 def apply_distill(
@@ -53,8 +57,9 @@ def train(
     )
     rng = random.Random(0)
     order: list[int] = []
-    bar = tqdm(range(step.steps), desc=type(step).__name__.lower(), unit="step")
-    for _ in bar:
+    name = type(step).__name__.lower()
+    started = last = time.monotonic()
+    for done in range(1, step.steps + 1):
         if not order:
             order = list(range(len(batches)))
             rng.shuffle(order)
@@ -65,8 +70,19 @@ def train(
         optimizer.step()
         schedule.step()
         ctx.apply_masks(student)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S or done == step.steps:
+            last = now  # the loss read (a GPU sync) only when it is printed
+            log.info(progress_line(name, done, step.steps, loss.item(), now - started))
     student.eval()
+
+
+def progress_line(name: str, done: int, total: int, loss: float, seconds: float) -> str:
+    """One line of a training loop's progress, for a log: Ray forwards a task's lines
+    to the driver, where a progress bar's redraws became one line each."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = f"  ETA {(total - done) / rate:.0f}s" if rate and done < total else ""
+    return f"{name}: step {done} of {total}  loss {loss:.4f}  {rate:.2f} steps/s{eta}"
 
 
 def distill_loss(

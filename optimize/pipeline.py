@@ -108,7 +108,7 @@ def run_recipe(
             name = STEP_NAMES[type(step)]
             ctx.notes = []
             started = time.perf_counter()
-            log.info("step %d: %s", i, name)
+            log.info("step %d of %d: %s", i + 1, len(steps), name)
             model = APPLY[type(step)](model, step, ctx, f"steps[{i}].{name}")
             meta.precision = _precision(model, ctx)
             meta.quantization = ctx.quantization
@@ -149,7 +149,9 @@ def measure(
     metrics = fidelity(predictor.model, ctx, ctx.eval_batches)
     metrics.update(sizes(predictor.model, path, ctx.masks))
     metrics["rows_per_s"] = rows_per_s
-    log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+    log.info(
+        "measured %s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    )
     return {"name": name, "metrics": metrics, "notes": list(notes)}
 
 

@@ -7,6 +7,7 @@ the loader every infer actor uses.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from lmbatch.errors import UserError
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
+from lmbatch.optimize.distill import progress_line
 from lmbatch.optimize.evaluate import fidelity
 from lmbatch.optimize.pipeline import APPLY, STEP_NAMES
 from lmbatch.optimize.recipe import to_steps
@@ -177,10 +179,14 @@ def test_weight_sharing_codebook_holds_and_file_shrinks(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
-def test_distill_student_has_the_layers_asked(name, tiny_models, tmp_path):
+def test_distill_student_has_the_layers_asked(name, tiny_models, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lmbatch")
     model, ctx = apply(
         name, tiny_models, [{"distill": {"layers": 1, "steps": 4, "batch_size": 8}}]
     )
+    # Training says where it is in lines a log keeps, not a redrawn bar: its last.
+    (last,) = [r.message for r in caplog.records if "distill: step" in r.message]
+    assert last.startswith("distill: step 4 of 4  loss ") and "ETA" not in last
     blocks = {
         "bert": "encoder.layer",
         "gpt2": "transformer.h",
@@ -190,6 +196,12 @@ def test_distill_student_has_the_layers_asked(name, tiny_models, tmp_path):
     assert params(model) < params(ctx.teacher)
     loaded = reload(model, ctx, tiny_models[name], tmp_path / "a")
     torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_a_training_progress_line():
+    assert progress_line("distill", 120, 300, 0.07521, 60.0) == (
+        "distill: step 120 of 300  loss 0.0752  2.00 steps/s  ETA 90s"
+    )
 
 
 def test_a_narrower_embedding_student_is_refused(tiny_models, tmp_path):
