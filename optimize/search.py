@@ -11,6 +11,7 @@ Every trial swaps prebuilt modules in place, so a trial costs one evaluation pas
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -23,6 +24,8 @@ from lmbatch.optimize.context import Context
 from lmbatch.optimize.evaluate import fidelity, meets
 from lmbatch.optimize.lowrank import factorize
 from lmbatch.optimize.recipe import Lowrank, Search
+
+log = logging.getLogger("lmbatch")
 
 
 def apply_search(
@@ -51,6 +54,7 @@ def apply_search(
         if speed[choice] <= speed["keep"]:
             continue
         free = [n for n in names if assignment[n] == "keep"]
+        log.info("search: %s, each of %d Linears measured alone", choice, len(free))
         cost = {n: _loss(trial({n: choice}), step.floor) for n in free}
         free.sort(key=cost.get)
         k = _longest_run(
@@ -60,6 +64,7 @@ def apply_search(
             len(free),
         )
         assignment.update(dict.fromkeys(free[:k], choice))
+        log.info("search: %s on %d of %d Linears holds the floor", choice, k, len(free))
     trial({})
     counts = {c: sum(v == c for v in assignment.values()) for c in step.choices}
     ctx.notes.append("search: " + ", ".join(f"{v} {c}" for c, v in counts.items()))
