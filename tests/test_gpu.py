@@ -153,3 +153,28 @@ def test_serve_replicas_reserve_a_gpu_share(tiny_models):
     spec = ServeSpec(model=tiny_models["bert64"], task="embed", replicas=2)
     device, options = replica_resources(prepare_serve(spec))
     assert device == "cuda" and 0 < options["num_gpus"] <= 0.5
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_serve_answers_on_cuda_as_the_cpu_job_does(tiny_models, corpus, cpu_rows):
+    from ray import serve
+    from ray_head import free_port
+    from test_serve import post
+
+    from lmbatch.jobs.serve import deploy, prepare_serve
+    from lmbatch.jobs.spec import ServeSpec
+
+    spec = ServeSpec(model=tiny_models["bert64"], task="embed", device="cuda",
+                     precision="fp32", port=free_port())  # fmt: skip
+    url = deploy(prepare_serve(spec), threads=1)
+    try:
+        status, body = post(url, {"inputs": corpus["texts"][:4]})
+    finally:
+        serve.shutdown()
+    assert status == 200, body
+    expected = cpu_rows("embed")
+    for i, got in enumerate(body["results"]):
+        assert got["error"] is None
+        want = np.asarray(expected[f"doc-{i:03d}"]["embedding"])
+        cosine = np.dot(got["embedding"], want) / np.linalg.norm(want)
+        assert cosine == pytest.approx(1.0, abs=TOLERANCE["fp32"])
