@@ -55,6 +55,8 @@ class ModelInfo:
     max_positions: int | None
     sentence: Sentence  # how token states become an embedding (embed)
     id2label: dict[int, str] = field(default_factory=dict)
+    # classify: what turns logits into ``probs`` (classify_function)
+    classify_function: str = "softmax"
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
 
@@ -96,6 +98,7 @@ def inspect_model(
         max_positions=_max_positions(config),
         sentence=read_sentence(Path(path)) if task == "embed" else Sentence(),
         id2label=_id2label(config),
+        classify_function=classify_function(config),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
     )
@@ -148,6 +151,19 @@ def _config(path: str, trust_remote_code: bool) -> dict:
             "read it, then pass --trust-remote-code to run it",
         )
     return config
+
+
+def classify_function(config: dict) -> str:
+    """What turns a classifier's logits into its scores, as transformers'
+    text-classification pipeline chooses: none for regression, sigmoid (each label on
+    its own) for a multi-label model or one with a single output, else softmax."""
+    problem = config.get("problem_type")
+    if problem == "regression":
+        return "none"
+    labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if problem == "multi_label_classification" or labels == 1:
+        return "sigmoid"
+    return "softmax"
 
 
 def _id2label(config: dict) -> dict[int, str]:

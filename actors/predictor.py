@@ -55,7 +55,8 @@ def make_head(
     if task == "score":
         return Score()
     if task == "classify":
-        return Classify(config.info.id2label, model.config.num_labels)
+        info = config.info
+        return Classify(info.id2label, model.config.num_labels, info.classify_function)
     return Generate(config.max_new_tokens, tokenizer)
 
 

@@ -164,10 +164,13 @@ class Score:
 
 @dataclass(frozen=True)
 class Classify:
-    """Sequence classification: top label, its probability, and every probability."""
+    """Sequence classification: top label, its score, and every label's score. The
+    scores are the logits through ``function`` (model_info.classify_function):
+    softmax, sigmoid (multi-label, or a single output) or none (regression)."""
 
     id2label: dict[int, str]
     num_labels: int
+    function: str = "softmax"
     padding_side = "right"
     labels: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -189,7 +192,12 @@ class Classify:
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        probs = torch.softmax(logits, dim=-1)
+        if self.function == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+        elif self.function == "sigmoid":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = logits
         score, top = probs.max(dim=-1)
         return {"top": top, "score": score, "probs": probs}
 

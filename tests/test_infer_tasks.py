@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import run_job
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    pipeline,
 )
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -109,6 +114,39 @@ def test_classify_labels_from_id2label(tiny_models, corpus, tmp_path):
         assert row["label"] == model.config.id2label[int(probs.argmax())]
         assert row["score"] == pytest.approx(float(probs.max()), abs=1e-5)
         np.testing.assert_allclose(row["probs"], probs.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "problem, labels",
+    [("multi_label_classification", 3), (None, 1), ("regression", 1)],
+)
+def test_classify_scores_as_the_transformers_pipeline_does(
+    problem, labels, tiny_models, corpus, tmp_path
+):
+    """Multi-label and one-output models take a sigmoid, regression none: a softmax
+    over independent labels would be a wrong score on every row."""
+    base = Path(tiny_models["bert_cls"])
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels, config.problem_type = labels, problem
+    torch.manual_seed(1)
+    path = tmp_path / "model"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    for tokenizer_file in base.glob("*.*"):
+        if not (path / tokenizer_file.name).exists():
+            shutil.copy(tokenizer_file, path)
+    rows, _ = run_job(tmp_path / "out", model=str(path), inputs=corpus["parquet"],
+                      task="classify", id_column="doc")  # fmt: skip
+    classifier = pipeline("text-classification", model=str(path), top_k=None)
+    for i in (3, 90):
+        (want,) = classifier([corpus["texts"][i]])  # every label, best first
+        row = rows[f"doc-{i:03d}"]
+        assert row["label"] == want[0]["label"]
+        assert row["score"] == pytest.approx(want[0]["score"], abs=1e-5)
+        by_label = {w["label"]: w["score"] for w in want}
+        names = [config.id2label[j] for j in range(labels)]
+        np.testing.assert_allclose(
+            row["probs"], [by_label[n] for n in names], atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
