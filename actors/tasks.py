@@ -221,13 +221,18 @@ class Generate:
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
+        # The model's own stop tokens where its generation config names them (a chat
+        # model stops at the end of its turn, not only at the tokenizer's eos).
+        stop = {}
+        if model.generation_config.eos_token_id is None:
+            stop["eos_token_id"] = self.tokenizer.eos_token_id
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            **stop,
         )
         return {"tokens": out[:, ids.shape[1] :]}
 

@@ -176,6 +176,38 @@ def test_generate_batched_equals_one_by_one(name, tiny_models, corpus, tmp_path)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
 
 
+def test_generate_stops_at_every_stop_token_of_the_generation_config(
+    tiny_models, corpus, tmp_path
+):
+    """A chat model's generation_config lists several eos tokens (Llama 3: the end
+    of text and of a turn); generation stops at each, as model.generate does."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_models["gpt2"], path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(corpus["texts"][1], return_tensors="pt")["input_ids"]
+    first = greedy(model, tok, ids, 5)[0, ids.shape[1]]  # its first new token
+    model.generation_config.eos_token_id = [tok.eos_token_id, int(first)]
+    model.generation_config.save_pretrained(path)
+    rows, _ = run_job(tmp_path / "out", model=str(path), inputs=corpus["parquet"],
+                      task="generate", id_column="doc", max_new_tokens=5)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for i in (1, 60):
+        ids = tok(corpus["texts"][i], return_tensors="pt")["input_ids"]
+        new = greedy(model, tok, ids, 5)[0, ids.shape[1] :]
+        expected = tok.decode(new, skip_special_tokens=True)
+        assert rows[f"doc-{i:03d}"]["generated_text"] == expected
+    stopped = rows["doc-001"]["generated_text"]
+    assert stopped == tok.decode([int(first)], skip_special_tokens=True)
+
+
+def greedy(model, tok, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )  # fmt: skip
+
+
 def test_pickle_weights_load_when_allowed(tiny_models, corpus, tmp_path):
     import shutil
 
