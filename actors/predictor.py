@@ -51,13 +51,24 @@ def make_head(
 ) -> TaskHead:
     task = config.model.task
     if task == "embed":
-        return Embed(config.info.sentence, model.config.hidden_size, model_dir, device)
+        sentence = config.info.sentence
+        skip = 0 if sentence.include_prompt else prompt_tokens(tokenizer, config.prompt)
+        return Embed(sentence, model.config.hidden_size, model_dir, device, skip)
     if task == "score":
         return Score()
     if task == "classify":
         info = config.info
         return Classify(info.id2label, model.config.num_labels, info.classify_function)
     return Generate(config.max_new_tokens, tokenizer)
+
+
+def prompt_tokens(tokenizer, prompt: str) -> int:
+    """The tokens a prompt puts before a text, as sentence-transformers counts them:
+    the prompt tokenized alone, less a special token it ends with."""
+    if not prompt:
+        return 0
+    ids = tokenizer(prompt)["input_ids"]
+    return len(ids) - (1 if ids and ids[-1] in tokenizer.all_special_ids else 0)
 
 
 class Predictor:

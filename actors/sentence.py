@@ -13,7 +13,7 @@ JSON only here, no torch: the driver reads this; ``tasks.Embed`` runs it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +69,11 @@ class Sentence:
     steps: tuple[Step, ...] = ("normalize",)  # after pooling, in order
     max_seq_length: int | None = None  # tokens; None: the model's own limit
     lowercase: bool = False  # do_lower_case: texts lowercased before tokenizing
+    # config_sentence_transformers.json's prompts, by name, and the one applied when
+    # none is asked for; Pooling's include_prompt (False: its tokens are not pooled)
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
 
     def width(self, hidden_size: int) -> int:
         """The embedding's width for a model of ``hidden_size``."""
@@ -97,12 +102,49 @@ def read_sentence(path: Path) -> Sentence:
         raise UserError(
             "--model", f"{listing}: no Pooling module; no embedding to take"
         )
+    config = _json(path / "config_sentence_transformers.json", path, {})
+    prompts = {str(k): str(v or "") for k, v in (config.get("prompts") or {}).items()}
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise UserError(
+            "--model", f"{path}: default_prompt_name {default!r} is not one of its "
+            f"prompts {sorted(prompts)}",
+        )  # fmt: skip
     return Sentence(
         modes=found["modes"],
         steps=tuple(found["steps"]),
         max_seq_length=found.get("max_seq_length"),
         lowercase=found.get("lowercase", False),
+        prompts=prompts,
+        default_prompt_name=default,
+        include_prompt=found.get("include_prompt", True),
     )
+
+
+def resolve_prompt(
+    sentence: Sentence, prompt: str | None, prompt_name: str | None
+) -> str:
+    """The text put before every text, as ``SentenceTransformer.encode`` picks it:
+    ``--prompt`` as given, else the model's prompt ``--prompt-name``, else its
+    ``default_prompt_name``'s; "" for none.
+
+    Raises:
+        UserError: naming ``--prompt-name`` where the model has no such prompt, or
+            ``--prompt`` where both are given.
+    """
+    if prompt is not None and prompt_name is not None:
+        raise UserError("--prompt", "give --prompt or --prompt-name, not both")
+    if prompt is not None:
+        return prompt
+    if prompt_name is None:
+        name = sentence.default_prompt_name
+        return sentence.prompts.get(name, "") if name is not None else ""
+    if prompt_name not in sentence.prompts:
+        has = sorted(sentence.prompts) or "none"
+        raise UserError(
+            "--prompt-name", f"the model has no prompt {prompt_name!r} (it has {has})"
+        )
+    return sentence.prompts[prompt_name]
 
 
 def _read_module(path: Path, module: dict, where: str, found: dict) -> None:
@@ -123,7 +165,9 @@ def _read_module(path: Path, module: dict, where: str, found: dict) -> None:
         found["transformer"] = True
         found.update(_transformer(path, module, where))
     elif kind == "Pooling":
-        found["modes"] = _modes(_json(folder / "config.json", where), where)
+        pooling = _json(folder / "config.json", where)
+        found["modes"] = _modes(pooling, where)
+        found["include_prompt"] = bool(pooling.get("include_prompt", True))
     elif kind == "Dense":
         found["steps"].append(_dense(path, module, where))
     else:

@@ -45,9 +45,17 @@ class Embed:
     padding_side = "right"
 
     def __init__(
-        self, sentence: Sentence, hidden_size: int, model_dir: str, device: torch.device
+        self,
+        sentence: Sentence,
+        hidden_size: int,
+        model_dir: str,
+        device: torch.device,
+        prompt_tokens: int = 0,
     ) -> None:
+        """``prompt_tokens``: the leading tokens left out of pooling (a prompt where
+        the model's Pooling has ``include_prompt: false``)."""
         self.modes = sentence.modes
+        self.prompt_tokens = prompt_tokens
         self.steps = [
             _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
             for step in sentence.steps
@@ -64,7 +72,7 @@ class Embed:
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an
         optimize job measures fidelity on and distils towards)."""
-        embedding = pool(hidden.float(), mask, self.modes)
+        embedding = pool(hidden.float(), mask, self.modes, self.prompt_tokens)
         for step in self.steps:
             embedding = step(embedding)
         return embedding
@@ -96,11 +104,17 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def pool(
-    hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]
+    hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...], skip: int = 0
 ) -> torch.Tensor:
     """Right-padded token states pooled in each mode, concatenated in that order
-    (sentence-transformers' Pooling: several modes make one wider vector)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
+    (sentence-transformers' Pooling: several modes make one wider vector). The first
+    ``skip`` tokens (a prompt) are left out, as its Pooling leaves them out: of every
+    mode but cls and lasttoken."""
+    pooled = mask
+    if skip:
+        pooled = mask.clone()
+        pooled[:, :skip] = 0
+    m = pooled.unsqueeze(-1).to(hidden.dtype)
     counts = m.sum(dim=1).clamp(min=1e-9)
     out = []
     for mode in modes:

@@ -47,6 +47,7 @@ class TokenizeConfig:
     trust_remote_code: bool = False
     lowercase: bool = False  # sentence-transformers' do_lower_case
     backend: str | None = None  # the fast tokenizer's JSON (``with_backend``)
+    prefix: str = ""  # put before every text: a sentence-transformers prompt
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
 
 
@@ -120,7 +121,10 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     # thread per core in every task), spread the work over the cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ok = pc.is_null(batch["_error"])
-    texts = pc.if_else(ok, pc.fill_null(batch["_text"], ""), "").to_pylist()
+    texts = pc.if_else(ok, pc.fill_null(batch["_text"], ""), "")
+    if config.prefix:
+        texts = pc.binary_join_element_wise(config.prefix, texts, "")
+    texts = texts.to_pylist()
     ids = pa.array(encode(texts, config), pa.list_(pa.int32()))
     lengths = pc.cast(pc.list_value_length(ids), pa.string())
     error = pc.case_when(

@@ -191,13 +191,16 @@ def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
     return pool, pool.describe() + why
 
 
-def tokenize_settings(spec: ModelFlags, info: ModelInfo, max_length: int):
+def tokenize_settings(
+    spec: ModelFlags, info: ModelInfo, max_length: int, prompt: str = ""
+):
     """The tokenize stage's config, before its tokenizer's definition is added."""
     from lmbatch.actors.tokenize import TokenizeConfig
 
     return TokenizeConfig(
         model_path=spec.model,
         max_length=max_length,
+        prefix=prompt,
         on_long=spec.on_long,
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,
@@ -211,7 +214,7 @@ def tokenize_config(plan: InferPlan) -> ray.ObjectRef:
     the tokenizer imports transformers and torch, seconds the driver does not wait."""
     from lmbatch.actors.tokenize import with_backend
 
-    config = tokenize_settings(plan.spec, plan.model, plan.max_length)
+    config = tokenize_settings(plan.spec, plan.model, plan.max_length, plan.prompt)
     # No CPU reserved: a one-off that must not wait behind the job's own tasks.
     task = ray.remote(with_backend).options(num_cpus=0, scheduling_strategy=this_node())
     return task.remote(config)
@@ -235,6 +238,7 @@ def build_dataset(
         batch_tokens=spec.batch_tokens,
         max_new_tokens=spec.max_new_tokens,
         max_length=plan.max_length,
+        prompt=plan.prompt,
         memory_limit=spec.actor_memory,
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,

@@ -52,7 +52,10 @@ RECORD_FLAGS = {
     "max_length": "--max-length",
     "max_new_tokens": "--max-new-tokens",
     "on_long": "--on-long",
+    "prompt": "--prompt or --prompt-name",
 }
+# What a record written before a field existed held in effect.
+RECORD_DEFAULTS = {"prompt": ""}
 
 
 def job_record(plan: InferPlan, device: str) -> dict:
@@ -74,6 +77,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "max_length": plan.max_length,
         "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
         "on_long": spec.on_long,
+        "prompt": plan.prompt,
     }
 
 
@@ -102,11 +106,12 @@ def begin_output(plan: InferPlan, device: str) -> int:
             f"(no {JOB_FILE})",
         )
     for key, now in record.items():
-        if written.get(key) != now:
+        then = written.get(key, RECORD_DEFAULTS.get(key))
+        if then != now:
             raise UserError(
                 "--resume",
                 f"{plan.spec.output} was written with another {RECORD_FLAGS[key]}: "
-                f"{_change(written.get(key), now)}; use a new --output",
+                f"{_change(then, now)}; use a new --output",
             )
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
 

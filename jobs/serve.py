@@ -25,7 +25,7 @@ from lmbatch.jobs.gpus import choose_device, per_gpu
 from lmbatch.jobs.infer import model_spec, tokenize_settings
 from lmbatch.jobs.pool import gpu_fraction
 from lmbatch.jobs.session import ray_session
-from lmbatch.jobs.spec import ServeSpec, max_length_of
+from lmbatch.jobs.spec import ServeSpec, max_length_of, prompt_of
 from lmbatch.jobs.submit import is_loopback_host
 
 
@@ -35,6 +35,7 @@ class ServePlan:
     info: ModelInfo
     model_dir: str  # --model, or its weights-free copy on this machine (a URI)
     max_length: int
+    prompt: str = ""  # put before every text (embed; prompt_of)
 
 
 def prepare_serve(spec: ServeSpec) -> ServePlan:
@@ -48,7 +49,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
-    return ServePlan(spec, info, model_dir, max_length)
+    return ServePlan(spec, info, model_dir, max_length, prompt_of(spec, info))
 
 
 def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
@@ -61,10 +62,13 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             threads=threads,
             max_new_tokens=spec.max_new_tokens,
             max_length=plan.max_length,
+            prompt=plan.prompt,
             actors_per_node=spec.replicas,
         ),
         # Its driver imports torch anyway (the Endpoint's Predictor).
-        tokenize=with_backend(tokenize_settings(spec, plan.info, plan.max_length)),
+        tokenize=with_backend(
+            tokenize_settings(spec, plan.info, plan.max_length, plan.prompt)
+        ),
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

@@ -27,6 +27,7 @@ from lmbatch.actors.model_info import (
     check_runs_on_gpu,
     inspect_model,
 )
+from lmbatch.actors.sentence import resolve_prompt
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.lease import check_no_writer
@@ -82,6 +83,16 @@ class ModelFlags(Spec):
     )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate, greedy)."
+    )
+    prompt: str | None = Field(
+        None,
+        description="--task embed: text put before each text, as sentence-"
+        "transformers' prompt (e.g. 'query: ').",
+    )
+    prompt_name: str | None = Field(
+        None,
+        description="--task embed: one of the model's own prompts "
+        "(config_sentence_transformers.json); default its default_prompt_name.",
     )
 
 
@@ -251,6 +262,7 @@ class InferPlan:
     output_fs: pafs.FileSystem
     output_path: str
     keep: dict[str, pa.DataType]  # --keep-columns and their types
+    prompt: str = ""  # put before every text (embed; prompt_of)
 
 
 def prepare_infer(spec: InferSpec) -> InferPlan:
@@ -279,8 +291,27 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     check_no_writer(output_fs, output_path, spec.output)
     return InferPlan(
-        spec, inputs, info, model_dir, max_length, output_fs, output_path, keep
-    )
+        spec, inputs, info, model_dir, max_length, output_fs, output_path, keep,
+        prompt_of(spec, info),
+    )  # fmt: skip
+
+
+def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
+    """The prompt put before every text: embed only, as sentence-transformers picks it.
+
+    Raises:
+        UserError: naming ``--prompt`` or ``--prompt-name`` on another task, or a
+            prompt the model does not have.
+    """
+    if spec.task != "embed":
+        for flag, value in (
+            ("--prompt", spec.prompt),
+            ("--prompt-name", spec.prompt_name),
+        ):
+            if value is not None:
+                raise UserError(flag, f"applies to --task embed, not {spec.task}")
+        return ""
+    return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
 
 
 RESERVED = ("id", "error", "_text", "_error", "_ids")  # the pipeline's own columns

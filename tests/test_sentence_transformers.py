@@ -20,9 +20,10 @@ from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
+from lmbatch.actors.sentence import resolve_prompt
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, load_tokenizer
 from lmbatch.errors import UserError
-from lmbatch.jobs.spec import InferSpec, max_length_of
+from lmbatch.jobs.spec import InferSpec, max_length_of, prompt_of
 from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.evaluate import fidelity
@@ -148,6 +149,79 @@ def test_a_whole_job_matches_too(st_models, corpus, tmp_path):
     want = SentenceTransformer(path, device="cpu").encode(corpus["texts"])
     got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+PROMPTS = {"query": "the query: ", "doc": "a passage: "}
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny_models, tmp_path_factory) -> dict[bool, str]:
+    """include_prompt -> a model with prompts, "query" its default, pooling mean and
+    last token (the prompt left out of the mean, or not)."""
+    root = tmp_path_factory.mktemp("prompted")
+    made = {}
+    for include in (True, False):
+        pooling = st.Pooling(32, pooling_mode=("mean", "lasttoken"),
+                             include_prompt=include)  # fmt: skip
+        model = SentenceTransformer(
+            modules=[st.Transformer(tiny_models["bert"]), pooling],
+            prompts=PROMPTS, default_prompt_name="query",
+        )  # fmt: skip
+        model.save(str(root / str(include)))
+        made[include] = str(root / str(include))
+    return made
+
+
+@pytest.mark.parametrize("include", [True, False])
+@pytest.mark.parametrize(
+    "prompt, name",
+    [(None, None), (None, "doc"), ("some words: ", None), ("", None)],
+)
+def test_prompts_as_sentence_transformers_applies_them(prompted, include, prompt, name):
+    path = prompted[include]
+    info = inspect_model(path, "embed")
+    text = resolve_prompt(info.sentence, prompt, name)
+    actor = Predictor(
+        PredictorConfig(ModelSpec(path, "embed"), info, max_length=64, prompt=text)
+    )
+    out = actor(actor_batch(TEXTS, TokenizeConfig(path, 64, prefix=text)))
+    got = np.array(out["embedding"].to_pylist(), dtype=np.float32)
+    model = SentenceTransformer(path, device="cpu")
+    want = model.encode(TEXTS, prompt=prompt, prompt_name=name, batch_size=7)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    if prompt != "":  # the prompt changed the vectors: the test can tell
+        plain = model.encode(TEXTS, prompt="", batch_size=7)
+        assert not np.allclose(got, plain, atol=1e-3)
+
+
+def test_a_prompt_the_model_lacks_is_one_line(prompted):
+    info = inspect_model(prompted[True], "embed")
+    with pytest.raises(UserError) as e:
+        resolve_prompt(info.sentence, None, "passage")
+    assert e.value.where == "--prompt-name"
+    assert str(e.value) == (
+        "--prompt-name: the model has no prompt 'passage' (it has ['doc', 'document', "
+        "'query'])"
+    )
+    spec = InferSpec(model=prompted[True], inputs=("x",), task="score", output="o",
+                     prompt="q: ")  # fmt: skip
+    with pytest.raises(UserError, match="--prompt: applies to --task embed"):
+        prompt_of(spec, info)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_job_with_a_prompt_name_matches_and_resumes_only_with_it(
+    prompted, corpus, tmp_path
+):
+    flags = dict(model=prompted[False], inputs=corpus["parquet"], task="embed",
+                 id_column="doc")  # fmt: skip
+    rows, _ = run_job(tmp_path / "out", prompt_name="doc", **flags)
+    model = SentenceTransformer(prompted[False], device="cpu")
+    want = model.encode(corpus["texts"], prompt_name="doc")
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(UserError, match="another --prompt or --prompt-name"):
+        run_job(tmp_path / "out", resume=True, **flags)  # the default prompt: query
 
 
 def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):
