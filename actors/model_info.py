@@ -57,6 +57,7 @@ class ModelInfo:
     id2label: dict[int, str] = field(default_factory=dict)
     # classify: what turns logits into ``probs`` (classify_function)
     classify_function: str = "softmax"
+    hidden_size: int | None = None  # config's width of a token state
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
 
@@ -99,6 +100,7 @@ def inspect_model(
         sentence=read_sentence(Path(path)) if task == "embed" else Sentence(),
         id2label=_id2label(config),
         classify_function=classify_function(config),
+        hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
     )
@@ -190,7 +192,12 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
 
 
 def _max_positions(config: dict) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+    return _first_int(config, ("max_position_embeddings", "n_positions", "max_seq_len"))
+
+
+def _first_int(config: dict, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` the config gives as a positive integer."""
+    for name in names:
         value = config.get(name)
         if isinstance(value, int) and value > 0:
             return value

@@ -53,7 +53,10 @@ def make_head(
     if task == "embed":
         sentence = config.info.sentence
         skip = 0 if sentence.include_prompt else prompt_tokens(tokenizer, config.prompt)
-        return Embed(sentence, model.config.hidden_size, model_dir, device, skip)
+        return Embed(
+            sentence, model.config.hidden_size, model_dir, device, skip,
+            config.truncate_dim,
+        )  # fmt: skip
     if task == "score":
         return Score()
     if task == "classify":

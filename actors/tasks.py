@@ -51,23 +51,29 @@ class Embed:
         model_dir: str,
         device: torch.device,
         prompt_tokens: int = 0,
+        truncate_dim: int | None = None,
     ) -> None:
         """``prompt_tokens``: the leading tokens left out of pooling (a prompt where
-        the model's Pooling has ``include_prompt: false``)."""
+        the model's Pooling has ``include_prompt: false``); ``truncate_dim``: the
+        dimensions kept, the first, after every module (sentence-transformers'
+        ``truncate_dim``: not normalised again)."""
         self.modes = sentence.modes
         self.prompt_tokens = prompt_tokens
+        self.truncate_dim = truncate_dim
         self.steps = [
             _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
             for step in sentence.steps
         ]
         width = sentence.width(hidden_size)
+        if truncate_dim is not None:
+            width = min(width, truncate_dim)
         self.schema = pa.schema([("embedding", pa.list_(pa.float32(), width))])
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return {"embedding": self.embedding(hidden, mask)}
+        return {"embedding": self.embedding(hidden, mask)[:, : self.truncate_dim]}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an

@@ -239,6 +239,7 @@ def build_dataset(
         max_new_tokens=spec.max_new_tokens,
         max_length=plan.max_length,
         prompt=plan.prompt,
+        truncate_dim=spec.truncate_dim,
         memory_limit=spec.actor_memory,
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,

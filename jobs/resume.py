@@ -53,9 +53,10 @@ RECORD_FLAGS = {
     "max_new_tokens": "--max-new-tokens",
     "on_long": "--on-long",
     "prompt": "--prompt or --prompt-name",
+    "truncate_dim": "--truncate-dim",
 }
 # What a record written before a field existed held in effect.
-RECORD_DEFAULTS = {"prompt": ""}
+RECORD_DEFAULTS = {"prompt": "", "truncate_dim": None}
 
 
 def job_record(plan: InferPlan, device: str) -> dict:
@@ -78,6 +79,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
         "on_long": spec.on_long,
         "prompt": plan.prompt,
+        "truncate_dim": spec.truncate_dim,
     }
 
 

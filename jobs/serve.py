@@ -63,6 +63,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             max_new_tokens=spec.max_new_tokens,
             max_length=plan.max_length,
             prompt=plan.prompt,
+            truncate_dim=spec.truncate_dim,
             actors_per_node=spec.replicas,
         ),
         # Its driver imports torch anyway (the Endpoint's Predictor).

@@ -94,6 +94,11 @@ class ModelFlags(Spec):
         description="--task embed: one of the model's own prompts "
         "(config_sentence_transformers.json); default its default_prompt_name.",
     )
+    truncate_dim: Count | None = Field(
+        None,
+        description="--task embed: keep the first N dimensions of each embedding "
+        "(a Matryoshka model's), as sentence-transformers' truncate_dim.",
+    )
 
 
 class InferSpec(ModelFlags):
@@ -297,20 +302,29 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
 
 
 def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
-    """The prompt put before every text: embed only, as sentence-transformers picks it.
+    """The prompt put before every text: embed only, as sentence-transformers picks
+    it; the embedding flags checked against the task and the model.
 
     Raises:
-        UserError: naming ``--prompt`` or ``--prompt-name`` on another task, or a
-            prompt the model does not have.
+        UserError: naming ``--prompt``, ``--prompt-name`` or ``--truncate-dim`` on
+            another task, a prompt the model does not have, or more dimensions than
+            its embeddings have.
     """
     if spec.task != "embed":
         for flag, value in (
             ("--prompt", spec.prompt),
             ("--prompt-name", spec.prompt_name),
+            ("--truncate-dim", spec.truncate_dim),
         ):
             if value is not None:
                 raise UserError(flag, f"applies to --task embed, not {spec.task}")
         return ""
+    width = info.sentence.width(info.hidden_size) if info.hidden_size else None
+    if spec.truncate_dim is not None and width and spec.truncate_dim > width:
+        raise UserError(
+            "--truncate-dim",
+            f"{spec.truncate_dim} is more than the model's {width} dimensions",
+        )
     return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
 
 

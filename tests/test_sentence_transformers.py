@@ -9,6 +9,8 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import sentences
@@ -222,6 +224,27 @@ def test_a_job_with_a_prompt_name_matches_and_resumes_only_with_it(
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     with pytest.raises(UserError, match="another --prompt or --prompt-name"):
         run_job(tmp_path / "out", resume=True, **flags)  # the default prompt: query
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_truncate_dim_keeps_the_first_dimensions_as_sentence_transformers(
+    st_models, corpus, tmp_path
+):
+    path = st_models["mean, dense tanh, normalized"]  # 16 dimensions
+    rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
+                      task="embed", id_column="doc", truncate_dim=8)  # fmt: skip
+    want = SentenceTransformer(path, device="cpu").encode(
+        corpus["texts"], truncate_dim=8
+    )
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    schema = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 8)
+    with pytest.raises(
+        UserError, match="--truncate-dim: 17 is more than the model's 16"
+    ):
+        run_job(tmp_path / "more", model=path, inputs=corpus["parquet"],
+                task="embed", truncate_dim=17)  # fmt: skip
 
 
 def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):
