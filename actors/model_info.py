@@ -58,6 +58,7 @@ class ModelInfo:
     # classify: what turns logits into ``probs`` (classify_function)
     classify_function: str = "softmax"
     hidden_size: int | None = None  # config's width of a token state
+    chat_template: bool = False  # whether its tokenizer has one
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
 
@@ -101,6 +102,7 @@ def inspect_model(
         id2label=_id2label(config),
         classify_function=classify_function(config),
         hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),
+        chat_template=has_chat_template(Path(path)),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
     )
@@ -153,6 +155,20 @@ def _config(path: str, trust_remote_code: bool) -> dict:
             "read it, then pass --trust-remote-code to run it",
         )
     return config
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer has a chat template: in its own file (transformers 5
+    saves ``chat_template.jinja``) or in tokenizer_config.json (older ones)."""
+    if (path / "chat_template.jinja").is_file() or (
+        path / "chat_template.json"
+    ).is_file():
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))
 
 
 def classify_function(config: dict) -> str:

@@ -48,6 +48,7 @@ class TokenizeConfig:
     lowercase: bool = False  # sentence-transformers' do_lower_case
     backend: str | None = None  # the fast tokenizer's JSON (``with_backend``)
     prefix: str = ""  # put before every text: a sentence-transformers prompt
+    chat: bool = False  # each text a user's message in the model's chat template
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
 
 
@@ -125,6 +126,8 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     if config.prefix:
         texts = pc.binary_join_element_wise(config.prefix, texts, "")
     texts = texts.to_pylist()
+    if config.chat:
+        texts = chat_messages(texts, config)
     ids = pa.array(encode(texts, config), pa.list_(pa.int32()))
     lengths = pc.cast(pc.list_value_length(ids), pa.string())
     error = pc.case_when(
@@ -151,17 +154,34 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     return tokens
 
 
+def chat_messages(texts: list[str], config: TokenizeConfig) -> list[str]:
+    """Each text as a user's message in the model's chat template, the assistant's
+    turn begun: transformers' own rendering (a generate job's model time dwarfs its
+    import here)."""
+    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for text in texts
+    ]
+
+
 def encode(texts: list[str], config: TokenizeConfig) -> list[list[int]]:
-    """Token ids of each text, special tokens added, cut to ``max_length`` when the
-    job truncates; what transformers' tokenizer returns as ``input_ids``."""
+    """Token ids of each text, special tokens added (not to a chat template's text,
+    which holds its own), cut to ``max_length`` when the job truncates; what
+    transformers' tokenizer returns as ``input_ids``."""
     max_length = config.max_length if config.on_long == "truncate" else None
+    special = not config.chat
     if config.backend is not None:
         tokenizer = backend(config.backend, max_length, config.truncation_side)
         # The fast variant skips the character offsets nothing here reads. With the
         # engine called directly, the stage went from 12,122 to 15,581 rows/s on one
         # core (benchmarks/host_feed.py, MiniLM).
         batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        return [e.ids for e in batch(texts, add_special_tokens=True)]
+        return [e.ids for e in batch(texts, add_special_tokens=special)]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
@@ -170,6 +190,7 @@ def encode(texts: list[str], config: TokenizeConfig) -> list[list[int]]:
     )
     return tokenizer(
         texts,
+        add_special_tokens=special,
         truncation=max_length is not None,
         max_length=max_length,
         return_attention_mask=False,

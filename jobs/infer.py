@@ -201,6 +201,7 @@ def tokenize_settings(
         model_path=spec.model,
         max_length=max_length,
         prefix=prompt,
+        chat=spec.chat_template,
         on_long=spec.on_long,
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,

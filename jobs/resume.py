@@ -54,9 +54,10 @@ RECORD_FLAGS = {
     "on_long": "--on-long",
     "prompt": "--prompt or --prompt-name",
     "truncate_dim": "--truncate-dim",
+    "chat_template": "--chat-template",
 }
 # What a record written before a field existed held in effect.
-RECORD_DEFAULTS = {"prompt": "", "truncate_dim": None}
+RECORD_DEFAULTS = {"prompt": "", "truncate_dim": None, "chat_template": False}
 
 
 def job_record(plan: InferPlan, device: str) -> dict:
@@ -80,6 +81,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "on_long": spec.on_long,
         "prompt": plan.prompt,
         "truncate_dim": spec.truncate_dim,
+        "chat_template": spec.chat_template,
     }
 
 

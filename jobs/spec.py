@@ -94,6 +94,11 @@ class ModelFlags(Spec):
         description="--task embed: one of the model's own prompts "
         "(config_sentence_transformers.json); default its default_prompt_name.",
     )
+    chat_template: bool = Field(
+        False,
+        description="--task generate: each text is a user's message in the model's "
+        "chat template, the assistant's turn begun (apply_chat_template).",
+    )
     truncate_dim: Count | None = Field(
         None,
         description="--task embed: keep the first N dimensions of each embedding "
@@ -310,6 +315,8 @@ def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
             another task, a prompt the model does not have, or more dimensions than
             its embeddings have.
     """
+    if spec.chat_template:
+        check_chat_template(spec, info)
     if spec.task != "embed":
         for flag, value in (
             ("--prompt", spec.prompt),
@@ -326,6 +333,21 @@ def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
             f"{spec.truncate_dim} is more than the model's {width} dimensions",
         )
     return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
+
+
+def check_chat_template(spec: ModelFlags, info: ModelInfo) -> None:
+    """Raises: UserError naming ``--chat-template`` off generate, or for a model
+    whose tokenizer has no chat template."""
+    if spec.task != "generate":
+        raise UserError(
+            "--chat-template", f"applies to --task generate, not {spec.task}"
+        )
+    if not info.chat_template:
+        raise UserError(
+            "--chat-template",
+            f"{spec.model} has no chat template (none in tokenizer_config.json, no "
+            "chat_template.jinja)",
+        )
 
 
 RESERVED = ("id", "error", "_text", "_error", "_ids")  # the pipeline's own columns
