@@ -141,6 +141,8 @@ class Summary:
                 "than its inputs; please report this with its _summary.json"
             ]
         lost = f"warning: {_rows(expected - self.rows, 'input ')} no output row"
+        if self.errors.get("bad_file"):  # its footer counted rows it could not read
+            return [f"{lost}: a file that could not be read whole is one bad_file row"]
         if not self.restored:
             return [f"{lost}; please report this with its _summary.json"]
         return [

@@ -200,6 +200,12 @@ def test_rows_out_against_rows_in_where_the_inputs_say():
         "warning: 2 input rows have no output row; please report this with its "
         "_summary.json"
     ]  # no resume skipped them: a bug
+    broken = summary(100, 120)
+    broken.errors = {"bad_file": 1}  # a Parquet file cut short: its footer said more
+    assert broken.missing() == [
+        "warning: 20 input rows have no output row: a file that could not be read "
+        "whole is one bad_file row"
+    ]
     assert summary(121, 120, restored=50).missing() == [
         "warning: the output holds 1 row more than its inputs; please report this "
         "with its _summary.json"
