@@ -85,6 +85,34 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
     return summary
 
 
+def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
+    """What the job would do, from the checks and the pool sizing a run makes, with
+    nothing written: no ``_job.json``, no lease, nothing deleted, no row read."""
+    spec = plan.spec
+    with ray_session(address):
+        pool, sized = size_pool(plan)
+        if spec.resume and holds_files(plan.output_fs, plan.output_path):
+            kept = begin_output(plan, pool.device)  # checks; writes nothing here
+            state = f"--resume keeps its {kept} finished rows"
+        elif holds_files(plan.output_fs, plan.output_path):
+            state = "--overwrite replaces the earlier job's output"
+        else:
+            state = "new"
+    total = plan_total(plan)()
+    rows = "rows not known before reading" if total is None else f"{total} rows"
+    limit = "" if spec.limit is None else f"; --limit {spec.limit} new rows at most"
+    arch = ", ".join(plan.model.architectures) or "unknown architecture"
+    return [
+        "dry run: nothing was run or written",
+        f"model {spec.model} ({arch}): {spec.task}, --precision {spec.precision} "
+        f"on {pool.device}",
+        f"inputs {len(plan.inputs.paths)} {plan.inputs.format} files, {rows}{limit}",
+        f"output {spec.output}: {state}",
+        f"pool {sized}",
+        *([f"prompt {plan.prompt!r}"] if plan.prompt else []),
+    ]
+
+
 def summarise(
     plan: InferPlan,
     ds: ray.data.Dataset,

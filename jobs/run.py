@@ -20,10 +20,13 @@ def run_job(kind: str, spec: Any, address: str | None) -> list[str]:
     """Validate ``spec``, run it on ``address`` (None: an embedded local Ray), and
     return the lines that tell the user what happened."""
     if kind == "infer":
-        from lmbatch.jobs.infer import run_infer
+        from lmbatch.jobs.infer import dry_run, run_infer
         from lmbatch.jobs.spec import prepare_infer
 
-        return run_infer(prepare_infer(spec), address).lines()
+        plan = prepare_infer(spec)
+        return (
+            dry_run(plan, address) if spec.dry_run else run_infer(plan, address).lines()
+        )
     from lmbatch.jobs.optimize import prepare_optimize, run_optimize
 
     plan = prepare_optimize(spec)

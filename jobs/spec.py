@@ -175,6 +175,11 @@ class InferSpec(ModelFlags):
         description="Compute at most this many rows in this run, to try a job on a "
         "sample; the same command with --resume and no --limit does the rest.",
     )
+    dry_run: bool = Field(
+        False,
+        description="Check everything and size the pool, then say what the job "
+        "would do; run nothing, write nothing.",
+    )
     overwrite: bool = Field(
         False, description="Replace an earlier lmbatch output in --output."
     )

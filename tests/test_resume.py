@@ -189,6 +189,28 @@ def test_a_sample_with_limit_then_the_rest_with_resume(
         assert row["embedding"] == pytest.approx(full[key]["embedding"], abs=1e-5)
 
 
+def test_a_dry_run_checks_and_plans_but_writes_nothing(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    from lmbatch.jobs.run import run_job as launch
+    from lmbatch.jobs.spec import InferSpec
+
+    out = tmp_path / "out"
+    flags = dict(model=tiny_models["bert"], inputs=(corpus["parquet"],),
+                 task="embed", output=str(out))  # fmt: skip
+    lines = launch("infer", InferSpec(dry_run=True, limit=7, **flags), None)
+    assert lines[0] == "dry run: nothing was run or written"
+    assert "inputs 1 parquet files, 120 rows; --limit 7 new rows at most" in lines
+    assert f"output {out}: new" in lines and not out.exists()
+    run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    lines = launch("infer", InferSpec(dry_run=True, resume=True, **flags), None)
+    assert f"output {out}: --resume keeps its 120 finished rows" in lines
+    lines = launch("infer", InferSpec(dry_run=True, overwrite=True, **flags), None)
+    assert f"output {out}: --overwrite replaces the earlier job's output" in lines
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
 def test_rows_out_against_rows_in_where_the_inputs_say():
     def summary(rows: int, input_rows: int | None, restored: int = 0) -> Summary:
         return Summary(rows, 0, 1.0, 0.0, 0.0, {}, restored=restored,
