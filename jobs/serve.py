@@ -25,7 +25,12 @@ from lmbatch.jobs.gpus import choose_device, per_gpu
 from lmbatch.jobs.infer import model_spec, tokenize_settings
 from lmbatch.jobs.pool import gpu_fraction
 from lmbatch.jobs.session import ray_session
-from lmbatch.jobs.spec import ServeSpec, max_length_of, prompt_of
+from lmbatch.jobs.spec import (
+    ServeSpec,
+    check_task_flags,
+    max_length_of,
+    prompt_of,
+)
 from lmbatch.jobs.submit import is_loopback_host
 
 
@@ -49,6 +54,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
+    check_task_flags(spec, info)
     return ServePlan(spec, info, model_dir, max_length, prompt_of(spec, info))
 
 

@@ -305,54 +305,51 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         spec.output, spec.model, INFER_MARKERS, spec.overwrite, spec.resume
     )
     check_no_writer(output_fs, output_path, spec.output)
+    check_task_flags(spec, info)
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep,
         prompt_of(spec, info),
     )  # fmt: skip
 
 
-def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
-    """The prompt put before every text: embed only, as sentence-transformers picks
-    it; the embedding flags checked against the task and the model.
+def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
+    """The flags of one task, checked against the task asked for and the model.
 
     Raises:
-        UserError: naming ``--prompt``, ``--prompt-name`` or ``--truncate-dim`` on
-            another task, a prompt the model does not have, or more dimensions than
-            its embeddings have.
+        UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
+            ``--truncate-dim``) or ``--chat-template`` on another task, more
+            dimensions than the model's embeddings have, or a chat template the
+            model lacks.
     """
-    if spec.chat_template:
-        check_chat_template(spec, info)
-    if spec.task != "embed":
-        for flag, value in (
-            ("--prompt", spec.prompt),
-            ("--prompt-name", spec.prompt_name),
-            ("--truncate-dim", spec.truncate_dim),
-        ):
-            if value is not None:
-                raise UserError(flag, f"applies to --task embed, not {spec.task}")
-        return ""
+    only = {
+        "embed": {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
+                  "--truncate-dim": spec.truncate_dim},
+        "generate": {"--chat-template": spec.chat_template or None},
+    }  # fmt: skip
+    for task, flags in only.items():
+        for flag, value in flags.items():
+            if value is not None and spec.task != task:
+                raise UserError(flag, f"applies to --task {task}, not {spec.task}")
     width = info.sentence.width(info.hidden_size) if info.hidden_size else None
     if spec.truncate_dim is not None and width and spec.truncate_dim > width:
         raise UserError(
             "--truncate-dim",
             f"{spec.truncate_dim} is more than the model's {width} dimensions",
         )
-    return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
-
-
-def check_chat_template(spec: ModelFlags, info: ModelInfo) -> None:
-    """Raises: UserError naming ``--chat-template`` off generate, or for a model
-    whose tokenizer has no chat template."""
-    if spec.task != "generate":
-        raise UserError(
-            "--chat-template", f"applies to --task generate, not {spec.task}"
-        )
-    if not info.chat_template:
+    if spec.chat_template and not info.chat_template:
         raise UserError(
             "--chat-template",
             f"{spec.model} has no chat template (none in tokenizer_config.json, no "
             "chat_template.jinja)",
         )
+
+
+def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
+    """The prompt put before every text: embed only, as sentence-transformers picks
+    it (``resolve_prompt``)."""
+    if spec.task != "embed":
+        return ""
+    return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
 
 
 RESERVED = ("id", "error", "_text", "_error", "_ids")  # the pipeline's own columns

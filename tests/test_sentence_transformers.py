@@ -25,7 +25,7 @@ from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.sentence import resolve_prompt
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, load_tokenizer
 from lmbatch.errors import UserError
-from lmbatch.jobs.spec import InferSpec, max_length_of, prompt_of
+from lmbatch.jobs.spec import InferSpec, check_task_flags, max_length_of
 from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.evaluate import fidelity
@@ -208,7 +208,7 @@ def test_a_prompt_the_model_lacks_is_one_line(prompted):
     spec = InferSpec(model=prompted[True], inputs=("x",), task="score", output="o",
                      prompt="q: ")  # fmt: skip
     with pytest.raises(UserError, match="--prompt: applies to --task embed"):
-        prompt_of(spec, info)
+        check_task_flags(spec, info)
 
 
 @pytest.mark.usefixtures("ray_local")
