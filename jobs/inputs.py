@@ -216,15 +216,21 @@ def _hf_state_files(fs: pafs.FileSystem, path: str) -> list[str] | None:
         return None
 
 
+def is_arrow_file(f: pa.NativeFile) -> bool:
+    """Whether an Arrow IPC file is in the file layout (Feather v2: a footer that
+    counts its rows), not the stream layout; ``f`` is left at its start."""
+    magic = f.read(len(ARROW_FILE_MAGIC))
+    f.seek(0)
+    return magic == ARROW_FILE_MAGIC
+
+
 def arrow_batches(
     f: pa.NativeFile,
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """An Arrow IPC file's schema and record batches, in either layout: the file
     format (Feather v2, starting with ``ARROW1``) or the stream format (what
     Hugging Face datasets' ``save_to_disk`` writes)."""
-    magic = f.read(len(ARROW_FILE_MAGIC))
-    f.seek(0)
-    if magic == ARROW_FILE_MAGIC:
+    if is_arrow_file(f):
         reader = pa.ipc.open_file(f)
         count = reader.num_record_batches
         return reader.schema, (reader.get_batch(i) for i in range(count))

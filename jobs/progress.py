@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from lmbatch.jobs.inputs import ARROW_FILE_MAGIC
+from lmbatch.jobs.inputs import SEEKABLE, is_arrow_file
 
 LOGGED_EVERY_S = 15.0  # where stderr is not a terminal: logs, CI, a submitted job
 LIVE_EVERY_S = 1.0
@@ -49,7 +49,7 @@ def footer_rows(fs: pafs.FileSystem, paths: list[str], fmt: str) -> int | None:
     Footers are read ``FOOTER_READERS`` at a time: on object storage each is a round
     trip or two, and a job of 10,000 files would otherwise wait minutes for its
     total."""
-    if fmt not in ("parquet", "arrow"):
+    if fmt not in SEEKABLE:
         return None
     with ThreadPoolExecutor(FOOTER_READERS, thread_name_prefix="lmbatch-footer") as ex:
         counts = list(ex.map(lambda path: _footer_rows(fs, path, fmt), paths))
@@ -61,7 +61,7 @@ def _footer_rows(fs: pafs.FileSystem, path: str, fmt: str) -> int | None:
         with fs.open_input_file(path) as f:
             if fmt == "parquet":
                 return pq.ParquetFile(f).metadata.num_rows
-            if f.read(len(ARROW_FILE_MAGIC)) != ARROW_FILE_MAGIC:
+            if not is_arrow_file(f):
                 return None  # the stream layout has no footer to count from
             return pa.ipc.open_file(f).count_rows()
     except Exception:  # noqa: BLE001 - a count is a nicety; reading reports errors
