@@ -58,7 +58,7 @@ class ModelInfo:
     # classify: what turns logits into ``probs`` (classify_function)
     classify_function: str = "softmax"
     hidden_size: int | None = None  # config's width of a token state
-    chat_template: bool = False  # whether its tokenizer has one
+    chat_template: bool = False  # generate: whether its tokenizer has one
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
 
@@ -102,7 +102,7 @@ def inspect_model(
         id2label=_id2label(config),
         classify_function=classify_function(config),
         hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),
-        chat_template=has_chat_template(Path(path)),
+        chat_template=task == "generate" and has_chat_template(Path(path)),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
     )

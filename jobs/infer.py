@@ -89,15 +89,13 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     """What the job would do, from the checks and the pool sizing a run makes, with
     nothing written: no ``_job.json``, no lease, nothing deleted, no row read."""
     spec = plan.spec
+    held = holds_files(plan.output_fs, plan.output_path)
+    state = "--overwrite replaces the earlier job's output" if held else "new"
     with ray_session(address):
         pool, sized = size_pool(plan)
-        if spec.resume and holds_files(plan.output_fs, plan.output_path):
+        if spec.resume and held:
             kept = begin_output(plan, pool.device)  # checks; writes nothing here
             state = f"--resume keeps its {kept} finished rows"
-        elif holds_files(plan.output_fs, plan.output_path):
-            state = "--overwrite replaces the earlier job's output"
-        else:
-            state = "new"
     total = plan_total(plan)()
     rows = "rows not known before reading" if total is None else f"{total} rows"
     limit = "" if spec.limit is None else f"; --limit {spec.limit} new rows at most"
