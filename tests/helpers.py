@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import torch
 
 from lmbatch.jobs.infer import run_infer
 from lmbatch.jobs.spec import InferSpec, prepare_infer
@@ -45,3 +46,13 @@ def working_actors() -> list[dict]:
             sink = ray.get_actor(named["name"], namespace=named["namespace"])
             found += [a for a in ray.get(sink.snapshot.remote()) if a["rows"] > 0]
     return found
+
+
+def greedy(model, tok, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The tokens transformers' own greedy ``generate`` appends to ``ids`` (one text,
+    alone and unpadded): what a generate job's row must continue with."""
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )  # fmt: skip
+    return out[0, ids.shape[1] :]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_job
+from helpers import greedy, run_job
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -167,14 +167,7 @@ def test_generate_batched_equals_one_by_one(name, tiny_models, corpus, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     for i in (1, 60):
         ids = tok(corpus["texts"][i], return_tensors="pt")["input_ids"]
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=5,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id or tok.eos_token_id,
-        )
-        expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        expected = tok.decode(greedy(model, tok, ids, 5), skip_special_tokens=True)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
 
 
@@ -188,7 +181,7 @@ def test_generate_stops_at_every_stop_token_of_the_generation_config(
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = tok(corpus["texts"][1], return_tensors="pt")["input_ids"]
-    first = greedy(model, tok, ids, 5)[0, ids.shape[1]]  # its first new token
+    first = greedy(model, tok, ids, 5)[0]  # its first new token
     model.generation_config.eos_token_id = [tok.eos_token_id, int(first)]
     model.generation_config.save_pretrained(path)
     rows, _ = run_job(tmp_path / "out", model=str(path), inputs=corpus["parquet"],
@@ -196,8 +189,7 @@ def test_generate_stops_at_every_stop_token_of_the_generation_config(
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     for i in (1, 60):
         ids = tok(corpus["texts"][i], return_tensors="pt")["input_ids"]
-        new = greedy(model, tok, ids, 5)[0, ids.shape[1] :]
-        expected = tok.decode(new, skip_special_tokens=True)
+        expected = tok.decode(greedy(model, tok, ids, 5), skip_special_tokens=True)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
     stopped = rows["doc-001"]["generated_text"]
     assert stopped == tok.decode([int(first)], skip_special_tokens=True)
@@ -226,19 +218,11 @@ def test_generate_in_the_models_chat_template(tiny_models, corpus, tmp_path):
                                        tokenize=False)  # fmt: skip
         assert text.endswith("<|assistant|>")
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        new = greedy(model, tok, ids, 5)[0, ids.shape[1] :]
-        expected = tok.decode(new, skip_special_tokens=True)
+        expected = tok.decode(greedy(model, tok, ids, 5), skip_special_tokens=True)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
     with pytest.raises(UserError, match="--chat-template: .* has no chat template"):
         run_job(tmp_path / "plain", model=tiny_models["gpt2"], task="generate",
                 inputs=corpus["parquet"], chat_template=True)  # fmt: skip
-
-
-def greedy(model, tok, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-    )  # fmt: skip
 
 
 def test_pickle_weights_load_when_allowed(tiny_models, corpus, tmp_path):

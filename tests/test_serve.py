@@ -17,8 +17,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from helpers import run_job
+from helpers import greedy, run_job
 from ray import serve
 from ray_head import LMBATCH, free_port
 
@@ -160,18 +159,15 @@ WITH_CTRL_C = [
 ]
 
 
-def greedy(path: str, text: str, new_tokens: int) -> str:
-    """A text's greedy continuation by transformers itself, alone and unpadded."""
+def continuations(path: str, texts: list[str], new_tokens: int) -> list[str]:
+    """Each text's greedy continuation by transformers itself, alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-    )  # fmt: skip
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    ids = (tok(text, return_tensors="pt")["input_ids"] for text in texts)
+    return [tok.decode(greedy(model, tok, i, new_tokens), skip_special_tokens=True)
+            for i in ids]  # fmt: skip
 
 
 @pytest.mark.parametrize("task", ["classify", "generate"])
@@ -197,7 +193,7 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task):
         if task == "classify":
             assert {r["label"] for r in results} <= {"neg", "neutral", "pos"}
         else:  # batched with left padding, as each text alone
-            want = [greedy(model, text, 4) for text in TEXTS]
+            want = continuations(model, TEXTS, 4)
             assert any(want), want  # real continuations, not all empty
             assert [r["generated_text"] for r in results] == want
         assert all(r["error"] is None for r in results)
