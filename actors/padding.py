@@ -21,20 +21,33 @@ class TokenRows:
     values: np.ndarray  # int32, all rows' ids back to back
     starts: np.ndarray  # int64, where each row starts in ``values``
     lengths: np.ndarray  # int64, tokens per row (0 for a row with an error)
+    # int64, per row the last tokens that are a text pair's second text (type 1);
+    # None where the model takes no token types
+    pair_tokens: np.ndarray | None = None
 
     @classmethod
-    def from_arrow(cls, column: pa.ChunkedArray | pa.Array) -> TokenRows:
-        """From the ``_ids`` column; null rows (rows with an error) have no tokens."""
+    def from_arrow(
+        cls,
+        column: pa.ChunkedArray | pa.Array,
+        pair_tokens: pa.ChunkedArray | None = None,
+    ) -> TokenRows:
+        """From the ``_ids`` column (and ``_pair_tokens``); null rows (rows with an
+        error) have no tokens."""
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         offsets = column.offsets.to_numpy().astype(np.int64)  # nulls repeat offsets
         values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
-        return cls(values, offsets[:-1], np.diff(offsets))
+        pairs = None
+        if pair_tokens is not None:
+            pairs = pair_tokens.fill_null(0).to_numpy().astype(np.int64)
+        return cls(values, offsets[:-1], np.diff(offsets), pairs)
 
     def pad(
         self, rows: np.ndarray, pad_id: int, side: str = "right"
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, mask) of shape ``len(rows) x longest``, int64, padded on ``side``."""
+    ) -> tuple[np.ndarray, ...]:
+        """(ids, mask) of shape ``len(rows) x longest``, int64, padded on ``side``;
+        and the token types, where the rows are text pairs: 1 on the pair's second
+        text, 0 elsewhere and on padding (as transformers pads them)."""
         lengths = self.lengths[rows]
         width = int(lengths.max()) if len(rows) else 0
         position = np.arange(width, dtype=np.int64)[None, :]
@@ -44,4 +57,7 @@ class TokenRows:
         index = self.starts[rows][:, None] + position
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         ids[mask] = self.values[index[mask]]
-        return ids, mask.astype(np.int64)
+        if self.pair_tokens is None:
+            return ids, mask.astype(np.int64)
+        second = position >= (lengths - self.pair_tokens[rows])[:, None]
+        return ids, mask.astype(np.int64), (second & mask).astype(np.int64)

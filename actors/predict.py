@@ -31,6 +31,7 @@ class PredictorConfig:
     max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
     prompt: str = ""  # put before every text by the tokenize stage (embed)
     truncate_dim: int | None = None  # embed: the first dimensions kept
+    normalize: bool = False  # embed: L2-normalised last (--normalize)
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
     actors_per_node: int = 1  # for that share
     stats: object | None = None  # a StatsSink actor handle, or None

@@ -39,7 +39,7 @@ from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
-from lmbatch.actors.tokenize import load_tokenizer
+from lmbatch.actors.tokenize import PAIR_TOKENS, PIPELINE_COLUMNS, load_tokenizer
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def make_head(
         skip = 0 if sentence.include_prompt else prompt_tokens(tokenizer, config.prompt)
         return Embed(
             sentence, model.config.hidden_size, model_dir, device, skip,
-            config.truncate_dim,
+            config.truncate_dim, config.normalize,
         )  # fmt: skip
     if task == "score":
         return Score()
@@ -92,6 +92,9 @@ class Predictor:
             config, spec.path, self.model, self.tokenizer, self.device
         )
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # Text pairs get token types where the tokenizer gives them (BERT's do,
+        # RoBERTa's do not: its one type would be out of range).
+        self.token_types = "token_type_ids" in self.tokenizer.model_input_names
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
             config.max_new_tokens if config.model.task == "generate" else 0
@@ -119,7 +122,10 @@ class Predictor:
         started = time.perf_counter()
         self.stats.rows_started += batch.num_rows
         self._report()  # were this process to die now, these rows were lost work
-        tokens = TokenRows.from_arrow(batch["_ids"])
+        pairs = PAIR_TOKENS.name in batch.column_names and self.token_types
+        tokens = TokenRows.from_arrow(
+            batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
+        )
         todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
         out = Outputs(self.head.schema, batch.num_rows)
         too_big: list[int] = []
@@ -177,11 +183,11 @@ class Predictor:
         """Queue one micro-batch on the device; its results follow asynchronously."""
         self.memory.start()
         try:
-            ids, mask = to_device(
+            inputs = to_device(
                 tokens.pad(rows, self.pad_id, self.head.padding_side), self.device
             )
             started = start_clock(self.device)
-            return HostCopy(self.head(self.model, ids, mask), started)
+            return HostCopy(self.head(self.model, *inputs), started)
         finally:
             self.stats.peak_memory_bytes = max(
                 self.stats.peak_memory_bytes, self.memory.high_water()
@@ -194,7 +200,7 @@ class Predictor:
             for row in too_big:
                 values[row] = "out_of_memory: row does not fit even alone"
             errors = pa.array(values, pa.string())
-        kept = list(batch.schema)[3:]  # after id, _ids, _error: kept input columns
+        kept = [f for f in batch.schema if f.name not in PIPELINE_COLUMNS]
         schema = pa.schema(
             [("id", pa.string()), *self.head.schema, ("error", pa.string()), *kept]
         )

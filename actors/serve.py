@@ -1,6 +1,7 @@
 """A Ray Serve deployment of the infer job's tokenizer, loader and predictor.
 
     POST /  {"inputs": ["text", ...]}
+            classify also takes text pairs: {"inputs": [["query", "passage"], ...]}
         -> one ``predict`` call per text, gathered by ``@serve.batch`` across requests
         -> tokenize_batch + Predictor, the same code an infer job's actors run
         -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
@@ -27,6 +28,7 @@ from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
 USAGE = 'expected a JSON object {"inputs": ["text", ...]}'
+Input = str | tuple[str, str]  # a text, or a text pair (classify)
 
 
 @dataclass(frozen=True)
@@ -56,27 +58,41 @@ class Endpoint:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
         try:
-            texts = parse_inputs(await request.body())
+            pairs = self.config.predictor.model.task == "classify"
+            texts = parse_inputs(await request.body(), pairs)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         results = await asyncio.gather(*(self.predict(t) for t in texts))
         return JSONResponse({"results": results})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict(self, texts: list[str]) -> list[dict]:
+    async def predict(self, texts: list[Input]) -> list[dict]:
         self.stats["batches"] += 1
         self.stats["texts"] += len(texts)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
         # The model runs off the event loop, so the next batch fills meanwhile.
         return await asyncio.to_thread(self._run, texts)
 
-    def _run(self, texts: list[str]) -> list[dict]:
-        out = self.predictor(actor_batch(texts, self.config.tokenize))
-        return [_jsonable(row) for row in out.drop_columns(["id"]).to_pylist()]
+    def _run(self, inputs: list[Input]) -> list[dict]:
+        """Texts and text pairs, each kind in a model call of its own: they tokenize
+        differently. Results in the order of ``inputs``."""
+        results: list[dict] = [{}] * len(inputs)
+        for kind in (str, tuple):
+            rows = [i for i, given in enumerate(inputs) if isinstance(given, kind)]
+            if not rows:
+                continue
+            texts = [inputs[i] for i in rows]
+            pairs = None
+            if kind is tuple:
+                texts, pairs = [t for t, _ in texts], [p for _, p in texts]
+            out = self.predictor(actor_batch(texts, self.config.tokenize, pairs))
+            for i, row in zip(rows, out.drop_columns(["id"]).to_pylist(), strict=True):
+                results[i] = _jsonable(row)
+        return results
 
 
-def parse_inputs(body: bytes) -> list[str]:
-    """The request's texts.
+def parse_inputs(body: bytes, pairs: bool = False) -> list[Input]:
+    """The request's texts; with ``pairs`` (classify), also text pairs.
 
     Raises:
         BadRequest: one line naming what is wrong (and where, for a bad input).
@@ -98,10 +114,19 @@ def parse_inputs(body: bytes) -> list[str]:
             f"{len(texts)} inputs; at most {MAX_INPUTS} per request "
             "(use `lmbatch infer` for datasets)"
         )
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise BadRequest(f"inputs[{i}] is {type(text).__name__}, not a string")
-    return texts
+    return [_input(i, text, pairs) for i, text in enumerate(texts)]
+
+
+def _input(i: int, given: object, pairs: bool) -> Input:
+    if isinstance(given, str):
+        return given
+    if pairs and isinstance(given, list):
+        if len(given) == 2 and all(isinstance(t, str) for t in given):
+            return (given[0], given[1])
+        raise BadRequest(f"inputs[{i}] is a list, but not a [text, pair] of 2 strings")
+    kind = type(given).__name__
+    expected = "a string or a [text, pair] list" if pairs else "a string"
+    raise BadRequest(f"inputs[{i}] is {kind}, not {expected}")
 
 
 def _jsonable(row: dict) -> dict:

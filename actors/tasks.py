@@ -33,7 +33,8 @@ class TaskHead(Protocol):
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Tensors: ...
+    ) -> Tensors:
+        """Classify also takes a third tensor: a text pair's token types."""
 
     def columns(self, host: Columns) -> Columns: ...
 
@@ -52,14 +53,17 @@ class Embed:
         device: torch.device,
         prompt_tokens: int = 0,
         truncate_dim: int | None = None,
+        normalize: bool = False,
     ) -> None:
         """``prompt_tokens``: the leading tokens left out of pooling (a prompt where
         the model's Pooling has ``include_prompt: false``); ``truncate_dim``: the
         dimensions kept, the first, after every module (sentence-transformers'
-        ``truncate_dim``: not normalised again)."""
+        ``truncate_dim``: not normalised again); ``normalize``: L2-normalised after
+        that (its ``normalize_embeddings``)."""
         self.modes = sentence.modes
         self.prompt_tokens = prompt_tokens
         self.truncate_dim = truncate_dim
+        self.normalize = normalize
         self.steps = [
             _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
             for step in sentence.steps
@@ -73,7 +77,8 @@ class Embed:
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return {"embedding": self.embedding(hidden, mask)[:, : self.truncate_dim]}
+        embedding = self.embedding(hidden, mask)[:, : self.truncate_dim]
+        return {"embedding": _normalize(embedding) if self.normalize else embedding}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an
@@ -209,9 +214,15 @@ class Classify:
         )
 
     def __call__(
-        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None = None,
     ) -> Tensors:
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        """``types``: the token types of text pairs, where the model takes them."""
+        pair = {} if types is None else {"token_type_ids": types}
+        logits = model(input_ids=ids, attention_mask=mask, **pair).logits.float()
         if self.function == "softmax":
             probs = torch.softmax(logits, dim=-1)
         elif self.function == "sigmoid":

@@ -22,23 +22,26 @@ def is_text(kind: pa.DataType) -> bool:
     )
 
 
-def check_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """-> (text or null, error or null); the error names what is wrong with the row."""
+def check_text(
+    column: pa.ChunkedArray, what: str = "text"
+) -> tuple[pa.Array, pa.Array]:
+    """-> (text or null, error or null); the error names what is wrong with the row,
+    and ``what`` text it is (a pair's second text is named by its column)."""
     if not is_text(column.type):
         if pa.types.is_null(column.type):
-            kind = pa.array(["null_text: text is null"] * len(column), pa.string())
+            kind = pa.array([f"null_text: {what} is null"] * len(column), pa.string())
         else:
             kind = pa.array(
-                [f"not_string: text is {column.type}"] * len(column), pa.string()
+                [f"not_string: {what} is {column.type}"] * len(column), pa.string()
             )
         return pa.nulls(len(column), pa.string()), kind
     text = pc.cast(column, pa.string())
     error = pc.if_else(
         pc.is_null(text),
-        "null_text: text is null",
+        f"null_text: {what} is null",
         pc.if_else(
             pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0),
-            "empty_text: text is empty",
+            f"empty_text: {what} is empty",
             pa.scalar(None, pa.string()),
         ),
     )

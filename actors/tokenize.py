@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 TOKEN_SCHEMA = pa.schema(
     [("id", pa.string()), ("_ids", pa.list_(pa.int32())), ("_error", pa.string())]
 )
+# A text pair's row: how many of its last tokens are the second text's (type 1).
+PAIR_TOKENS = pa.field("_pair_tokens", pa.int32())
+# The pipeline's own columns before the predict stage; the rest are kept input columns.
+PIPELINE_COLUMNS = ("id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name)
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,8 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
 
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Table:
-    """``id``, ``_text``, ``_error`` (and kept columns) -> ``id``, ``_ids``,
-    ``_error`` (and the kept columns, as they came).
+    """``id``, ``_text``, ``_error`` (``_pair``, and kept columns) -> ``id``,
+    ``_ids``, ``_error`` (``_pair_tokens``, and the kept columns, as they came).
 
     Rows are checked with Arrow compute, not a Python loop: this stage must keep a
     GPU fed with tens of thousands of rows a second.
@@ -128,7 +132,11 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     texts = texts.to_pylist()
     if config.chat:
         texts = chat_messages(texts, config)
-    ids = pa.array(encode(texts, config), pa.list_(pa.int32()))
+    pairs = None
+    if "_pair" in batch.column_names:  # each row a text pair
+        pairs = pc.if_else(ok, pc.fill_null(batch["_pair"], ""), "").to_pylist()
+    ids, pair_tokens = encode(texts, config, pairs)
+    ids = pa.array(ids, pa.list_(pa.int32()))
     lengths = pc.cast(pc.list_value_length(ids), pa.string())
     error = pc.case_when(
         pc.make_struct(
@@ -149,8 +157,14 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     )
     ids = pc.if_else(pc.is_null(error), ids, pa.scalar(None, ids.type))
     tokens = pa.table([batch["id"], ids, error], schema=TOKEN_SCHEMA)
-    for name in batch.column_names[3:]:  # the kept input columns ride along
-        tokens = tokens.append_column(batch.schema.field(name), batch[name])
+    if pair_tokens is not None:
+        counts = pa.array(pair_tokens, PAIR_TOKENS.type)
+        tokens = tokens.append_column(
+            PAIR_TOKENS, pc.if_else(pc.is_null(error), counts, None)
+        )
+    for field in batch.schema:  # the kept input columns ride along
+        if field.name not in PIPELINE_COLUMNS:
+            tokens = tokens.append_column(field, batch[field.name])
     return tokens
 
 
@@ -169,33 +183,50 @@ def chat_messages(texts: list[str], config: TokenizeConfig) -> list[str]:
     ]
 
 
-def encode(texts: list[str], config: TokenizeConfig) -> list[list[int]]:
+def encode(
+    texts: list[str], config: TokenizeConfig, pairs: list[str] | None = None
+) -> tuple[list[list[int]], list[int] | None]:
     """Token ids of each text, special tokens added (not to a chat template's text,
     which holds its own), cut to ``max_length`` when the job truncates; what
-    transformers' tokenizer returns as ``input_ids``."""
+    transformers' tokenizer returns as ``input_ids``.
+
+    With ``pairs``, each text and its pair make one sequence in the tokenizer's pair
+    template, cut longest first (transformers' ``truncation=True``, as
+    sentence-transformers' CrossEncoder tokenizes); also returned is how many of each
+    sequence's last tokens are the pair's (token type 1).
+    """
     max_length = config.max_length if config.on_long == "truncate" else None
     special = not config.chat
+    given = texts if pairs is None else list(zip(texts, pairs, strict=True))
     if config.backend is not None:
         tokenizer = backend(config.backend, max_length, config.truncation_side)
         # The fast variant skips the character offsets nothing here reads. With the
         # engine called directly, the stage went from 12,122 to 15,581 rows/s on one
         # core (benchmarks/host_feed.py, MiniLM).
         batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        return [e.ids for e in batch(texts, add_special_tokens=special)]
+        encodings = batch(given, add_special_tokens=special)
+        ids = [e.ids for e in encodings]
+        if pairs is None:
+            return ids, None
+        return ids, [sum(e.type_ids) for e in encodings]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )
-    return tokenizer(
+    out = tokenizer(
         texts,
+        pairs,
         add_special_tokens=special,
         truncation=max_length is not None,
         max_length=max_length,
         return_attention_mask=False,
-        return_token_type_ids=False,
-    )["input_ids"]
+        return_token_type_ids=pairs is not None,
+    )
+    if pairs is None:
+        return out["input_ids"], None
+    return out["input_ids"], [sum(t) for t in out["token_type_ids"]]
 
 
 @lru_cache(maxsize=2)
@@ -219,9 +250,18 @@ def backend(definition: str, max_length: int | None, side: str) -> Tokenizer:
     return tokenizer
 
 
-def actor_batch(texts: list[str], config: TokenizeConfig) -> pa.Table:
-    """``texts`` as a Predictor receives them from the tokenize stage: ids by position,
-    a bad text (empty, not UTF-8 text, too long) carried as its ``_error``."""
+def actor_batch(
+    texts: list[str], config: TokenizeConfig, pairs: list[str] | None = None
+) -> pa.Table:
+    """``texts`` (and their ``pairs``) as a Predictor receives them from the
+    tokenize stage: ids by position, a bad text (empty, not UTF-8 text, too long)
+    carried as its ``_error``."""
     text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
-    ids = pa.array([str(i) for i in range(len(texts))], pa.string())
-    return tokenize_batch(pa.table({"id": ids, "_text": text, "_error": error}), config)
+    columns = {"id": pa.array([str(i) for i in range(len(texts))], pa.string())}
+    columns |= {"_text": text, "_error": error}
+    if pairs is not None:
+        pair, pair_error = check_text(
+            pa.chunked_array([pa.array(pairs, pa.string())]), "pair"
+        )
+        columns |= {"_error": pc.coalesce(error, pair_error), "_pair": pair}
+    return tokenize_batch(pa.table(columns), config)

@@ -108,6 +108,11 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         f"output {spec.output}: {state}",
         f"pool {sized}",
         *([f"prompt {plan.prompt!r}"] if plan.prompt else []),
+        *(
+            [f"text pairs: {spec.text_column!r} with {spec.pair_column!r}"]
+            if spec.pair_column
+            else []
+        ),
     ]
 
 
@@ -267,11 +272,12 @@ def build_dataset(
         max_length=plan.max_length,
         prompt=plan.prompt,
         truncate_dim=spec.truncate_dim,
+        normalize=spec.normalize,
         memory_limit=spec.actor_memory,
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,
     )
-    columns = Columns(spec.text_column, spec.id_column, plan.keep)
+    columns = Columns(spec.text_column, spec.id_column, plan.keep, spec.pair_column)
     ds = read_rows(plan.inputs, columns)
     if spec.limit is not None:  # after Ray Data's checkpoint filter: new rows only
         ds = ds.limit(spec.limit)

@@ -65,6 +65,7 @@ def resolve_inputs(
     text_column: str,
     id_column: str | None,
     output: str | None = None,
+    pair_column: str | None = None,
 ) -> ResolvedInputs:
     """Expand paths, globs and directories; check format and columns.
 
@@ -75,8 +76,8 @@ def resolve_inputs(
             it before the job read it.
 
     Raises:
-        UserError: naming ``--input``, ``--input-format``, ``--text-column`` or
-            ``--id-column``.
+        UserError: naming ``--input``, ``--input-format``, ``--text-column``,
+            ``--id-column`` or ``--pair-column``.
     """
     if not inputs:
         raise UserError("--input", "give at least one file, glob or directory")
@@ -104,7 +105,11 @@ def resolve_inputs(
     paths = sorted(dict.fromkeys(paths))
     first, schema = first_schema(filesystem, paths, fmt)
     columns = schema.names
-    for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
+    for flag, column in (
+        ("--text-column", text_column),
+        ("--id-column", id_column),
+        ("--pair-column", pair_column),
+    ):
         if column is not None and column not in columns:
             raise UserError(flag, no_column(column, first, columns))
     return ResolvedInputs(paths, fmt, filesystem, schema)

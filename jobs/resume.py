@@ -47,6 +47,7 @@ RECORD_FLAGS = {
     "inputs": "--input",
     "input_format": "--input-format",
     "text_column": "--text-column",
+    "pair_column": "--pair-column",
     "id_column": "--id-column",
     "keep_columns": "--keep-columns",
     "max_length": "--max-length",
@@ -54,10 +55,17 @@ RECORD_FLAGS = {
     "on_long": "--on-long",
     "prompt": "--prompt or --prompt-name",
     "truncate_dim": "--truncate-dim",
+    "normalize": "--normalize",
     "chat_template": "--chat-template",
 }
 # What a record written before a field existed held in effect.
-RECORD_DEFAULTS = {"prompt": "", "truncate_dim": None, "chat_template": False}
+RECORD_DEFAULTS = {
+    "prompt": "",
+    "truncate_dim": None,
+    "normalize": False,
+    "chat_template": False,
+    "pair_column": None,
+}
 
 
 def job_record(plan: InferPlan, device: str) -> dict:
@@ -74,6 +82,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "inputs": sorted(plan.inputs.paths),
         "input_format": plan.inputs.format,
         "text_column": spec.text_column,
+        "pair_column": spec.pair_column,
         "id_column": spec.id_column,
         "keep_columns": [f"{name}:{kind}" for name, kind in plan.keep.items()],
         "max_length": plan.max_length,
@@ -81,6 +90,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "on_long": spec.on_long,
         "prompt": plan.prompt,
         "truncate_dim": spec.truncate_dim,
+        "normalize": spec.normalize,
         "chat_template": spec.chat_template,
     }
 

@@ -70,6 +70,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             max_length=plan.max_length,
             prompt=plan.prompt,
             truncate_dim=spec.truncate_dim,
+            normalize=spec.normalize,
             actors_per_node=spec.replicas,
         ),
         # Its driver imports torch anyway (the Endpoint's Predictor).
@@ -137,6 +138,8 @@ def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
         url = deploy(plan)
         echo(f"serving {plan.spec.model} ({plan.spec.task}) at {url}")
         echo(f'POST {url} {{"inputs": ["text", ...]}}; GET {url}stats; Ctrl-C stops')
+        if plan.spec.task == "classify":
+            echo('text pairs too: {"inputs": [["query", "passage"], ...]}')
         try:
             while True:
                 time.sleep(3600)

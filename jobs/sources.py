@@ -10,7 +10,8 @@ input as bad rows: a malformed CSV line or JSONL line, or a kept cell that does 
 convert to its column's type, is that row's ``error`` and the file goes on. Only a
 file that cannot be read at all becomes one ``bad_file`` row.
 
-Every block leaves here with ``id``, ``_text``, ``_error`` and the kept columns.
+Every block leaves here with ``id``, ``_text``, ``_error``, ``_pair`` where the job
+reads text pairs (``--pair-column``), and the kept columns.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lmbatch.actors.text import check_text
 from lmbatch.jobs.inputs import ResolvedInputs, arrow_batches
 
 ROW_FIELDS = [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
+PAIR_FIELD = ("_pair", pa.string())  # a text pair's second text
 JSONL_CHUNK_ROWS = 4096
 READ_ERRORS = (pa.ArrowException, OSError, ValueError)  # what an unreadable file raises
 
@@ -42,14 +44,22 @@ class Columns:
     text: str
     id: str | None = None
     keep: dict[str, pa.DataType] = field(default_factory=dict)  # name -> its type
+    pair: str | None = None  # the second text of each row's pair
 
     def schema(self) -> pa.Schema:
-        return pa.schema(ROW_FIELDS + list(self.keep.items()))
+        pair = [PAIR_FIELD] if self.pair else []
+        return pa.schema(ROW_FIELDS + pair + list(self.keep.items()))
 
     @property
     def names(self) -> list[str]:
         """The input columns to read, each once."""
-        return list(dict.fromkeys(n for n in (self.text, self.id, *self.keep) if n))
+        wanted = (self.text, self.pair, self.id, *self.keep)
+        return list(dict.fromkeys(n for n in wanted if n))
+
+    @property
+    def texts(self) -> list[str]:
+        """The columns read as text: the text, and the pair's second text."""
+        return [self.text, *([self.pair] if self.pair else [])]
 
 
 class _RowSource(FileBasedDatasource):
@@ -94,7 +104,7 @@ class _RowSource(FileBasedDatasource):
         # Only the first file is checked before the job; a later file without a
         # column gives rows with an error naming it, never a crashed job.
         c = self._columns
-        wanted = [c.text, *([c.id] if c.id else []), *c.keep]
+        wanted = [*c.texts, *([c.id] if c.id else []), *c.keep]
         missing = [name for name in wanted if name not in table.column_names]
         for name in missing:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
@@ -116,6 +126,10 @@ class _RowSource(FileBasedDatasource):
             given = pc.cast(table[c.id], pa.string())
             ids = pc.if_else(pc.is_null(given), derived, given)
         text, error = check_text(table[c.text])
+        pair = []
+        if c.pair is not None:
+            second, pair_error = check_text(table[c.pair], f"{c.pair!r}")
+            error, pair = pc.coalesce(error, pair_error), [second]
         if c.id is not None:
             missing = pc.is_null(table[c.id])
             error = pc.if_else(
@@ -130,7 +144,7 @@ class _RowSource(FileBasedDatasource):
             error = pc.coalesce(error, bad)
         if "_bad" in table.column_names:
             error = pc.coalesce(table["_bad"], error)
-        return pa.table([ids, text, error, *kept], schema=c.schema())
+        return pa.table([ids, text, error, *pair, *kept], schema=c.schema())
 
 
 def conform(
@@ -303,7 +317,7 @@ class JSONLRows(_RowSource):
         try:
             for line in _lines(f):
                 if line.strip():
-                    rows.append(_parse_line(line, self._columns.text))
+                    rows.append(_parse_line(line))
                 if len(rows) == JSONL_CHUNK_ROWS:
                     yield _positioned(self._rows_table(rows), start)
                     start += len(rows)
@@ -318,18 +332,21 @@ class JSONLRows(_RowSource):
 
     def _rows_table(self, rows: list[dict]) -> pa.Table:
         c = self._columns
-        values = [r.get(c.text) for r in rows]
-        columns = {
-            c.text: pa.array(
+        columns, bad = {}, [r.get("__bad__") for r in rows]
+        for name in c.texts:
+            values = [r.get(name) for r in rows]
+            columns[name] = pa.array(
                 [v if isinstance(v, str) else None for v in values], pa.string()
             )
-        }
+            bad = [
+                b or _not_string(v, name, c.text)
+                for b, v in zip(bad, values, strict=True)
+            ]
         if c.id:
             columns[c.id] = pa.array(
                 [None if r.get(c.id) is None else str(r[c.id]) for r in rows],
                 pa.string(),
             )
-        bad = [_bad_value(r, v) for r, v in zip(rows, values, strict=True)]
         for name, kind in c.keep.items():
             if name not in columns:
                 cells, errors = conform([r.get(name) for r in rows], kind, name)
@@ -347,7 +364,7 @@ def _batch_tables(
     writers leave it; Spark's binaryAsString) are decoded as CSV's are."""
     raw = [
         n
-        for n in (columns.text, columns.id)
+        for n in (*columns.texts, columns.id)
         if n in schema.names and _is_bytes(schema.field(n).type)
     ]
     start = 0
@@ -405,7 +422,7 @@ def _lines(f: pa.NativeFile, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
-def _parse_line(line: bytes, text_column: str) -> dict:
+def _parse_line(line: bytes) -> dict:
     try:
         row = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -417,12 +434,11 @@ def _parse_line(line: bytes, text_column: str) -> dict:
     )
 
 
-def _bad_value(row: dict, value: object) -> str | None:
-    if "__bad__" in row:
-        return row["__bad__"]
+def _not_string(value: object, name: str, text_column: str) -> str | None:
     if value is None or isinstance(value, str):
         return None  # null and empty are named by check_text, as for every format
-    return f"not_string: text is {type(value).__name__}"
+    what = "text" if name == text_column else repr(name)
+    return f"not_string: {what} is {type(value).__name__}"
 
 
 SOURCES: dict[str, type[_RowSource]] = {

@@ -28,6 +28,7 @@ from lmbatch.actors.model_info import (
     inspect_model,
 )
 from lmbatch.actors.sentence import resolve_prompt
+from lmbatch.actors.tokenize import PIPELINE_COLUMNS
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.lease import check_no_writer
@@ -104,6 +105,11 @@ class ModelFlags(Spec):
         description="--task embed: keep the first N dimensions of each embedding "
         "(a Matryoshka model's), as sentence-transformers' truncate_dim.",
     )
+    normalize: bool = Field(
+        False,
+        description="--task embed: L2-normalise each embedding last (after "
+        "--truncate-dim), as sentence-transformers' normalize_embeddings.",
+    )
 
 
 class InferSpec(ModelFlags):
@@ -123,6 +129,12 @@ class InferSpec(ModelFlags):
         Field(description="Directory for the Parquet output and _summary.json."),
     ]
     text_column: str = "text"
+    pair_column: str | None = Field(
+        None,
+        description="--task classify: each row is a text pair, its text and this "
+        "column's: a cross-encoder's (query, passage), an NLI model's (premise, "
+        "hypothesis).",
+    )
     id_column: str | None = Field(
         None, description="Column of row ids; default <file>#<row>."
     )
@@ -199,6 +211,10 @@ class InferSpec(ModelFlags):
         if self.actors is not None and self.actors[0] > self.actors[1]:
             low, high = self.actors
             raise FieldError("actors", f"need MIN <= MAX, got {low},{high}")
+        if self.pair_column is not None and self.task != "classify":
+            raise FieldError(
+                "pair_column", f"applies to --task classify, not {self.task}"
+            )
         return self
 
 
@@ -298,6 +314,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         spec.text_column,
         spec.id_column,
         spec.output,
+        spec.pair_column,
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     keep = kept_columns(spec, inputs.schema)
@@ -317,13 +334,14 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
 
     Raises:
         UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
-            ``--truncate-dim``) or ``--chat-template`` on another task, more
-            dimensions than the model's embeddings have, or a chat template the
-            model lacks.
+            ``--truncate-dim``, ``--normalize``) or ``--chat-template`` on another
+            task, more dimensions than the model's embeddings have, or a chat
+            template the model lacks.
     """
     only = {
         "embed": {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
-                  "--truncate-dim": spec.truncate_dim},
+                  "--truncate-dim": spec.truncate_dim,
+                  "--normalize": spec.normalize or None},
         "generate": {"--chat-template": spec.chat_template or None},
     }  # fmt: skip
     for task, flags in only.items():
@@ -352,7 +370,7 @@ def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
     return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
 
 
-RESERVED = ("id", "error", "_text", "_error", "_ids")  # the pipeline's own columns
+RESERVED = ("error", *PIPELINE_COLUMNS)  # the pipeline's own columns
 
 
 def kept_columns(spec: InferSpec, schema: pa.Schema) -> dict[str, pa.DataType]:

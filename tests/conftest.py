@@ -52,13 +52,17 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "bert":
         tk.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # cross-encoders read text pairs
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
         )
     elif kind == "llama":
         tk.post_processor = processors.TemplateProcessing(
             single="[BOS] $A", special_tokens=[("[BOS]", 4)]
         )
     extra = {"pad_token": "[PAD]"} if kind != "gpt2" else {}
+    if kind == "bert":  # as BERT's own tokenizers: token types, for text pairs
+        extra["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         unk_token="[UNK]",

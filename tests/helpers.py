@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lmbatch.jobs.infer import run_infer
 from lmbatch.jobs.spec import InferSpec, prepare_infer
@@ -56,3 +59,32 @@ def greedy(model, tok, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
     )  # fmt: skip
     return out[0, ids.shape[1] :]
+
+
+def wide_classifier(
+    tiny_models, path: Path, labels: int, token_types: bool = True
+) -> str:
+    """A BERT classifier of ``labels`` outputs beside the tiny BERT's tokenizer, its
+    token-type embeddings and head drawn wide, so that each input, and each wrong
+    token type, shows in the scores; its tokenizer gives no token types (as
+    RoBERTa's) where ``token_types`` is False."""
+    base = Path(tiny_models["bert_cls"])
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels = labels
+    if labels != 3:
+        config.id2label = {i: f"LABEL_{i}" for i in range(labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(labels)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():  # wide weights: a wrong token type shows in every score
+        for weights in (model.bert.embeddings.token_type_embeddings, model.classifier):
+            weights.weight.normal_(0, 1)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).exists():
+            shutil.copy(base / name, path)
+    if not token_types:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        settings["model_input_names"] = ["input_ids", "attention_mask"]
+        (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return str(path)

@@ -136,6 +136,23 @@ def test_classify_with_a_causal_lm(base, tiny_models):
     assert_user_error(run(*args), "--task", "sequence-classification")
 
 
+@pytest.mark.parametrize(
+    "task, flag",
+    [
+        ("classify", ["--truncate-dim", "8"]),
+        ("score", ["--normalize"]),
+        ("generate", ["--prompt", "query: "]),
+        ("embed", ["--chat-template"]),
+        ("embed", ["--pair-column", "text"]),
+    ],
+)
+def test_a_flag_of_another_task_is_named(base, tiny_models, task, flag):
+    model = {"classify": "bert_cls", "score": "gpt2", "generate": "gpt2"}
+    args = with_flag(base, "--task", task)
+    args = with_flag(args, "--model", tiny_models[model.get(task, "bert")])
+    assert_user_error(run(*args, *flag), flag[0], "applies to --task")
+
+
 def test_unknown_task(base):
     assert_user_error(run(*with_flag(base, "--task", "translate")), "--task")
 

@@ -55,6 +55,22 @@ def test_padding_matches_a_row_by_row_loop(side):
     assert ids.dtype == mask.dtype == np.int64
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_pairs_token_types_are_one_on_its_second_text_only(side):
+    # Rows 0 and 3 are pairs whose last 2 and 3 tokens are the second text's.
+    pairs = pa.chunked_array([pa.array([2, None, 0, 3, None], pa.int32())])
+    tokens = TokenRows.from_arrow(ROWS, pairs)
+    ids, mask, types = tokens.pad(np.array([3, 0, 2]), pad_id=0, side=side)
+    want = [[0, 1, 1, 1], [0, 1, 1], [0]]  # each row's types, before padding
+    _, want_types = naive_pad(want, 0, side)
+    _, want_mask = naive_pad([[1] * 4, [1] * 3, [1]], 0, side)
+    for row, kinds in enumerate(want):  # naive_pad's mask of ones, laid over
+        want_types[row][want_mask[row] == 1] = kinds
+    np.testing.assert_array_equal(types, want_types)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert types.dtype == np.int64 and ids.shape == types.shape
+
+
 def test_outputs_are_contiguous_fixed_size_lists_with_nulls_for_missing_rows():
     schema = pa.schema(
         [("embedding", pa.list_(pa.float32(), 2)), ("label", pa.string())]
@@ -284,6 +300,11 @@ def test_tasks_tokenize_as_transformers_does(tiny_models, model, on_long):
     expected = actor_batch(texts, plain)
     assert actor_batch(texts, fast).equals(expected)
     assert expected["_error"].null_count == (4 if on_long == "truncate" else 3)
+    # Text pairs: the pair template, longest-first cuts and each row's type-1 count.
+    pairs = ["a pair", "x", "another much longer text " * 5, "y z"]
+    expected = actor_batch(texts, plain, pairs)
+    assert actor_batch(texts, fast, pairs).equals(expected)
+    assert expected["_pair_tokens"].null_count == (0 if on_long == "truncate" else 2)
 
 
 def test_tokenize_tasks_import_neither_torch_nor_transformers():

@@ -227,14 +227,18 @@ def test_a_job_with_a_prompt_name_matches_and_resumes_only_with_it(
 
 
 @pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("normalize", [False, True])
 def test_truncate_dim_keeps_the_first_dimensions_as_sentence_transformers(
-    st_models, corpus, tmp_path
+    normalize, st_models, corpus, tmp_path
 ):
+    """The first 8 dimensions, not normalised again; with --normalize, normalised
+    after the cut, as normalize_embeddings does."""
     path = st_models["mean, dense tanh, normalized"]  # 16 dimensions
     rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
-                      task="embed", id_column="doc", truncate_dim=8)  # fmt: skip
+                      task="embed", id_column="doc", truncate_dim=8,
+                      normalize=normalize)  # fmt: skip
     want = SentenceTransformer(path, device="cpu").encode(
-        corpus["texts"], truncate_dim=8
+        corpus["texts"], truncate_dim=8, normalize_embeddings=normalize
     )
     got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)

@@ -17,7 +17,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import greedy, run_job
+from helpers import greedy, run_job, wide_classifier
 from ray import serve
 from ray_head import LMBATCH, free_port
 
@@ -94,6 +94,7 @@ def test_concurrent_requests_are_batched_together(endpoint):
         ({"text": "one"}, '{"inputs"'),
         ({"inputs": []}, "non-empty list"),
         ({"inputs": ["one", 3]}, "inputs[1] is int"),
+        ({"inputs": [["one", "two"]]}, "inputs[0] is list, not a string"),
         ({"inputs": ["one"], "extra": 1}, "unknown field 'extra'"),
     ],
 )
@@ -170,10 +171,25 @@ def continuations(path: str, texts: list[str], new_tokens: int) -> list[str]:
             for i in ids]  # fmt: skip
 
 
+def pipeline_probs(path: str, inputs: list) -> list[list[float]]:
+    """Each input's scores by transformers' text-classification pipeline, a text
+    pair given as its ``text_pair``, in the model's label order."""
+    from transformers import AutoConfig, pipeline
+
+    labels = AutoConfig.from_pretrained(path).id2label
+    given = [t if isinstance(t, str) else {"text": t[0], "text_pair": t[1]}
+             for t in inputs]  # fmt: skip
+    out = pipeline("text-classification", model=path, top_k=None)(given)
+    return [[{d["label"]: d["score"] for d in scores}[labels[i]]
+             for i in range(len(labels))] for scores in out]  # fmt: skip
+
+
 @pytest.mark.parametrize("task", ["classify", "generate"])
-def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task):
+def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
     port = free_port()
-    model = tiny_models["bert_cls" if task == "classify" else "gpt2"]
+    model = tiny_models["gpt2"]
+    if task == "classify":
+        model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
     process = subprocess.Popen(
         [*WITH_CTRL_C, str(LMBATCH), "serve", "--model", model, "--task", task,
          "--max-new-tokens", "4", "--port", str(port)],
@@ -192,6 +208,14 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task):
         results = body["results"]
         if task == "classify":
             assert {r["label"] for r in results} <= {"neg", "neutral", "pos"}
+            # Texts and text pairs in one request: each scored as the pipeline does.
+            mixed = [TEXTS[0], [TEXTS[2], TEXTS[3]], TEXTS[1], [TEXTS[3], TEXTS[0]]]
+            status, body = post(url, {"inputs": mixed})
+            assert status == 200, body
+            got = [r["probs"] for r in body["results"]]
+            for row, want in zip(got, pipeline_probs(model, mixed), strict=True):
+                assert row == pytest.approx(want, abs=1e-5)
+            assert got[0] != pytest.approx(got[1], abs=1e-4)
         else:  # batched with left padding, as each text alone
             want = continuations(model, TEXTS, 4)
             assert any(want), want  # real continuations, not all empty
