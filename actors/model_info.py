@@ -24,6 +24,9 @@ from lmbatch.errors import UserError
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "cpu-int8")
 CPU_ONLY_PRECISIONS = ("cpu-int8",)
 TASKS = ("embed", "score", "classify", "generate")
+# Tasks that read text pairs: classify (a cross-encoder's query and passage), score (a
+# context and the continuation scored after it).
+PAIR_TASKS = ("classify", "score")
 DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 # What each task writes besides id and error (the heads' schemas, actors/tasks.py).
 TASK_COLUMNS = {

@@ -92,9 +92,12 @@ class Predictor:
             config, spec.path, self.model, self.tokenizer, self.device
         )
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        # Text pairs get token types where the tokenizer gives them (BERT's do,
-        # RoBERTa's do not: its one type would be out of range).
-        self.token_types = "token_type_ids" in self.tokenizer.model_input_names
+        # A text pair's second text, marked token by token: a classifier's token
+        # types where its tokenizer gives them (BERT's does; RoBERTa's does not, and
+        # its one type would be out of range); score's tokens to score.
+        self.marks_pairs = config.model.task == "score" or (
+            "token_type_ids" in self.tokenizer.model_input_names
+        )
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
             config.max_new_tokens if config.model.task == "generate" else 0
@@ -122,7 +125,7 @@ class Predictor:
         started = time.perf_counter()
         self.stats.rows_started += batch.num_rows
         self._report()  # were this process to die now, these rows were lost work
-        pairs = PAIR_TOKENS.name in batch.column_names and self.token_types
+        pairs = PAIR_TOKENS.name in batch.column_names and self.marks_pairs
         tokens = TokenRows.from_arrow(
             batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
         )

@@ -1,7 +1,7 @@
 """A Ray Serve deployment of the infer job's tokenizer, loader and predictor.
 
     POST /  {"inputs": ["text", ...]}
-            classify also takes text pairs: {"inputs": [["query", "passage"], ...]}
+            classify and score also take text pairs: {"inputs": [["a", "b"], ...]}
         -> one ``predict`` call per text, gathered by ``@serve.batch`` across requests
         -> tokenize_batch + Predictor, the same code an infer job's actors run
         -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
@@ -22,13 +22,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from lmbatch.actors.model_info import PAIR_TASKS
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
 USAGE = 'expected a JSON object {"inputs": ["text", ...]}'
-Input = str | tuple[str, str]  # a text, or a text pair (classify)
+Input = str | tuple[str, str]  # a text, or a text pair (classify, score)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Endpoint:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
         try:
-            pairs = self.config.predictor.model.task == "classify"
+            pairs = self.config.predictor.model.task in PAIR_TASKS
             texts = parse_inputs(await request.body(), pairs)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
@@ -92,7 +93,7 @@ class Endpoint:
 
 
 def parse_inputs(body: bytes, pairs: bool = False) -> list[Input]:
-    """The request's texts; with ``pairs`` (classify), also text pairs.
+    """The request's texts; with ``pairs`` (classify, score), also text pairs.
 
     Raises:
         BadRequest: one line naming what is wrong (and where, for a bad input).

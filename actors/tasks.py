@@ -34,7 +34,8 @@ class TaskHead(Protocol):
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
-        """Classify also takes a third tensor: a text pair's token types."""
+        """Classify and score also take a third tensor: where a text pair's second
+        text is (classify: its token types; score: the continuation scored)."""
 
     def columns(self, host: Columns) -> Columns: ...
 
@@ -153,7 +154,8 @@ def pool(
 
 @dataclass(frozen=True)
 class Score:
-    """Log-probability of each text under a causal LM: sum over predicted tokens."""
+    """Log-probability of each text under a causal LM: sum over predicted tokens (a
+    continuation's only, where rows are pairs)."""
 
     schema = pa.schema(
         [
@@ -165,8 +167,14 @@ class Score:
     padding_side = "right"
 
     def __call__(
-        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        scored: torch.Tensor | None = None,
     ) -> Tensors:
+        """``scored``: the tokens to score, a continuation's (1), where rows are
+        (context, continuation) pairs; else every token after the first."""
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:]
         logprobs = (
@@ -174,7 +182,7 @@ class Score:
             .gather(-1, targets.unsqueeze(-1))
             .squeeze(-1)
         )
-        predicted = mask[:, 1:].to(logprobs.dtype)
+        predicted = (mask if scored is None else scored)[:, 1:].to(logprobs.dtype)
         total = (logprobs * predicted).sum(dim=1).double()
         count = predicted.sum(dim=1)
         return {

@@ -54,6 +54,7 @@ class TokenizeConfig:
     prefix: str = ""  # put before every text: a sentence-transformers prompt
     chat: bool = False  # each text a user's message in the model's chat template
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
+    continuation: bool = False  # score: a pair's second text continues its first
 
 
 @lru_cache(maxsize=4)
@@ -137,28 +138,11 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
         pairs = pc.if_else(ok, pc.fill_null(batch["_pair"], ""), "").to_pylist()
     ids, pair_tokens = encode(texts, config, pairs)
     ids = pa.array(ids, pa.list_(pa.int32()))
-    lengths = pc.cast(pc.list_value_length(ids), pa.string())
-    error = pc.case_when(
-        pc.make_struct(
-            pc.invert(ok),
-            pc.greater(pc.list_value_length(ids), config.max_length),
-            pc.less(pc.list_value_length(ids), config.min_tokens),
-        ),
-        batch["_error"],
-        pc.binary_join_element_wise(
-            "too_long: ", lengths, f" tokens > --max-length {config.max_length}", ""
-        ),
-        pc.binary_join_element_wise(
-            "too_short: ",
-            lengths,
-            f" tokens, this task needs {config.min_tokens}",
-            "",
-        ),
-    )
+    counts = None if pair_tokens is None else pa.array(pair_tokens, PAIR_TOKENS.type)
+    error = row_errors(batch["_error"], ids, counts, config)
     ids = pc.if_else(pc.is_null(error), ids, pa.scalar(None, ids.type))
     tokens = pa.table([batch["id"], ids, error], schema=TOKEN_SCHEMA)
-    if pair_tokens is not None:
-        counts = pa.array(pair_tokens, PAIR_TOKENS.type)
+    if counts is not None:
         tokens = tokens.append_column(
             PAIR_TOKENS, pc.if_else(pc.is_null(error), counts, None)
         )
@@ -166,6 +150,36 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
         if field.name not in PIPELINE_COLUMNS:
             tokens = tokens.append_column(field, batch[field.name])
     return tokens
+
+
+def row_errors(
+    given: pa.ChunkedArray,
+    ids: pa.Array,
+    pair_tokens: pa.Array | None,
+    config: TokenizeConfig,
+) -> pa.Array:
+    """Each row's error: the one it came with, else too long or too short for the
+    task, or a pair whose second text adds no token."""
+    length = pc.list_value_length(ids)
+    text = pc.cast(length, pa.string())
+    conditions = [
+        pc.invert(pc.is_null(given)),
+        pc.greater(length, config.max_length),
+        pc.less(length, config.min_tokens),
+    ]
+    errors = [
+        given,
+        pc.binary_join_element_wise(
+            "too_long: ", text, f" tokens > --max-length {config.max_length}", ""
+        ),
+        pc.binary_join_element_wise(
+            "too_short: ", text, f" tokens, this task needs {config.min_tokens}", ""
+        ),
+    ]
+    if pair_tokens is not None:
+        conditions.append(pc.equal(pair_tokens, 0))
+        errors.append(pa.scalar("too_short: the pair's second text adds no token"))
+    return pc.case_when(pc.make_struct(*conditions), *errors)
 
 
 def chat_messages(texts: list[str], config: TokenizeConfig) -> list[str]:
@@ -192,9 +206,12 @@ def encode(
 
     With ``pairs``, each text and its pair make one sequence in the tokenizer's pair
     template, cut longest first (transformers' ``truncation=True``, as
-    sentence-transformers' CrossEncoder tokenizes); also returned is how many of each
-    sequence's last tokens are the pair's (token type 1).
+    sentence-transformers' CrossEncoder tokenizes), or, for score, the pair continues
+    the text (``continued``); also returned is how many of each sequence's last tokens
+    are the pair's (token type 1; the continuation).
     """
+    if pairs is not None and config.continuation:
+        return continued(texts, pairs, config)
     max_length = config.max_length if config.on_long == "truncate" else None
     special = not config.chat
     given = texts if pairs is None else list(zip(texts, pairs, strict=True))
@@ -227,6 +244,30 @@ def encode(
     if pairs is None:
         return out["input_ids"], None
     return out["input_ids"], [sum(t) for t in out["token_type_ids"]]
+
+
+def continued(
+    texts: list[str], pairs: list[str], config: TokenizeConfig
+) -> tuple[list[list[int]], list[int]]:
+    """Each text followed by its continuation, tokenized as lm-evaluation-harness's
+    loglikelihood does: the continuation's tokens are those of both texts together
+    beyond those of the text alone (a merge across the join stays one token).
+
+    Where the job truncates, the context is cut from the left, so that what is scored
+    stays whole; a continuation that leaves no token of context is not cut, and its
+    row is too long.
+    """
+    whole_texts = [t + p for t, p in zip(texts, pairs, strict=True)]
+    uncut = replace(config, on_long="error")
+    whole, _ = encode(whole_texts, uncut)
+    context, _ = encode(texts, uncut)
+    counts = [max(0, len(w) - len(c)) for w, c in zip(whole, context, strict=True)]
+    if config.on_long == "truncate":
+        keep = config.max_length
+        whole = [
+            w[-keep:] if n < keep else w for w, n in zip(whole, counts, strict=True)
+        ]
+    return whole, counts
 
 
 @lru_cache(maxsize=2)

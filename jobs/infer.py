@@ -237,6 +237,7 @@ def tokenize_settings(
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,
         lowercase=info.sentence.lowercase,
+        continuation=spec.task == "score",
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmbatch.actors.model_files import fetch_model
-from lmbatch.actors.model_info import ModelInfo, inspect_model
+from lmbatch.actors.model_info import PAIR_TASKS, ModelInfo, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.serve import Endpoint, EndpointConfig
 from lmbatch.actors.tokenize import with_backend
@@ -138,8 +138,8 @@ def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
         url = deploy(plan)
         echo(f"serving {plan.spec.model} ({plan.spec.task}) at {url}")
         echo(f'POST {url} {{"inputs": ["text", ...]}}; GET {url}stats; Ctrl-C stops')
-        if plan.spec.task == "classify":
-            echo('text pairs too: {"inputs": [["query", "passage"], ...]}')
+        if plan.spec.task in PAIR_TASKS:
+            echo('text pairs too: {"inputs": [["first", "second"], ...]}')
         try:
             while True:
                 time.sleep(3600)

@@ -20,6 +20,7 @@ from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     DEVICES,
+    PAIR_TASKS,
     PRECISIONS,
     TASK_COLUMNS,
     TASKS,
@@ -131,9 +132,9 @@ class InferSpec(ModelFlags):
     text_column: str = "text"
     pair_column: str | None = Field(
         None,
-        description="--task classify: each row is a text pair, its text and this "
-        "column's: a cross-encoder's (query, passage), an NLI model's (premise, "
-        "hypothesis).",
+        description="Each row a text pair, its text and this column's. classify: a "
+        "cross-encoder's (query, passage), an NLI model's (premise, hypothesis); "
+        "score: a context and the continuation scored after it.",
     )
     id_column: str | None = Field(
         None, description="Column of row ids; default <file>#<row>."
@@ -211,9 +212,10 @@ class InferSpec(ModelFlags):
         if self.actors is not None and self.actors[0] > self.actors[1]:
             low, high = self.actors
             raise FieldError("actors", f"need MIN <= MAX, got {low},{high}")
-        if self.pair_column is not None and self.task != "classify":
+        if self.pair_column is not None and self.task not in PAIR_TASKS:
             raise FieldError(
-                "pair_column", f"applies to --task classify, not {self.task}"
+                "pair_column",
+                f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
             )
         return self
 

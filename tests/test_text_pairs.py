@@ -77,6 +77,53 @@ def test_an_nli_model_scores_pairs_as_the_transformers_pipeline(
         assert row["score"] == pytest.approx(want[0]["score"], abs=1e-5)
 
 
+def loglikelihood(model, tok, context: str, continuation: str, max_length: int):
+    """(log-probability, tokens) of ``continuation`` after ``context``, as
+    lm-evaluation-harness's loglikelihood computes it: both texts tokenized together,
+    the continuation's tokens those beyond the context's own, the context cut from
+    the left to fit."""
+    whole = tok(context + continuation)["input_ids"]
+    n = len(whole) - len(tok(context)["input_ids"])
+    ids = torch.tensor([whole[-max_length:]])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    picked = logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+    return float(picked[-n:].sum()), n
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_score_a_continuation_as_lm_evaluation_harness_does(
+    name, tiny_models, tmp_path
+):
+    """Only the continuation is scored, conditioned on its context; a context past
+    the model's 64 positions is cut from the left; a continuation that leaves no
+    room for context is a too_long row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    contexts = sentences(30, seed=3, max_words=90)
+    endings = [" " + s for s in sentences(30, seed=4, max_words=6)]
+    endings[7] = " " + " ".join(["water"] * 70)
+    data = tmp_path / "pairs.parquet"
+    keys = [f"k{i}" for i in range(30)]
+    pq.write_table(pa.table({"ctx": contexts, "end": endings, "key": keys}), data)
+    path = tiny_models[name]
+    rows, summary = run_job(tmp_path / "out", model=path, inputs=str(data),
+                            task="score", text_column="ctx", pair_column="end",
+                            id_column="key")  # fmt: skip
+    assert rows["k7"]["error"].startswith("too_long: ")
+    assert summary.errors == {"too_long": 1}
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    cut = 0
+    for i in set(range(30)) - {7}:
+        want, n = loglikelihood(model, tok, contexts[i], endings[i], 64)
+        row = rows[f"k{i}"]
+        assert row["error"] is None and row["num_tokens"] == n
+        assert row["logprob"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+        cut += len(tok(contexts[i] + endings[i])["input_ids"]) > 64
+    assert cut, "no context was long enough to be cut"
+
+
 def test_a_pair_whose_second_text_is_bad_is_an_error_row(tiny_models, tmp_path):
     lines = [
         {"text": "the first one", "hyp": "is a pair"},
@@ -109,7 +156,7 @@ def test_pair_column_mistakes_are_one_line(tiny_models, pairs, tmp_path):
     embed = CliRunner().invoke(
         cli, ["infer", *base, "--task", "embed", "--pair-column", "passage"]
     )
-    assert_user_error(embed, "--pair-column", "applies to --task classify")
+    assert_user_error(embed, "--pair-column", "applies to --task classify or score")
 
 
 def test_a_resume_with_another_pair_column_is_refused(tiny_models, pairs, tmp_path):
