@@ -175,15 +175,21 @@ def test_a_resume_with_another_pair_column_is_refused(tiny_models, pairs, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pairs_on_cuda_score_as_on_cpu(tiny_models, pairs, tmp_path):
-    """Token types built on the host go up with the ids; fp16 on the GPU stays
-    within a rounding of the fp32 CPU job."""
-    path = wide_classifier(tiny_models, tmp_path / "nli", 3)
-    flags = dict(model=path, inputs=pairs["parquet"], task="classify",
+@pytest.mark.parametrize("task", ["classify", "score"])
+def test_pairs_on_cuda_as_on_cpu(task, tiny_models, pairs, tmp_path):
+    """A pair's marks (token types; the tokens scored) built on the host go up with
+    the ids; fp16 on the GPU stays within a rounding of the fp32 CPU job."""
+    path = tiny_models["llama"]
+    if task == "classify":
+        path = wide_classifier(tiny_models, tmp_path / "nli", 3)
+    flags = dict(model=path, inputs=pairs["parquet"], task=task,
                  text_column="q", pair_column="passage", id_column="key")  # fmt: skip
-    cpu, _ = run_job(tmp_path / "cpu", device="cpu", precision="fp32", **flags)
+    cpu, expected = run_job(tmp_path / "cpu", device="cpu", precision="fp32", **flags)
     gpu, summary = run_job(tmp_path / "gpu", device="cuda", precision="fp16", **flags)
-    assert summary.errors == {} and all(r.startswith("cuda (") for r in summary.ran)
-    got = np.array([gpu[key]["probs"] for key in cpu])
-    want = np.array([cpu[key]["probs"] for key in cpu])
-    np.testing.assert_allclose(got, want, atol=1e-2)
+    assert all(r.startswith("cuda (") for r in summary.ran), summary.ran
+    assert summary.errors == expected.errors  # score: continuations past 63 tokens
+    column = "probs" if task == "classify" else "logprob"
+    keys = [key for key, row in cpu.items() if row["error"] is None]
+    got = np.array([gpu[key][column] for key in keys])
+    want = np.array([cpu[key][column] for key in keys])
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-2)
