@@ -54,10 +54,13 @@ def start_cluster() -> tuple[Cluster, list]:
     return cluster, nodes
 
 
-def remove_a_busy_worker(cluster: Cluster, workers: list, removed: list) -> None:
-    """Once an actor on a worker node has done work, take that node away."""
+def remove_a_busy_worker(
+    cluster: Cluster, workers: list, removed: list, done: threading.Event
+) -> None:
+    """Once an actor on a worker node has done work, take that node away; give up
+    once the job is ``done``."""
     by_id = {w.node_id: w for w in workers}
-    while not removed:
+    while not removed and not done.is_set():
         on_workers = [a for a in working_actors() if a["node"] in by_id]
         if on_workers:
             cluster.remove_node(by_id[on_workers[0]["node"]], allow_graceful=True)
@@ -92,13 +95,20 @@ def main(model: str, data: str, output: str, *rest: str) -> None:
             batch_rows=int(flags.get("batch_rows", 8)),  # every actor gets some
         )
         removed: list[str] = []
+        done = threading.Event()
+        remover = threading.Thread(
+            target=remove_a_busy_worker, args=(cluster, workers, removed, done)
+        )
         if remove:
-            threading.Thread(
-                target=remove_a_busy_worker,
-                args=(cluster, workers, removed),
-                daemon=True,
-            ).start()
-        summary = run_infer(prepare_infer(spec))
+            remover.start()
+        try:
+            summary = run_infer(prepare_infer(spec))
+        finally:
+            # Stopped before Ray is: its next call would start a Ray of its own, and
+            # the failure then would hide the job's.
+            done.set()
+            if remover.is_alive():
+                remover.join()
         nodes = {
             n["NodeID"]: n["Resources"].get("memory") for n in ray.nodes() if n["Alive"]
         }

@@ -8,7 +8,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import greedy, run_job, wide_classifier
 from ray import serve
-from ray_head import LMBATCH, free_port
+from ray_head import LMBATCH, WITH_CTRL_C, free_port
 
 from lmbatch.errors import UserError
 from lmbatch.jobs.serve import deploy, prepare_serve
@@ -148,16 +147,6 @@ def test_bad_flags_are_named(tiny_models, flags, where):
             )
         )
     assert e.value.where == where
-
-
-# The command as a terminal starts it, with Ctrl-C at its default: tests run as a
-# shell's background job (`make test &`) inherit SIGINT ignored, and so would it.
-WITH_CTRL_C = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
-]
 
 
 def continuations(path: str, texts: list[str], new_tokens: int) -> list[str]:
