@@ -101,7 +101,9 @@ def inspect_model(
     return ModelInfo(
         architectures=arch,
         max_positions=_max_positions(config),
-        sentence=read_sentence(Path(path)) if task == "embed" else Sentence(),
+        sentence=(
+            read_sentence(Path(path), allow_pickle) if task == "embed" else Sentence()
+        ),
         id2label=_id2label(config),
         classify_function=classify_function(config),
         hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),

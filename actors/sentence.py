@@ -13,7 +13,7 @@ JSON only here, no torch: the driver reads this; ``tasks.Embed`` runs it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -49,12 +49,13 @@ NO_LIMIT = 10**6  # tokenizers say "no limit" with a huge model_max_length
 
 @dataclass(frozen=True)
 class Dense:
-    folder: str  # in the model directory: model.safetensors with linear.weight/bias
+    folder: str  # in the model directory, with linear.weight/bias in ``weights``
     in_features: int
     out_features: int
     bias: bool
     activation: str  # a torch.nn class name, a value of ACTIVATIONS
     residual: bool = False  # out = activation(linear(x)) + x
+    weights: str = "model.safetensors"  # or pytorch_model.bin, with --allow-pickle
 
 
 Step = Dense | Literal["normalize"]
@@ -81,8 +82,9 @@ class Sentence:
         return dense[-1].out_features if dense else hidden_size * len(self.modes)
 
 
-def read_sentence(path: Path) -> Sentence:
-    """The modules of the model at ``path``.
+def read_sentence(path: Path, allow_pickle: bool = False) -> Sentence:
+    """The modules of the model at ``path``; ``allow_pickle``: a Dense module's
+    weights may be a pickle (``pytorch_model.bin``, as older models keep them).
 
     Raises:
         UserError: naming ``--model`` and the module it cannot run.
@@ -97,7 +99,7 @@ def read_sentence(path: Path) -> Sentence:
     for i, module in enumerate(modules):
         where = f"{listing}: module {i} ({module.get('type')}, folder "
         where += f"{module.get('path') or '.'})"
-        _read_module(path, module, where, found)
+        _read_module(path, module, where, found, allow_pickle)
     if "modes" not in found:
         raise UserError(
             "--model", f"{listing}: no Pooling module; no embedding to take"
@@ -147,7 +149,9 @@ def resolve_prompt(
     return sentence.prompts[prompt_name]
 
 
-def _read_module(path: Path, module: dict, where: str, found: dict) -> None:
+def _read_module(
+    path: Path, module: dict, where: str, found: dict, allow_pickle: bool
+) -> None:
     kind = str(module.get("type", "")).rpartition(".")[2]
     folder = path / module.get("path", "")
     known = str(module.get("type", "")).startswith("sentence_transformers.")
@@ -169,7 +173,7 @@ def _read_module(path: Path, module: dict, where: str, found: dict) -> None:
         found["modes"] = _modes(pooling, where)
         found["include_prompt"] = bool(pooling.get("include_prompt", True))
     elif kind == "Dense":
-        found["steps"].append(_dense(path, module, where))
+        found["steps"].append(_dense(path, module, where, allow_pickle))
     else:
         _check_io(_json(folder / "config.json", where, {}), where)
         found["steps"].append("normalize")
@@ -212,7 +216,7 @@ def _modes(config: dict, where: str) -> tuple[str, ...]:
     return modes
 
 
-def _dense(path: Path, module: dict, where: str) -> Dense:
+def _dense(path: Path, module: dict, where: str, allow_pickle: bool) -> Dense:
     config = _json(path / module.get("path", "") / "config.json", where)
     _check_io(config, where)
     activation = ACTIVATIONS.get(config.get("activation_function", ""))
@@ -233,11 +237,17 @@ def _dense(path: Path, module: dict, where: str) -> Dense:
         raise UserError(
             "--model", f"{where}: a residual across widths is not supported"
         )
-    if f"{dense.folder}/model.safetensors" not in weight_names(str(path)):
-        raise UserError(  # safetensors only: never a pickle
-            "--model", f"{where}: no model.safetensors with its weights"
-        )
-    return dense
+    names = weight_names(str(path))
+    if f"{dense.folder}/model.safetensors" in names:
+        return dense
+    if f"{dense.folder}/pytorch_model.bin" not in names:
+        raise UserError("--model", f"{where}: no model.safetensors with its weights")
+    if not allow_pickle:
+        raise UserError(
+            "--model", f"{where}: its weights are a pickle (pytorch_model.bin); "
+            "pass --allow-pickle to trust them",
+        )  # fmt: skip
+    return replace(dense, weights="pytorch_model.bin")
 
 
 def _check_io(config: dict, where: str) -> None:

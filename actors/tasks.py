@@ -94,9 +94,15 @@ class Embed:
 
 
 def _dense(model_dir: str, dense: Dense, device: torch.device):
-    """A sentence-transformers Dense module: its Linear, loaded from safetensors."""
+    """A sentence-transformers Dense module: its Linear, loaded from safetensors, or
+    from the pickle an older model keeps (read_sentence allowed it: --allow-pickle),
+    tensors only."""
     linear = nn.Linear(dense.in_features, dense.out_features, bias=dense.bias)
-    state = load_file(str(Path(model_dir) / dense.folder / "model.safetensors"))
+    file = Path(model_dir) / dense.folder / dense.weights
+    if file.suffix == ".safetensors":
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
     prefix = "linear."
     linear.load_state_dict(
         {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

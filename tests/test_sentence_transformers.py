@@ -153,6 +153,29 @@ def test_a_whole_job_matches_too(st_models, corpus, tmp_path):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_a_dense_module_kept_as_a_pickle_runs_with_allow_pickle(
+    st_models, corpus, tmp_path
+):
+    """Older models keep a Dense module's weights as pytorch_model.bin, which
+    sentence-transformers loads; lmbatch loads them where --allow-pickle trusts
+    them (tensors only), and refuses them in one line otherwise."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "older"
+    shutil.copytree(st_models["mean, dense tanh, normalized"], path)
+    (dense,) = [p.parent for p in path.glob("*/model.safetensors")]
+    torch.save(load_file(dense / "model.safetensors"), dense / "pytorch_model.bin")
+    (dense / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"pytorch_model\.bin\); pass --allow-pickle"):
+        inspect_model(str(path), "embed")
+    rows, _ = run_job(tmp_path / "out", model=str(path), inputs=corpus["parquet"],
+                      task="embed", id_column="doc", allow_pickle=True)  # fmt: skip
+    want = SentenceTransformer(str(path), device="cpu").encode(corpus["texts"])
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
 PROMPTS = {"query": "the query: ", "doc": "a passage: "}
 
 
