@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,17 @@ which do how their if will up other about out many then them these so some her w
 make like him into time has look two more write go see number no way could people my
 than first water been call who oil its now find long down day did get come made may
 """.split()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C at its default for the commands the tests start (and stop with it), as
+    a terminal starts them: a shell's background job (`make test &`) begins with
+    SIGINT ignored, and every child would inherit that. A handler, unlike an
+    ignored signal, is reset to the default in each child."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[BOS]", "[EOS]"]
 MAX_POSITIONS = 64
 

@@ -29,14 +29,6 @@ from pathlib import Path
 
 RAY = Path(sys.executable).with_name("ray")
 LMBATCH = Path(sys.executable).with_name("lmbatch")
-# A command as a terminal starts it, with Ctrl-C at its default: tests run as a
-# shell's background job (`make test &`) inherit SIGINT ignored, and so would it.
-WITH_CTRL_C = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
-]
 RAY_MAIN = "import sys; from ray.scripts.scripts import main; sys.exit(main())"
 
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from helpers import run_job
-from ray_head import LMBATCH, WITH_CTRL_C
+from ray_head import LMBATCH
 from test_cli_errors import assert_user_error
 
 from lmbatch.actors.model_info import inspect_model
@@ -189,9 +189,7 @@ def test_ctrl_c_leaves_no_step_snapshots(tiny_models, corpus, tmp_path):
         str(LMBATCH), "optimize", "--model", tiny_models["bert"], "--recipe",
         str(recipe), "--calibration", corpus["parquet"], "--output", str(out),
     ]  # fmt: skip
-    driver = subprocess.Popen(
-        [*WITH_CTRL_C, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     snapshot = tmp_path / ".artifact.steps" / "0-prune"
     deadline = time.monotonic() + 240
     while not (snapshot / "lmbatch.json").is_file():  # distilling now

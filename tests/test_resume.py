@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from helpers import run_job, write_rows
-from ray_head import LMBATCH, WITH_CTRL_C
+from ray_head import LMBATCH
 
 from lmbatch.errors import UserError
 from lmbatch.jobs.cli import cli
@@ -53,9 +53,7 @@ def start_long_job(
         "--max-new-tokens", "8", "--input", str(data), "--output", str(out),
         "--batch-rows", "50", "--rows-per-file", "50",
     ]  # fmt: skip
-    driver = subprocess.Popen(
-        [*WITH_CTRL_C, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not committed(out):  # the first of several files, its checkpoint committed
         assert driver.poll() is None, driver.stderr.read()[-3000:]

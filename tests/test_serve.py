@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import greedy, run_job, wide_classifier
 from ray import serve
-from ray_head import LMBATCH, WITH_CTRL_C, free_port
+from ray_head import LMBATCH, free_port
 
 from lmbatch.errors import UserError
 from lmbatch.jobs.serve import deploy, prepare_serve
@@ -180,7 +180,7 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
     if task == "classify":
         model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
     process = subprocess.Popen(
-        [*WITH_CTRL_C, str(LMBATCH), "serve", "--model", model, "--task", task,
+        [str(LMBATCH), "serve", "--model", model, "--task", task,
          "--max-new-tokens", "4", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
