@@ -36,9 +36,10 @@ def write_rows(path, n: int, start: int = 0) -> None:
     )
 
 
-def working_actors() -> list[dict]:
+def working_actors(started: bool = False) -> list[dict]:
     """Stats of the actors that did work in the jobs running now, read from each
-    job's named stats sink (how a test finds what to kill mid-job)."""
+    job's named stats sink (how a test finds what to kill mid-job); ``started``:
+    also those whose first call is still running."""
     import ray
 
     from lmbatch.jobs.summary import SINK_PREFIX
@@ -47,7 +48,8 @@ def working_actors() -> list[dict]:
     for named in ray.util.list_named_actors(all_namespaces=True):
         if named["name"].startswith(SINK_PREFIX):
             sink = ray.get_actor(named["name"], namespace=named["namespace"])
-            found += [a for a in ray.get(sink.snapshot.remote()) if a["rows"] > 0]
+            key = "rows_started" if started else "rows"
+            found += [a for a in ray.get(sink.snapshot.remote()) if a[key] > 0]
     return found
 
 
