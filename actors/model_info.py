@@ -27,6 +27,9 @@ TASKS = ("embed", "score", "classify", "generate")
 # Tasks that read text pairs: classify (a cross-encoder's query and passage), score (a
 # context and the continuation scored after it).
 PAIR_TASKS = ("classify", "score")
+# Tasks that can read each text as a user's message in a chat template: generate
+# answers it; score scores a given answer to it (a text pair's second text).
+CHAT_TASKS = ("generate", "score")
 DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 # What each task writes besides id and error (the heads' schemas, actors/tasks.py).
 TASK_COLUMNS = {
@@ -61,7 +64,7 @@ class ModelInfo:
     # classify: what turns logits into ``probs`` (classify_function)
     classify_function: str = "softmax"
     hidden_size: int | None = None  # config's width of a token state
-    chat_template: bool = False  # generate: whether its tokenizer has one
+    chat_template: bool = False  # generate, score: whether its tokenizer has one
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
     precision: str | None = None  # an artifact's own precision; None: not an artifact
 
@@ -107,7 +110,7 @@ def inspect_model(
         id2label=_id2label(config),
         classify_function=classify_function(config),
         hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),
-        chat_template=task == "generate" and has_chat_template(Path(path)),
+        chat_template=task in CHAT_TASKS and has_chat_template(Path(path)),
         cpu_only=artifact is not None and artifact.cpu_only,
         precision=artifact.precision if artifact is not None else None,
     )

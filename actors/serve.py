@@ -2,6 +2,7 @@
 
     POST /  {"inputs": ["text", ...]}
             classify and score also take text pairs: {"inputs": [["a", "b"], ...]}
+            (score with a chat template takes pairs only: [message, answer])
         -> one ``predict`` call per text, gathered by ``@serve.batch`` across requests
         -> tokenize_batch + Predictor, the same code an infer job's actors run
         -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
@@ -59,12 +60,17 @@ class Endpoint:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
         try:
-            pairs = self.config.predictor.model.task in PAIR_TASKS
-            texts = parse_inputs(await request.body(), pairs)
+            texts = parse_inputs(await request.body(), *self.accepts())
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         results = await asyncio.gather(*(self.predict(t) for t in texts))
         return JSONResponse({"results": results})
+
+    def accepts(self) -> tuple[bool, bool]:
+        """(text pairs, single texts): what this endpoint's task reads. A chat
+        template's score scores an answer to a message, so it takes pairs only."""
+        task = self.config.predictor.model.task
+        return task in PAIR_TASKS, not (task == "score" and self.config.tokenize.chat)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def predict(self, texts: list[Input]) -> list[dict]:
@@ -92,8 +98,9 @@ class Endpoint:
         return results
 
 
-def parse_inputs(body: bytes, pairs: bool = False) -> list[Input]:
-    """The request's texts; with ``pairs`` (classify, score), also text pairs.
+def parse_inputs(body: bytes, pairs: bool = False, single: bool = True) -> list[Input]:
+    """The request's texts; with ``pairs`` (classify, score), also text pairs;
+    without ``single``, text pairs only.
 
     Raises:
         BadRequest: one line naming what is wrong (and where, for a bad input).
@@ -115,12 +122,17 @@ def parse_inputs(body: bytes, pairs: bool = False) -> list[Input]:
             f"{len(texts)} inputs; at most {MAX_INPUTS} per request "
             "(use `lmbatch infer` for datasets)"
         )
-    return [_input(i, text, pairs) for i, text in enumerate(texts)]
+    return [_input(i, text, pairs, single) for i, text in enumerate(texts)]
 
 
-def _input(i: int, given: object, pairs: bool) -> Input:
-    if isinstance(given, str):
+def _input(i: int, given: object, pairs: bool, single: bool) -> Input:
+    if isinstance(given, str) and single:
         return given
+    if isinstance(given, str):
+        raise BadRequest(
+            f"inputs[{i}] is a string; score with a chat template takes "
+            "[message, answer] pairs"
+        )
     if pairs and isinstance(given, list):
         if len(given) == 2 and all(isinstance(t, str) for t in given):
             return (given[0], given[1])

@@ -53,6 +53,7 @@ class TokenizeConfig:
     backend: str | None = None  # the fast tokenizer's JSON (``with_backend``)
     prefix: str = ""  # put before every text: a sentence-transformers prompt
     chat: bool = False  # each text a user's message in the model's chat template
+    system: str | None = None  # chat: the system message before each user's
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
     continuation: bool = False  # score: a pair's second text continues its first
 
@@ -187,14 +188,18 @@ def chat_messages(texts: list[str], config: TokenizeConfig) -> list[str]:
     turn begun: transformers' own rendering (a generate job's model time dwarfs its
     import here)."""
     tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for text in texts
-    ]
+    return [chat_text(tokenizer, text, config.system) for text in texts]
+
+
+def chat_text(tokenizer, text: str, system: str | None = None) -> str:
+    """``text`` as a user's message after ``system``'s (where given), in the
+    tokenizer's chat template, the assistant's turn begun."""
+    messages = [{"role": "user", "content": text}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
 
 
 def encode(

@@ -30,7 +30,7 @@ from lmbatch.jobs.progress import Pool, footer_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
 from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
-from lmbatch.jobs.spec import InferPlan, ModelFlags
+from lmbatch.jobs.spec import InferPlan, InferSpec, ModelFlags
 from lmbatch.jobs.stages import stage_times
 from lmbatch.jobs.summary import (
     Summary,
@@ -113,7 +113,15 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
             if spec.pair_column
             else []
         ),
+        *([chat_line(spec)] if spec.chat_template else []),
     ]
+
+
+def chat_line(spec: InferSpec) -> str:
+    """How a chat job renders its texts, for the dry run."""
+    answer = f", {spec.pair_column!r} the answer scored" if spec.task == "score" else ""
+    system = "" if spec.system_prompt is None else f" after {spec.system_prompt!r}"
+    return f"chat template: {spec.text_column!r} the user's message{system}{answer}"
 
 
 def summarise(
@@ -233,6 +241,7 @@ def tokenize_settings(
         max_length=max_length,
         prefix=prompt,
         chat=spec.chat_template,
+        system=spec.system_prompt,
         on_long=spec.on_long,
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,

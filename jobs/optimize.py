@@ -25,7 +25,12 @@ import pyarrow.parquet as pq
 import ray
 
 from lmbatch.actors.model_files import fetch_model
-from lmbatch.actors.model_info import CAUSAL_SUFFIXES, ModelInfo, inspect_model
+from lmbatch.actors.model_info import (
+    CAUSAL_SUFFIXES,
+    ModelInfo,
+    check_weights,
+    inspect_model,
+)
 from lmbatch.actors.storage import filesystem_of, is_local
 from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
@@ -56,12 +61,13 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     """Check model, recipe, text and output; nothing is started or written."""
     steps = load_recipe(spec.recipe)
     model_dir = fetch_model(spec.model, weights=False)  # the task fetches the rest
-    task = spec.task or _task_of(model_dir)
+    task = spec.task or _task_of(model_dir, spec.allow_pickle)
     if task not in OPTIMIZE_TASKS:
         raise UserError(
             "--task", f"optimize measures embed, score or classify, not {task}"
         )
-    info = inspect_model(model_dir, task)
+    info = inspect_model(model_dir, task, allow_pickle=spec.allow_pickle)
+    _check_students(steps, spec.allow_pickle)
     texts = _texts(spec, steps)
     fs, path = check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
     folder, lease = _lease(path)
@@ -115,11 +121,12 @@ def _run(plan: OptimizePlan, threads: int) -> list[dict]:
     spec = plan.spec
     model_dir = fetch_model(spec.model)
     fs, path = filesystem_of(spec.output, "--output")
+    recipe = (model_dir, plan.task, plan.steps)
     if is_local(fs):
-        return run_recipe(model_dir, plan.task, plan.steps, Path(path), plan.texts)
+        return run_recipe(*recipe, Path(path), plan.texts, spec.allow_pickle)
     with tempfile.TemporaryDirectory(prefix="lmbatch-artifact-") as tmp:
         local = Path(tmp) / "artifact"
-        results = run_recipe(model_dir, plan.task, plan.steps, local, plan.texts)
+        results = run_recipe(*recipe, local, plan.texts, spec.allow_pickle)
         fs.delete_dir_contents(path, missing_dir_ok=True)
         pafs.copy_files(str(local), path, destination_filesystem=fs)
     return results
@@ -138,14 +145,24 @@ def show_progress() -> None:
         logger.addHandler(handler)
 
 
-def _task_of(model: str) -> str:
+def _task_of(model: str, allow_pickle: bool) -> str:
     """The task an architecture implies: causal LM -> score, classifier -> classify."""
-    arch = inspect_model(model, "embed").architectures  # or a clear error
+    arch = inspect_model(model, "embed", allow_pickle=allow_pickle).architectures
     if any(a.endswith(CAUSAL_SUFFIXES) for a in arch):
         return "score"
     if any(a.endswith("ForSequenceClassification") for a in arch):
         return "classify"
     return "embed"
+
+
+def _check_students(steps: list[Step], allow_pickle: bool) -> None:
+    """A distill step's student has weights the recipe's task may load."""
+    for i, step in enumerate(steps):
+        if isinstance(step, Distill) and step.student:
+            try:
+                check_weights(Path(step.student), allow_pickle)
+            except UserError as e:  # it names --model; the student is the recipe's
+                raise UserError(f"steps[{i}].distill.student", e.message) from None
 
 
 def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:

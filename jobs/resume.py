@@ -57,6 +57,7 @@ RECORD_FLAGS = {
     "truncate_dim": "--truncate-dim",
     "normalize": "--normalize",
     "chat_template": "--chat-template",
+    "system_prompt": "--system-prompt",
 }
 # What a record written before a field existed held in effect.
 RECORD_DEFAULTS = {
@@ -64,6 +65,7 @@ RECORD_DEFAULTS = {
     "truncate_dim": None,
     "normalize": False,
     "chat_template": False,
+    "system_prompt": None,
     "pair_column": None,
 }
 
@@ -92,6 +94,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "truncate_dim": spec.truncate_dim,
         "normalize": spec.normalize,
         "chat_template": spec.chat_template,
+        "system_prompt": spec.system_prompt,
     }
 
 

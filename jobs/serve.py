@@ -27,6 +27,7 @@ from lmbatch.jobs.pool import gpu_fraction
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import (
     ServeSpec,
+    check_chat,
     check_task_flags,
     max_length_of,
     prompt_of,
@@ -55,6 +56,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     check_task_flags(spec, info)
+    check_chat(spec)
     return ServePlan(spec, info, model_dir, max_length, prompt_of(spec, info))
 
 
@@ -138,7 +140,9 @@ def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
         url = deploy(plan)
         echo(f"serving {plan.spec.model} ({plan.spec.task}) at {url}")
         echo(f'POST {url} {{"inputs": ["text", ...]}}; GET {url}stats; Ctrl-C stops')
-        if plan.spec.task in PAIR_TASKS:
+        if plan.spec.task == "score" and plan.spec.chat_template:
+            echo('inputs are [message, answer] pairs: {"inputs": [["q", "a"], ...]}')
+        elif plan.spec.task in PAIR_TASKS:
             echo('text pairs too: {"inputs": [["first", "second"], ...]}')
         try:
             while True:

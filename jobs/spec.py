@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field, model_validator
 from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
+    CHAT_TASKS,
     DEVICES,
     PAIR_TASKS,
     PRECISIONS,
@@ -29,7 +30,7 @@ from lmbatch.actors.model_info import (
     inspect_model,
 )
 from lmbatch.actors.sentence import resolve_prompt
-from lmbatch.actors.tokenize import PIPELINE_COLUMNS
+from lmbatch.actors.tokenize import PIPELINE_COLUMNS, chat_text, load_tokenizer
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.lease import check_no_writer
@@ -98,8 +99,13 @@ class ModelFlags(Spec):
     )
     chat_template: bool = Field(
         False,
-        description="--task generate: each text is a user's message in the model's "
-        "chat template, the assistant's turn begun (apply_chat_template).",
+        description="--task generate, or score with --pair-column: each text is a "
+        "user's message in the model's chat template, the assistant's turn begun "
+        "(apply_chat_template); score scores the pair's text as the answer.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="--chat-template: a system message put before each user's message.",
     )
     truncate_dim: Count | None = Field(
         None,
@@ -111,6 +117,12 @@ class ModelFlags(Spec):
         description="--task embed: L2-normalise each embedding last (after "
         "--truncate-dim), as sentence-transformers' normalize_embeddings.",
     )
+
+    @model_validator(mode="after")
+    def _chat_flags(self) -> ModelFlags:
+        if self.system_prompt is not None and not self.chat_template:
+            raise FieldError("system_prompt", "needs --chat-template")
+        return self
 
 
 class InferSpec(ModelFlags):
@@ -217,6 +229,12 @@ class InferSpec(ModelFlags):
                 "pair_column",
                 f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
             )
+        if self.chat_template and self.task == "score" and self.pair_column is None:
+            raise FieldError(
+                "chat_template",
+                "with --task score scores an answer to each message: "
+                "name its column with --pair-column",
+            )
         return self
 
 
@@ -278,6 +296,11 @@ class OptimizeSpec(Spec):
         "auto",
         description="auto: a GPU where the cluster has or can get one, else CPU.",
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle (*.bin) weights of --model and of a distill "
+        "student; the artifact holds safetensors only.",
+    )
     overwrite: bool = Field(
         False, description="Replace an earlier lmbatch output in --output."
     )
@@ -325,6 +348,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     check_no_writer(output_fs, output_path, spec.output)
     check_task_flags(spec, info)
+    check_chat(spec)
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep,
         prompt_of(spec, info),
@@ -341,15 +365,17 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             template the model lacks.
     """
     only = {
-        "embed": {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
-                  "--truncate-dim": spec.truncate_dim,
-                  "--normalize": spec.normalize or None},
-        "generate": {"--chat-template": spec.chat_template or None},
+        ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
+                     "--truncate-dim": spec.truncate_dim,
+                     "--normalize": spec.normalize or None},
+        CHAT_TASKS: {"--chat-template": spec.chat_template or None},
     }  # fmt: skip
-    for task, flags in only.items():
+    for tasks, flags in only.items():
         for flag, value in flags.items():
-            if value is not None and spec.task != task:
-                raise UserError(flag, f"applies to --task {task}, not {spec.task}")
+            if value is not None and spec.task not in tasks:
+                raise UserError(
+                    flag, f"applies to --task {' or '.join(tasks)}, not {spec.task}"
+                )
     width = info.sentence.width(info.hidden_size) if info.hidden_size else None
     if spec.truncate_dim is not None and width and spec.truncate_dim > width:
         raise UserError(
@@ -362,6 +388,42 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             f"{spec.model} has no chat template (none in tokenizer_config.json, no "
             "chat_template.jinja)",
         )
+
+
+def check_chat(spec: ModelFlags) -> None:
+    """One message rendered in the model's chat template, as the tokenize tasks will
+    render every row, so that a template that fails, or refuses or drops the system
+    message (Gemma's refuse one), is one line before Ray starts, not an error in
+    the job's tasks. It loads the tokenizer (transformers and torch, about 2 s),
+    for chat jobs only.
+
+    Raises:
+        UserError: naming ``--chat-template`` or ``--system-prompt``.
+    """
+    if not spec.chat_template:
+        return
+    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    _rendered(tokenizer, spec, None, "--chat-template")
+    if spec.system_prompt is None:
+        return
+    text = _rendered(tokenizer, spec, spec.system_prompt, "--system-prompt")
+    if spec.system_prompt.strip() not in text:
+        raise UserError(
+            "--system-prompt",
+            f"the chat template of {spec.model} leaves the system message out",
+        )
+
+
+def _rendered(tokenizer, spec: ModelFlags, system: str | None, flag: str) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return chat_text(tokenizer, "Is this message rendered?", system)
+    except (TemplateError, ValueError) as e:  # the template's raise_exception too
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            flag, f"the chat template of {spec.model} fails: {why}"
+        ) from None
 
 
 def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:

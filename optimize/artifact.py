@@ -27,6 +27,7 @@ from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import module_meta
 from lmbatch.actors.sentence import module_folders
 
+PICKLED = "pytorch_model.bin"  # a sentence-transformers module's older weights
 # Files of the base model an artifact keeps as they are: tokenizer and pooling.
 COPIED = (
     "tokenizer.json",
@@ -66,8 +67,25 @@ def save_artifact(
         if (base / name).is_file():
             shutil.copy(base / name, out / name)
     for folder in module_folders(base):  # sentence-transformers' Pooling, Dense...
-        shutil.copytree(base / folder, out / folder)
+        shutil.copytree(base / folder, out / folder, ignore=_pickles)
+        _unpickled(base / folder, out / folder)
     (out / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+
+
+def _pickles(folder: str, names: list[str]) -> list[str]:
+    return [name for name in names if name == PICKLED]
+
+
+def _unpickled(source: Path, target: Path) -> None:
+    """A module's pickle weights (an older Dense module's, which --allow-pickle
+    trusted) as safetensors, tensors only: an artifact never holds a pickle."""
+    if (source / PICKLED).is_file() and not (source / "model.safetensors").is_file():
+        state = torch.load(source / PICKLED, map_location="cpu", weights_only=True)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(target / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
 
 
 def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:

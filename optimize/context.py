@@ -30,6 +30,7 @@ class Context:
     device: str = "cpu"  # where the model, the teacher and the batches live
     notes: list[str] = field(default_factory=list)  # said in the step's report line
     search: dict | None = None  # what a search step chose, for lmbatch.json
+    allow_pickle: bool = False  # --allow-pickle: the base's (a student's) *.bin
 
     def apply_masks(self, model: PreTrainedModel) -> None:
         with torch.no_grad():
@@ -37,11 +38,13 @@ class Context:
                 model.get_parameter(name).mul_(mask)
 
 
-def embed_head(path: str, task: str, teacher: PreTrainedModel) -> Embed | None:
+def embed_head(
+    path: str, task: str, teacher: PreTrainedModel, allow_pickle: bool = False
+) -> Embed | None:
     """The infer job's embedding head for the model at ``path`` (None for other
     tasks): fidelity and distillation compare the vectors a user gets, after every
     sentence-transformers module, not the pooled token states."""
     if task != "embed":
         return None
-    sentence = inspect_model(path, task).sentence
+    sentence = inspect_model(path, task, allow_pickle=allow_pickle).sentence
     return Embed(sentence, teacher.config.hidden_size, path, teacher.device)

@@ -93,14 +93,19 @@ def meets(metrics: dict[str, float], floor: dict[str, float]) -> bool:
 
 
 def throughput(
-    path: str, task: str, texts: list[str], max_length: int, repeats: int = 2
+    path: str,
+    task: str,
+    texts: list[str],
+    max_length: int,
+    allow_pickle: bool = False,
+    repeats: int = 2,
 ) -> tuple[float, Predictor]:
     """Rows/s of the infer job's Predictor on the artifact at ``path``: best of
     ``repeats`` passes, the probe and first call's warm-up excluded."""
-    info = inspect_model(path, task)
+    info = inspect_model(path, task, allow_pickle=allow_pickle)
     max_length = min(max_length, info.max_positions or max_length)
     config = PredictorConfig(
-        model=ModelSpec(path, task),
+        model=ModelSpec(path, task, allow_pickle=allow_pickle),
         info=info,
         device="cuda" if torch.cuda.is_available() else "cpu",
         threads=os.cpu_count() or 1,

@@ -66,20 +66,27 @@ class Texts:
 
 
 def run_recipe(
-    model_dir: str, task: str, steps: list[Step], output: Path, texts: Texts
+    model_dir: str,
+    task: str,
+    steps: list[Step],
+    output: Path,
+    texts: Texts,
+    allow_pickle: bool = False,
 ) -> list[dict]:
-    """Apply ``steps`` to ``model_dir``, write the artifact to ``output``."""
+    """Apply ``steps`` to ``model_dir``, write the artifact to ``output``.
+    ``allow_pickle``: the base model's pickle weights load; the artifact, and each
+    step's snapshot, holds safetensors only."""
     torch.manual_seed(0)
     base = Path(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(ModelSpec(model_dir, task), device)
+    teacher = load_model(ModelSpec(model_dir, task, allow_pickle=allow_pickle), device)
     teacher.requires_grad_(False)
     tokenizer = load_tokenizer(model_dir)
     ctx = Context(
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        embed=embed_head(model_dir, task, teacher),
+        embed=embed_head(model_dir, task, teacher, allow_pickle),
         calibration=texts.calibration,
         batches=make_batches(
             tokenizer,
@@ -92,6 +99,7 @@ def run_recipe(
             tokenizer, texts.evaluation, texts.max_length, 32, device
         ),
         device=device,
+        allow_pickle=allow_pickle,
     )
     results = [measure("original", base, ctx, texts, [])]
     meta = ArtifactMeta(
@@ -144,7 +152,7 @@ def measure(
 ) -> dict:
     """Reload ``path`` as the infer job would and take its numbers."""
     rows_per_s, predictor = throughput(
-        str(path), ctx.task, texts.evaluation, texts.max_length
+        str(path), ctx.task, texts.evaluation, texts.max_length, ctx.allow_pickle
     )
     metrics = fidelity(predictor.model, ctx, ctx.eval_batches)
     metrics.update(sizes(predictor.model, path, ctx.masks))

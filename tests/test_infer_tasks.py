@@ -19,8 +19,6 @@ from transformers import (
     pipeline,
 )
 
-from lmbatch.errors import UserError
-
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
@@ -193,36 +191,6 @@ def test_generate_stops_at_every_stop_token_of_the_generation_config(
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
     stopped = rows["doc-001"]["generated_text"]
     assert stopped == tok.decode([int(first)], skip_special_tokens=True)
-
-
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def test_generate_in_the_models_chat_template(tiny_models, corpus, tmp_path):
-    path = tmp_path / "chat"
-    shutil.copytree(tiny_models["gpt2"], path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHAT
-    tok.save_pretrained(path)
-    rows, _ = run_job(tmp_path / "out", model=str(path), inputs=corpus["parquet"],
-                      task="generate", id_column="doc", max_new_tokens=5,
-                      chat_template=True)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    for i in (1, 60):
-        message = [{"role": "user", "content": corpus["texts"][i]}]
-        text = tok.apply_chat_template(message, add_generation_prompt=True,
-                                       tokenize=False)  # fmt: skip
-        assert text.endswith("<|assistant|>")
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        expected = tok.decode(greedy(model, tok, ids, 5), skip_special_tokens=True)
-        assert rows[f"doc-{i:03d}"]["generated_text"] == expected
-    with pytest.raises(UserError, match="--chat-template: .* has no chat template"):
-        run_job(tmp_path / "plain", model=tiny_models["gpt2"], task="generate",
-                inputs=corpus["parquet"], chat_template=True)  # fmt: skip
 
 
 def test_pickle_weights_load_when_allowed(tiny_models, corpus, tmp_path):

@@ -171,10 +171,68 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         (into_taken, "--overwrite"),
         ([*into_taken, "--overwrite"], f"{taken} holds files no lmbatch job wrote (x)"),
     ]
+    student = pickled_embedder(tiny_models, tmp_path / "student")
+    distill = tmp_path / "distill.yaml"
+    distill.write_text(f"steps:\n  - distill: {{student: {student}}}\n")
     for args, fragment in cases:
         assert_user_error(optimize(*args), fragment)
+    args = [*base, "--recipe", str(distill), "--calibration", corpus["parquet"]]
+    assert_user_error(
+        optimize(*args), "steps[0].distill.student: ", "pass --allow-pickle"
+    )
     assert (taken / "x").read_text() == "keep me"
     assert not Path(tmp_path / "o").exists()
+
+
+def pickled_embedder(tiny_models, path: Path) -> str:
+    """An older sentence-transformers model: the transformer's weights and its Dense
+    module's (32 -> 16, tanh) both kept as pytorch_model.bin."""
+    import sentence_transformers.models as st
+    import torch
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    modules = [st.Transformer(tiny_models["bert"]), st.Pooling(32, "mean"),
+               st.Dense(32, 16, activation_function=torch.nn.Tanh())]  # fmt: skip
+    SentenceTransformer(modules=modules).save(str(path))
+    for weights in [path / "model.safetensors", *path.glob("*/model.safetensors")]:
+        torch.save(load_file(weights), weights.parent / "pytorch_model.bin")
+        weights.unlink()
+    return str(path)
+
+
+def test_optimize_a_model_kept_as_pickles_with_allow_pickle(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    """--allow-pickle trusts the base's *.bin (tensors only); the artifact holds
+    safetensors only, so infer loads it without the flag."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    base = pickled_embedder(tiny_models, tmp_path / "older")
+    recipe = tmp_path / "int8.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: cpu-int8}\n")
+    out = tmp_path / "artifact"
+    args = ["--model", base, "--recipe", str(recipe),
+            "--calibration", corpus["parquet"], "--output", str(out)]  # fmt: skip
+    assert_user_error(optimize(*args), "--model", "pass --allow-pickle")
+    done = optimize(*args, "--allow-pickle")
+    assert done.exit_code == 0, done.output
+    assert (
+        not list(out.rglob("*.bin")) and (out / "2_Dense/model.safetensors").is_file()
+    )
+    original = json.loads((out / "lmbatch.json").read_text())["steps"][0]
+    assert original["metrics"]["cosine"] == pytest.approx(1.0)
+    rows, summary = run_job(tmp_path / "emb", model=str(out), inputs=corpus["parquet"],
+                            task="embed", id_column="doc")  # fmt: skip
+    assert summary.rows == 120 and not summary.errors
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    want = SentenceTransformer(base, device="cpu").encode(corpus["texts"])
+    assert got.shape == want.shape == (120, 16)  # the Dense module came along
+    cosine = (
+        (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    )
+    assert cosine.min() > 0.99
 
 
 def test_ctrl_c_leaves_no_step_snapshots(tiny_models, corpus, tmp_path):
