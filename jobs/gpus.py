@@ -73,6 +73,19 @@ def per_gpu(
     return actors_per_gpu(weights, gpu_bytes, asked)
 
 
+def planned_precision(info: ModelInfo, precision: str, device: str) -> str:
+    """The precision a job's weights will be held in, as far as the launcher can
+    know it before any actor runs (the dry run): an artifact's own, the one asked
+    for, or auto made concrete where the device decides it."""
+    if info.precision not in (None, "fp32"):
+        return f"{info.precision} (the artifact's)"
+    if precision != "auto":
+        return precision
+    if device == "cpu":
+        return "fp32 (auto on CPU)"
+    return "bf16, or fp16 on GPUs older than Ampere (auto)"
+
+
 def footprint_precision(info: ModelInfo, precision: str) -> str:
     """The precision the weights will take on a GPU: an artifact's own, or the one
     asked for; auto is bf16 or fp16, two bytes a weight either way."""

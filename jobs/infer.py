@@ -23,7 +23,7 @@ import ray.data
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.storage import holds_files
 from lmbatch.jobs.cluster import gpu_view
-from lmbatch.jobs.gpus import choose_device, per_gpu, pool_gpus
+from lmbatch.jobs.gpus import choose_device, per_gpu, planned_precision, pool_gpus
 from lmbatch.jobs.lease import writer_lease
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, footer_rows, progress, quiet_ray_data
@@ -100,10 +100,10 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     rows = "rows not known before reading" if total is None else f"{total} rows"
     limit = "" if spec.limit is None else f"; --limit {spec.limit} new rows at most"
     arch = ", ".join(plan.model.architectures) or "unknown architecture"
+    precision = planned_precision(plan.model, spec.precision, pool.device)
     return [
         "dry run: nothing was run or written",
-        f"model {spec.model} ({arch}): {spec.task}, --precision {spec.precision} "
-        f"on {pool.device}",
+        f"model {spec.model} ({arch}): {spec.task}, {precision} on {pool.device}",
         f"inputs {len(plan.inputs.paths)} {plan.inputs.format} files, {rows}{limit}",
         f"output {spec.output}: {state}",
         f"pool {sized}",

@@ -167,6 +167,19 @@ def test_auto_precision_is_fp32_on_cpu_and_an_actor_without_cuda_says_so(
     assert out["embedding"].type == pa.list_(pa.float32(), 32)
 
 
+def test_the_dry_run_names_the_precision_that_will_run(tiny_models):
+    from dataclasses import replace
+
+    from lmbatch.jobs.gpus import planned_precision
+
+    info = inspect_model(tiny_models["bert"], "embed")
+    assert planned_precision(info, "auto", "cpu") == "fp32 (auto on CPU)"
+    assert planned_precision(info, "auto", "cuda").startswith("bf16, or fp16 ")
+    assert planned_precision(info, "nf4", "cuda") == "nf4"
+    artifact = replace(info, precision="int8")
+    assert planned_precision(artifact, "auto", "cuda") == "int8 (the artifact's)"
+
+
 def _tokens(path: str, texts: list[str]) -> pa.Table:
     from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 

@@ -200,6 +200,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
                  task="embed", output=str(out))  # fmt: skip
     lines = launch("infer", InferSpec(dry_run=True, limit=7, **flags), None)
     assert lines[0] == "dry run: nothing was run or written"
+    assert lines[1].endswith(": embed, fp32 (auto on CPU) on cpu"), lines[1]
     assert "inputs 1 parquet files, 120 rows; --limit 7 new rows at most" in lines
     assert f"output {out}: new" in lines and not out.exists()
     run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
