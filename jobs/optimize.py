@@ -41,6 +41,7 @@ from lmbatch.jobs.lease import check_no_writer, writer_lease
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
+from lmbatch.optimize.calibrate import Row
 from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
@@ -65,6 +66,12 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     if task not in OPTIMIZE_TASKS:
         raise UserError(
             "--task", f"optimize measures embed, score or classify, not {task}"
+        )
+    if spec.pair_column is not None and task != "classify":
+        raise UserError(
+            "--pair-column",
+            f"optimize reads text pairs for --task classify (a cross-encoder's, an "
+            f"NLI model's), not {task}",
         )
     info = inspect_model(model_dir, task, allow_pickle=spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
@@ -181,13 +188,19 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
             spec.max_rows,
             "--calibration",
             spec.output,
+            spec.pair_column,
         )
         if spec.calibration
         else []
     )
     if spec.eval:
         evaluation = read_texts(
-            spec.eval, spec.text_column, spec.eval_rows, "--eval", spec.output
+            spec.eval,
+            spec.text_column,
+            spec.eval_rows,
+            "--eval",
+            spec.output,
+            spec.pair_column,
         )
     else:
         held = max(
@@ -222,12 +235,13 @@ def _needs_calibration(steps: list[Step]) -> str | None:
     return None
 
 
-def _arrow_column(f: pa.NativeFile, column: str) -> pa.Table:
+def _arrow_columns(f: pa.NativeFile, names: list[str]) -> pa.Table:
     schema, batches = arrow_batches(f)
-    if column not in schema.names:
-        raise pa.ArrowInvalid(f"no column {column!r}")
-    kept = pa.schema([schema.field(column)])
-    return pa.Table.from_batches([b.select([column]) for b in batches], kept)
+    for name in names:
+        if name not in schema.names:
+            raise pa.ArrowInvalid(f"no column {name!r}")
+    kept = pa.schema([schema.field(name) for name in names])
+    return pa.Table.from_batches([b.select(names) for b in batches], kept)
 
 
 def read_texts(
@@ -236,14 +250,17 @@ def read_texts(
     limit: int,
     flag: str,
     output: str | None = None,
-) -> list[str]:
-    """Up to ``limit`` non-empty strings of ``column``, files in order; none from
-    inside ``output`` (the artifact's directory, which --overwrite empties)."""
+    pair: str | None = None,
+) -> list[Row]:
+    """Up to ``limit`` non-empty strings of ``column`` (with ``pair``, text pairs
+    whose both texts are non-empty), files in order; none from inside ``output``
+    (the artifact's directory, which --overwrite empties)."""
+    names = [column] if pair is None else [column, pair]
     try:
-        inputs = resolve_inputs(list(given), None, column, None, output)
+        inputs = resolve_inputs(list(given), None, column, None, output, pair)
     except UserError as e:  # --input is what resolve_inputs calls it; name ours
         raise UserError(flag if e.where == "--input" else e.where, e.message) from None
-    texts: list[str] = []
+    rows: list[Row] = []
     fs = inputs.filesystem
     # Parquet and Arrow read a footer first; a stream decompresses a .jsonl.gz.
     opened = fs.open_input_file if inputs.format in SEEKABLE else fs.open_input_stream
@@ -253,21 +270,32 @@ def read_texts(
         try:
             with opened(path) as f:
                 table = {
-                    "parquet": lambda: pq.read_table(f, columns=[column]),
+                    "parquet": lambda: pq.read_table(f, columns=names),
                     "csv": lambda: pacsv.read_csv(f),
                     "jsonl": lambda: pajson.read_json(f),
-                    "arrow": lambda: _arrow_column(f, column),
+                    "arrow": lambda: _arrow_columns(f, names),
                 }[inputs.format]()
         except pa.ArrowInvalid as e:
             raise UserError(
                 flag, f"cannot read {path}: {str(e).splitlines()[0]}"
             ) from None
-        values = table[column]
-        if not is_text(values.type):
-            raise UserError(flag, f"column {column!r} of {path} is not text")
-        texts += [t for t in values.to_pylist() if t and t.strip()]
-        if len(texts) >= limit:
+        rows += _text_rows(table, names, path, flag)
+        if len(rows) >= limit:
             break
-    if not texts:
-        raise UserError(flag, f"no text in column {column!r}")
-    return texts[:limit]
+    if not rows:
+        both = f" and {pair!r}" if pair else ""
+        raise UserError(flag, f"no text in column {column!r}{both}")
+    return rows[:limit]
+
+
+def _text_rows(table: pa.Table, names: list[str], path: str, flag: str) -> list[Row]:
+    """The rows whose every column of ``names`` holds text that is not blank."""
+    columns = []
+    for name in names:
+        if name not in table.column_names:  # CSV and JSONL are read whole
+            raise UserError(flag, f"no column {name!r} in {path}")
+        if not is_text(table[name].type):
+            raise UserError(flag, f"column {name!r} of {path} is not text")
+        columns.append(table[name].to_pylist())
+    rows = [r for r in zip(*columns, strict=True) if all(t and t.strip() for t in r)]
+    return [r[0] for r in rows] if len(names) == 1 else rows

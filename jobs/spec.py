@@ -284,6 +284,11 @@ class OptimizeSpec(Spec):
               "--calibration."),
     ] = ()  # fmt: skip
     text_column: str = "text"
+    pair_column: str | None = Field(
+        None,
+        description="--task classify: each row is the pair (text, this column's "
+        "text), as a cross-encoder or NLI model reads it (infer's --pair-column).",
+    )
     task: Literal[OPTIMIZE_TASKS] | None = Field(
         None, description="Default: from the architecture (causal LM: score)."
     )

@@ -13,23 +13,32 @@ import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+Row = str | tuple[str, str]  # a text, or a text pair (--pair-column: a cross-encoder's)
 
 
 def make_batches(
-    tokenizer, texts: list[str], max_length: int, batch_size: int, device: str = "cpu"
+    tokenizer, rows: list[Row], max_length: int, batch_size: int, device: str = "cpu"
 ) -> list[Batch]:
-    """Length-sorted batches, so that padding costs little."""
-    texts = sorted(texts, key=len)
+    """Length-sorted batches, so that padding costs little. A text pair is one
+    sequence in the tokenizer's pair template, cut longest first, with token types
+    where the tokenizer gives them, as an infer job's classify reads it."""
+    rows = sorted(rows, key=lambda r: len(r) if isinstance(r, str) else len("".join(r)))
     batches = []
-    for i in range(0, len(texts), batch_size):
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        pairs = None if isinstance(chunk[0], str) else [r[1] for r in chunk]
         enc = tokenizer(
-            texts[i : i + batch_size],
+            chunk if pairs is None else [r[0] for r in chunk],
+            pairs,
             padding=True,
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
         )
-        batches.append({k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+        keys = ["input_ids", "attention_mask"]
+        if pairs is not None and "token_type_ids" in enc:
+            keys.append("token_type_ids")
+        batches.append({k: enc[k].to(device) for k in keys})
     return batches
 
 

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from lmbatch.actors.model_info import inspect_model
 from lmbatch.actors.tasks import Embed
-from lmbatch.optimize.calibrate import Batch
+from lmbatch.optimize.calibrate import Batch, Row
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Context:
     tokenizer: object
     task: str  # embed | score | classify: decides losses and metrics
     embed: Embed | None  # the infer job's embedding head (embed): pooling, Dense, ...
-    calibration: list[str]  # text for statistics and training
+    calibration: list[Row]  # text (or text pairs) for statistics and training
     batches: list[Batch]  # the calibration text, tokenized once
     eval_batches: list[Batch]  # held-out text for fidelity
     # Unstructured pruning's masks, re-applied after every training step so that

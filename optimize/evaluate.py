@@ -23,7 +23,7 @@ from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
-from lmbatch.optimize.calibrate import Batch
+from lmbatch.optimize.calibrate import Batch, Row
 from lmbatch.optimize.context import Context
 
 
@@ -95,7 +95,7 @@ def meets(metrics: dict[str, float], floor: dict[str, float]) -> bool:
 def throughput(
     path: str,
     task: str,
-    texts: list[str],
+    texts: list[Row],
     max_length: int,
     allow_pickle: bool = False,
     repeats: int = 2,
@@ -152,6 +152,9 @@ def _accumulate(
     totals["n"] += len(ref)
 
 
-def _token_batch(path: str, texts: list[str], max_length: int) -> pa.Table:
-    """The tokenize stage's output for ``texts``, as the actor receives it."""
-    return actor_batch(texts, TokenizeConfig(path, max_length, min_tokens=1))
+def _token_batch(path: str, rows: list[Row], max_length: int) -> pa.Table:
+    """The tokenize stage's output for ``rows``, as the actor receives it."""
+    config = TokenizeConfig(path, max_length, min_tokens=1)
+    if isinstance(rows[0], str):
+        return actor_batch(rows, config)
+    return actor_batch([r[0] for r in rows], config, [r[1] for r in rows])

@@ -24,7 +24,7 @@ from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import ModelSpec
 from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
-from lmbatch.optimize.calibrate import make_batches
+from lmbatch.optimize.calibrate import Row, make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import apply_distill
 from lmbatch.optimize.evaluate import fidelity, sizes, throughput
@@ -60,8 +60,8 @@ CALIBRATION_ROWS = 256  # rows for activation statistics (training uses them all
 
 @dataclass(frozen=True)
 class Texts:
-    calibration: list[str]
-    evaluation: list[str]
+    calibration: list[Row]  # texts, or text pairs (--pair-column)
+    evaluation: list[Row]
     max_length: int = 128  # tokens per calibration/evaluation row
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -197,6 +199,22 @@ def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
     assert got == ["first", "second"]
     got = read_texts((str(tmp_path / "b.parquet"),), "text", 10, "--eval")
     assert got == ["third", "fourth"]
+
+
+def test_calibration_pairs_keep_rows_whose_both_texts_are_there(tmp_path):
+    """optimize --pair-column: (text, pair) rows, in every format; a row with either
+    text blank or missing is left out, as a blank text is."""
+    table = pa.table({"q": ["one", "two", " ", "four", "five"],
+                      "p": ["uno", None, "tres", "", "cinco"]})  # fmt: skip
+    pq.write_table(table, tmp_path / "qa.parquet")
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in table.to_pylist())
+    )
+    for name in ("qa.parquet", "qa.jsonl"):
+        got = read_texts((str(tmp_path / name),), "q", 10, "--eval", pair="p")
+        assert got == [("one", "uno"), ("five", "cinco")]
+    with pytest.raises(UserError, match="--pair-column: .*'answer'"):
+        read_texts((str(tmp_path / "qa.parquet"),), "q", 10, "--eval", pair="answer")
 
 
 def save_hf_dataset(root, rows: int = 30):

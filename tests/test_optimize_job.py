@@ -235,6 +235,61 @@ def test_optimize_a_model_kept_as_pickles_with_allow_pickle(
     assert cosine.min() > 0.99
 
 
+def test_optimize_a_cross_encoder_on_text_pairs(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    """--pair-column: an NLI model calibrated, measured and then run on (premise,
+    hypothesis) pairs, as infer's --pair-column and the pipeline's text_pair read
+    them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import sentences
+    from helpers import wide_classifier
+    from transformers import pipeline
+
+    model = wide_classifier(tiny_models, tmp_path / "nli", 3)
+    rows = 48
+    table = pa.table({"premise": sentences(rows, seed=7, max_words=30),
+                      "hypothesis": sentences(rows, seed=8, max_words=8),
+                      "key": [f"r{i}" for i in range(rows)]})  # fmt: skip
+    pq.write_table(table, tmp_path / "nli.parquet")
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: bf16}\n")
+    out = tmp_path / "artifact"
+    data = str(tmp_path / "nli.parquet")
+    args = ["--model", model, "--recipe", str(recipe), "--text-column", "premise",
+            "--calibration", data, "--output", str(out)]  # fmt: skip
+    from lmbatch.jobs.optimize import prepare_optimize
+    from lmbatch.jobs.spec import OptimizeSpec
+
+    spec = OptimizeSpec(model=model, recipe=str(recipe), text_column="premise",
+                        pair_column="hypothesis", calibration=(data,),
+                        output=str(out))  # fmt: skip
+    texts = prepare_optimize(spec).texts  # what the recipe's batches are made of
+    first = (table["premise"][0].as_py(), table["hypothesis"][0].as_py())
+    assert texts.calibration[0] == first and len(texts.evaluation[0]) == 2
+    done = optimize(*args, "--pair-column", "hypothesis")
+    assert done.exit_code == 0, done.output
+    steps = json.loads((out / "lmbatch.json").read_text())["steps"]
+    assert steps[0]["metrics"]["agreement"] == pytest.approx(1.0)
+    assert steps[1]["metrics"]["agreement"] >= 0.9
+    got, summary = run_job(tmp_path / "labels", model=str(out), task="classify",
+                           inputs=data, id_column="key",
+                           text_column="premise", pair_column="hypothesis")  # fmt: skip
+    assert summary.rows == rows and not summary.errors
+    nli = pipeline("text-classification", model=model, top_k=None)
+    pairs = zip(table["premise"].to_pylist(), table["hypothesis"].to_pylist(),
+                strict=True)  # fmt: skip
+    given = [{"text": p, "text_pair": h} for p, h in pairs]
+    want = [max(s, key=lambda d: d["score"])["label"] for s in nli(given)]
+    same = sum(got[f"r{i}"]["label"] == want[i] for i in range(rows))
+    assert same >= 0.9 * rows
+    embed = ["--model", tiny_models["bert"], "--recipe", str(recipe),
+             "--calibration", corpus["parquet"], "--output", str(tmp_path / "e"),
+             "--pair-column", "text"]  # fmt: skip
+    assert_user_error(optimize(*embed), "--pair-column", "--task classify")
+
+
 def test_ctrl_c_leaves_no_step_snapshots(tiny_models, corpus, tmp_path):
     """The task dies with Ray mid-step, before its own cleanup: the driver's runs."""
     recipe = tmp_path / "long.yaml"

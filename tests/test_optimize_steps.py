@@ -298,3 +298,19 @@ def test_search_meets_its_floor(tiny_models):
     assert fidelity(model, ctx, ctx.eval_batches[:2])["cosine"] >= floor
     assert set(ctx.search["assignment"].values()) <= {"keep", "bf16", "cpu-int8"}
     assert ctx.search["rows_per_s"].keys() == {"keep", "bf16", "cpu-int8"}
+
+
+def test_calibration_pairs_are_one_sequence_with_token_types(tiny_models):
+    """A cross-encoder's calibration and evaluation rows are what infer's classify
+    feeds it: the tokenizer's pair template, cut longest first, with token types."""
+    tok = load_tokenizer(tiny_models["bert_cls"])
+    rows = [("a short query", "a passage " * 40), ("the query", "it is")]
+    batches = make_batches(tok, rows, 24, 2)
+    (batch,) = batches
+    for i, (text, pair) in enumerate(sorted(rows, key=lambda r: len("".join(r)))):
+        want = tok(text, pair, truncation=True, max_length=24)
+        n = len(want["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == want["input_ids"]
+        assert batch["token_type_ids"][i, :n].tolist() == want["token_type_ids"]
+    assert batch["token_type_ids"].sum() > 0
+    assert "token_type_ids" not in make_batches(tok, ["one text"], 24, 2)[0]
