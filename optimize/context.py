@@ -31,6 +31,8 @@ class Context:
     notes: list[str] = field(default_factory=list)  # said in the step's report line
     search: dict | None = None  # what a search step chose, for lmbatch.json
     allow_pickle: bool = False  # --allow-pickle: the base's (a student's) *.bin
+    # classify: how logits become scores (softmax, sigmoid, none; optimize/labels.py)
+    scores: str = "softmax"
 
     def apply_masks(self, model: PreTrainedModel) -> None:
         with torch.no_grad():

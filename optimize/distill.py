@@ -27,6 +27,7 @@ from lmbatch.errors import UserError
 from lmbatch.optimize.arch import layer_list
 from lmbatch.optimize.calibrate import Batch, make_batches
 from lmbatch.optimize.context import Context
+from lmbatch.optimize.labels import divergence
 from lmbatch.optimize.recipe import Distill
 
 log = logging.getLogger("lmbatch")
@@ -106,18 +107,11 @@ def distill_loss(
         keep = mask.reshape(-1).bool()
         t_logits = t_logits.reshape(-1, t_logits.shape[-1])[keep]
         s_logits = s_logits.reshape(-1, s_logits.shape[-1])[keep]
-    if step.loss == "mse":
+    if step.loss == "mse" or ctx.scores == "none":  # regression: the values
         soft = F.mse_loss(s_logits, t_logits)
     else:
-        soft = (
-            F.kl_div(
-                F.log_softmax(s_logits / temp, -1),
-                F.log_softmax(t_logits / temp, -1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            * temp**2
-        )
+        scores = ctx.scores if ctx.task == "classify" else "softmax"
+        soft = divergence(s_logits / temp, t_logits / temp, scores).mean() * temp**2
     if ctx.task != "score" or step.alpha == 1.0:
         return soft
     labels = batch["input_ids"].masked_fill(mask == 0, -100)[:, 1:]

@@ -25,6 +25,7 @@ from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 from lmbatch.optimize.calibrate import Batch, Row
 from lmbatch.optimize.context import Context
+from lmbatch.optimize.labels import divergence, label_fidelity
 
 
 @torch.inference_mode()
@@ -34,23 +35,23 @@ def fidelity(model: nn.Module, ctx: Context, batches: list[Batch]) -> dict[str, 
         ref = torch.cat([_embed(ctx.teacher, b, ctx) for b in batches])
         out = torch.cat([_embed(model, b, ctx) for b in batches])
         return embedding_fidelity(ref, out)
+    if ctx.task == "classify":
+        ref = torch.cat([ctx.teacher(**b).logits.float() for b in batches])
+        out = torch.cat([model(**b).logits.float() for b in batches])
+        return label_fidelity(ref, out, ctx.scores)
     totals = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "n": 0}
     for batch in batches:
         ref = ctx.teacher(**batch).logits.float()
         out = model(**batch).logits.float()
-        _accumulate(totals, ref, out, batch, ctx.task)
+        _accumulate(totals, ref, out, batch)
     n = max(1, totals["n"])
-    metrics = {"kl": totals["kl"] / n}
-    if ctx.task == "score":
-        ppl_ref, ppl = math.exp(totals["nll_ref"] / n), math.exp(totals["nll"] / n)
-        metrics.update(
-            perplexity=ppl,
-            perplexity_increase=ppl / ppl_ref - 1,
-            top1_agreement=totals["agree"] / n,
-        )
-    else:
-        metrics["agreement"] = totals["agree"] / n
-    return metrics
+    ppl_ref, ppl = math.exp(totals["nll_ref"] / n), math.exp(totals["nll"] / n)
+    return {
+        "kl": totals["kl"] / n,
+        "perplexity": ppl,
+        "perplexity_increase": ppl / ppl_ref - 1,
+        "top1_agreement": totals["agree"] / n,
+    }
 
 
 def embedding_fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
@@ -137,17 +138,16 @@ def _embed(model: nn.Module, batch: Batch, ctx: Context) -> torch.Tensor:
 
 
 def _accumulate(
-    totals: dict, ref: torch.Tensor, out: torch.Tensor, batch: Batch, task: str
+    totals: dict, ref: torch.Tensor, out: torch.Tensor, batch: Batch
 ) -> None:
-    if task == "score":  # predictions of the next real token
-        mask = batch["attention_mask"][:, 1:].reshape(-1).bool()
-        target = batch["input_ids"][:, 1:].reshape(-1)[mask]
-        ref = ref[:, :-1].reshape(-1, ref.shape[-1])[mask]
-        out = out[:, :-1].reshape(-1, out.shape[-1])[mask]
-        totals["nll_ref"] += float(F.cross_entropy(ref, target, reduction="sum"))
-        totals["nll"] += float(F.cross_entropy(out, target, reduction="sum"))
-    log_ref, log_out = F.log_softmax(ref, -1), F.log_softmax(out, -1)
-    totals["kl"] += float(F.kl_div(log_out, log_ref, log_target=True, reduction="sum"))
+    """A causal LM's predictions of each next real token, summed."""
+    mask = batch["attention_mask"][:, 1:].reshape(-1).bool()
+    target = batch["input_ids"][:, 1:].reshape(-1)[mask]
+    ref = ref[:, :-1].reshape(-1, ref.shape[-1])[mask]
+    out = out[:, :-1].reshape(-1, out.shape[-1])[mask]
+    totals["nll_ref"] += float(F.cross_entropy(ref, target, reduction="sum"))
+    totals["nll"] += float(F.cross_entropy(out, target, reduction="sum"))
+    totals["kl"] += float(divergence(out, ref, "softmax").sum())
     totals["agree"] += float((ref.argmax(-1) == out.argmax(-1)).sum())
     totals["n"] += len(ref)
 

@@ -21,7 +21,7 @@ import torch
 
 from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_files import fingerprint
-from lmbatch.actors.model_info import ModelSpec
+from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import Row, make_batches
@@ -100,6 +100,7 @@ def run_recipe(
         ),
         device=device,
         allow_pickle=allow_pickle,
+        scores=scores_of(model_dir, task, allow_pickle),
     )
     results = [measure("original", base, ctx, texts, [])]
     meta = ArtifactMeta(
@@ -138,6 +139,14 @@ def run_recipe(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def scores_of(model_dir: str, task: str, allow_pickle: bool) -> str:
+    """How the task's logits become scores: a classifier's function, as its infer
+    job applies it; a causal LM's token distributions are softmaxes."""
+    if task != "classify":
+        return "softmax"
+    return inspect_model(model_dir, task, allow_pickle=allow_pickle).classify_function
 
 
 def snapshots_dir(output: Path) -> Path:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FIDELITY = {"embed": "cosine", "score": "perplexity_increase", "classify": "agreement"}
+# The metric plotted: the first of its task's the steps have (a reranker's ranking
+# before its decisions at 0.5; a regression has neither label).
+FIDELITY = {
+    "embed": ("cosine",),
+    "score": ("perplexity_increase",),
+    "classify": ("spearman", "agreement", "mean_abs_diff"),
+}
 COLUMNS = (
     "cosine",
     "min_cosine",
@@ -14,6 +20,8 @@ COLUMNS = (
     "kl",
     "top1_agreement",
     "agreement",
+    "spearman",
+    "mean_abs_diff",
 )
 
 
@@ -52,7 +60,7 @@ def plot(path: Path, task: str, results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = FIDELITY[task]
+    metric = next(m for m in FIDELITY[task] if m in results[0]["metrics"])
     xs = [r["metrics"]["rows_per_s"] for r in results]
     ys = [r["metrics"][metric] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import sentences
+from helpers import wide_classifier
 from transformers import BertConfig, BertModel
 
 from lmbatch.actors.layers import Int8Linear, LowRankLinear, SharedLinear
@@ -25,7 +26,7 @@ from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import progress_line
 from lmbatch.optimize.evaluate import fidelity
-from lmbatch.optimize.pipeline import APPLY, STEP_NAMES
+from lmbatch.optimize.pipeline import APPLY, STEP_NAMES, scores_of
 from lmbatch.optimize.recipe import to_steps
 
 TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "score"}
@@ -43,12 +44,17 @@ def context(path: str, task: str) -> Context:
         calibration=texts,
         batches=make_batches(tokenizer, texts, 32, 16),
         eval_batches=make_batches(tokenizer, sentences(32, seed=2), 32, 16),
+        scores=scores_of(path, task, False),
     )
 
 
 def apply(name: str, tiny_models, recipe: list[dict]):
+    return apply_at(tiny_models[name], TASK[name], recipe)
+
+
+def apply_at(path: str, task: str, recipe: list[dict]):
     torch.manual_seed(0)
-    ctx = context(tiny_models[name], TASK[name])
+    ctx = context(path, task)
     model = copy.deepcopy(ctx.teacher).requires_grad_(True)
     for i, step in enumerate(to_steps(recipe)):
         where = f"steps[{i}].{STEP_NAMES[type(step)]}"  # as the optimize job names it
@@ -226,6 +232,46 @@ def test_distill_brings_a_pruned_student_closer(tiny_models):
         "llama", tiny_models, [{"distill": {**student, "steps": 60, "lr": 1e-3}}]
     )
     assert fidelity(healed, ctx, ctx.eval_batches)["kl"] < 0.5 * before
+
+
+def test_a_rerankers_outputs_are_compared_through_its_sigmoid(tiny_models, tmp_path):
+    """A reranker's one output is read through a sigmoid, as infer's classify reads
+    it. Compared through a softmax (1 whatever a step did), its fidelity showed
+    nothing lost and its distillation loss was 0, so it learnt nothing."""
+    from lmbatch.optimize.distill import distill_loss
+    from lmbatch.optimize.recipe import Distill
+
+    ctx = context(wide_classifier(tiny_models, tmp_path / "reranker", 1), "classify")
+    assert ctx.scores == "sigmoid"
+    student = copy.deepcopy(ctx.teacher).requires_grad_(True)
+    with torch.no_grad():
+        student.classifier.bias += 0.5  # every score moves; the ranking stays
+    moved = fidelity(student, ctx, ctx.eval_batches)
+    assert moved["kl"] > 1e-3 and moved["spearman"] == pytest.approx(1.0)
+    with torch.no_grad():
+        student.classifier.weight.add_(torch.randn_like(student.classifier.weight))
+    assert fidelity(student, ctx, ctx.eval_batches)["spearman"] < 0.99
+    loss = distill_loss(student.train(), ctx.batches[0], Distill(), ctx)
+    loss.backward()
+    assert loss > 0 and student.classifier.bias.grad.abs().item() > 0
+
+
+def test_label_divergence_and_ranking():
+    from torch.distributions import Bernoulli, Categorical, kl_divergence
+
+    from lmbatch.optimize.labels import divergence, label_fidelity
+
+    ref, out = torch.randn(50, 3), torch.randn(50, 3)
+    want = kl_divergence(Bernoulli(logits=ref), Bernoulli(logits=out)).sum(-1)
+    torch.testing.assert_close(divergence(out, ref, "sigmoid"), want)
+    want = kl_divergence(Categorical(logits=ref), Categorical(logits=out))
+    torch.testing.assert_close(divergence(out, ref, "softmax"), want)
+    one = ref[:, :1]
+    assert label_fidelity(one, 2 * one + 1, "none") == {
+        "mean_abs_diff": pytest.approx(float((one + 1).abs().mean())),
+        "spearman": pytest.approx(1.0),
+    }
+    assert label_fidelity(one, -one, "sigmoid")["spearman"] == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize(
