@@ -75,6 +75,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
         )
     info = inspect_model(model_dir, task, allow_pickle=spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
+    _check_floors(steps, task, info)
     texts = _texts(spec, steps)
     fs, path = check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
     folder, lease = _lease(path)
@@ -170,6 +171,30 @@ def _check_students(steps: list[Step], allow_pickle: bool) -> None:
                 check_weights(Path(step.student), allow_pickle)
             except UserError as e:  # it names --model; the student is the recipe's
                 raise UserError(f"steps[{i}].distill.student", e.message) from None
+
+
+def _check_floors(steps: list[Step], task: str, info: ModelInfo) -> None:
+    """A search step's floor names metrics this task and model are measured by."""
+    measured = measured_metrics(task, info)
+    for i, step in enumerate(steps):
+        for metric in step.floor if isinstance(step, Search) else ():
+            if metric not in measured:
+                raise UserError(
+                    f"steps[{i}].search.floor.{metric}",
+                    f"not measured for this model (--task {task}): "
+                    f"{', '.join(measured)}",
+                )
+
+
+def measured_metrics(task: str, info: ModelInfo) -> list[str]:
+    """The floor metrics a step of ``task`` is measured by (optimize/evaluate.py,
+    optimize/labels.py): a classifier's depend on its score function and outputs."""
+    if task == "embed":
+        return ["cosine", "top10"]
+    if task == "score":
+        return ["perplexity_increase"]
+    labels = [] if info.classify_function == "none" else ["agreement"]
+    return labels + (["spearman"] if len(info.id2label) == 1 else [])
 
 
 def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:

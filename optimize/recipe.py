@@ -25,7 +25,7 @@ from lmbatch.errors import FieldError, UserError, UserModel, dotted, from_valida
 
 # Module-name globs: a list in YAML, kept as a tuple.
 Globs = Annotated[tuple[str, ...], Field(strict=False)]
-FloorMetric = Literal["cosine", "top10", "perplexity_increase", "agreement"]
+FloorMetric = Literal["cosine", "top10", "perplexity_increase", "agreement", "spearman"]
 SearchChoice = Literal["keep", "bf16", "cpu-int8", "lowrank"]
 
 

@@ -180,6 +180,23 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     assert_user_error(
         optimize(*args), "steps[0].distill.student: ", "pass --allow-pickle"
     )
+    search = tmp_path / "search.yaml"
+    search.write_text("steps:\n  - search: {floor: {cosine: 0.99}}\n")
+    classify = [
+        "--model",
+        tiny_models["bert_cls"],
+        "--output",
+        str(tmp_path / "o"),
+        "--recipe",
+        str(search),
+        "--calibration",
+        corpus["parquet"],
+    ]
+    assert_user_error(
+        optimize(*classify),
+        "steps[0].search.floor.cosine: not measured for this model (--task "
+        "classify): agreement",
+    )
     assert (taken / "x").read_text() == "keep me"
     assert not Path(tmp_path / "o").exists()
 
