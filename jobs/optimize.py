@@ -17,11 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 import ray
 
 from lmbatch.actors.model_files import fetch_model
@@ -32,16 +28,14 @@ from lmbatch.actors.model_info import (
     inspect_model,
 )
 from lmbatch.actors.storage import filesystem_of, is_local
-from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
+from lmbatch.jobs.calibration import read_texts
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
-from lmbatch.jobs.inputs import SEEKABLE, arrow_batches, empty_shard, resolve_inputs
 from lmbatch.jobs.lease import check_no_writer, writer_lease
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
-from lmbatch.optimize.calibrate import Row
 from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
@@ -258,69 +252,3 @@ def _needs_calibration(steps: list[Step]) -> str | None:
         ):
             return f"steps[{i}]"
     return None
-
-
-def _arrow_columns(f: pa.NativeFile, names: list[str]) -> pa.Table:
-    schema, batches = arrow_batches(f)
-    for name in names:
-        if name not in schema.names:
-            raise pa.ArrowInvalid(f"no column {name!r}")
-    kept = pa.schema([schema.field(name) for name in names])
-    return pa.Table.from_batches([b.select(names) for b in batches], kept)
-
-
-def read_texts(
-    given: tuple[str, ...],
-    column: str,
-    limit: int,
-    flag: str,
-    output: str | None = None,
-    pair: str | None = None,
-) -> list[Row]:
-    """Up to ``limit`` non-empty strings of ``column`` (with ``pair``, text pairs
-    whose both texts are non-empty), files in order; none from inside ``output``
-    (the artifact's directory, which --overwrite empties)."""
-    names = [column] if pair is None else [column, pair]
-    try:
-        inputs = resolve_inputs(list(given), None, column, None, output, pair)
-    except UserError as e:  # --input is what resolve_inputs calls it; name ours
-        raise UserError(flag if e.where == "--input" else e.where, e.message) from None
-    rows: list[Row] = []
-    fs = inputs.filesystem
-    # Parquet and Arrow read a footer first; a stream decompresses a .jsonl.gz.
-    opened = fs.open_input_file if inputs.format in SEEKABLE else fs.open_input_stream
-    for path in inputs.paths:
-        if empty_shard(fs, path, inputs.format):
-            continue  # no text, and pyarrow's CSV reader refuses it
-        try:
-            with opened(path) as f:
-                table = {
-                    "parquet": lambda: pq.read_table(f, columns=names),
-                    "csv": lambda: pacsv.read_csv(f),
-                    "jsonl": lambda: pajson.read_json(f),
-                    "arrow": lambda: _arrow_columns(f, names),
-                }[inputs.format]()
-        except pa.ArrowInvalid as e:
-            raise UserError(
-                flag, f"cannot read {path}: {str(e).splitlines()[0]}"
-            ) from None
-        rows += _text_rows(table, names, path, flag)
-        if len(rows) >= limit:
-            break
-    if not rows:
-        both = f" and {pair!r}" if pair else ""
-        raise UserError(flag, f"no text in column {column!r}{both}")
-    return rows[:limit]
-
-
-def _text_rows(table: pa.Table, names: list[str], path: str, flag: str) -> list[Row]:
-    """The rows whose every column of ``names`` holds text that is not blank."""
-    columns = []
-    for name in names:
-        if name not in table.column_names:  # CSV and JSONL are read whole
-            raise UserError(flag, f"no column {name!r} in {path}")
-        if not is_text(table[name].type):
-            raise UserError(flag, f"column {name!r} of {path} is not text")
-        columns.append(table[name].to_pylist())
-    rows = [r for r in zip(*columns, strict=True) if all(t and t.strip() for t in r)]
-    return [r[0] for r in rows] if len(names) == 1 else rows
