@@ -110,8 +110,7 @@ def distill_loss(
     if step.loss == "mse" or ctx.scores == "none":  # regression: the values
         soft = F.mse_loss(s_logits, t_logits)
     else:
-        scores = ctx.scores if ctx.task == "classify" else "softmax"
-        soft = divergence(s_logits / temp, t_logits / temp, scores).mean() * temp**2
+        soft = divergence(s_logits / temp, t_logits / temp, ctx.scores).mean() * temp**2
     if ctx.task != "score" or step.alpha == 1.0:
         return soft
     labels = batch["input_ids"].masked_fill(mask == 0, -100)[:, 1:]
