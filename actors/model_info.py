@@ -34,7 +34,7 @@ DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 # What each task writes besides id and error (the heads' schemas, actors/tasks.py).
 TASK_COLUMNS = {
     "embed": ("embedding",),
-    "score": ("logprob", "num_tokens", "perplexity"),
+    "score": ("logprob", "num_tokens", "perplexity", "is_greedy"),
     "classify": ("label", "score", "probs"),
     "generate": ("generated_text",),
 }

@@ -161,13 +161,15 @@ def pool(
 @dataclass(frozen=True)
 class Score:
     """Log-probability of each text under a causal LM: sum over predicted tokens (a
-    continuation's only, where rows are pairs)."""
+    continuation's only, where rows are pairs), and whether each of them is the
+    model's most likely next token (lm-evaluation-harness's ``is_greedy``)."""
 
     schema = pa.schema(
         [
             ("logprob", pa.float64()),
             ("num_tokens", pa.int32()),
             ("perplexity", pa.float64()),
+            ("is_greedy", pa.bool_()),
         ]
     )
     padding_side = "right"
@@ -191,10 +193,12 @@ class Score:
         predicted = (mask if scored is None else scored)[:, 1:].to(logprobs.dtype)
         total = (logprobs * predicted).sum(dim=1).double()
         count = predicted.sum(dim=1)
+        greedy = (logits.argmax(dim=-1) == targets) | (predicted == 0)
         return {
             "logprob": total,
             "num_tokens": count.int(),
             "perplexity": torch.exp(-total / count),
+            "is_greedy": greedy.all(dim=1),
         }
 
     def columns(self, host: Columns) -> Columns:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from lmbatch.actors.model_files import fingerprint
+from lmbatch.actors.model_info import TASK_COLUMNS
 from lmbatch.actors.storage import absolute, holds_files
 from lmbatch.errors import UserError
 from lmbatch.jobs.output import JOB_FILE
@@ -130,7 +133,37 @@ def begin_output(plan: InferPlan, device: str) -> int:
                 f"{plan.spec.output} was written with another {RECORD_FLAGS[key]}: "
                 f"{_change(then, now)}; use a new --output",
             )
+    check_columns(plan)
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
+
+
+def check_columns(plan: InferPlan) -> None:
+    """The rows already written have the columns this job writes. The record cannot
+    say so for an output an earlier lmbatch wrote with fewer (score's ``is_greedy``
+    came later), and one dataset cannot hold both; so the first readable data
+    file's schema is read.
+
+    Raises:
+        UserError: naming ``--resume`` and the columns that differ.
+    """
+    fs, path = plan.output_fs, plan.output_path
+    wants = {"id", *TASK_COLUMNS[plan.spec.task], "error", *plan.keep}
+    found = fs.get_file_info(pafs.FileSelector(path))
+    for data in (f.path for f in found if f.path.endswith(".parquet")):
+        try:
+            with fs.open_input_file(data) as f:
+                names = set(pq.read_schema(f).names)
+        except (OSError, pa.ArrowInvalid):  # a file the killed run left half written
+            continue
+        if names != wants:
+            gone, new = sorted(names - wants), sorted(wants - names)
+            raise UserError(
+                "--resume",
+                f"{plan.spec.output} holds rows with other columns (theirs, not "
+                f"this job's: {gone}; this job's, not theirs: {new}): an earlier "
+                "lmbatch wrote them; use a new --output",
+            )
+        return
 
 
 def _change(then: object, now: object) -> str:

@@ -10,8 +10,8 @@ import pytest
 
 from lmbatch.actors.text import check_text
 from lmbatch.errors import UserError
-from lmbatch.jobs.inputs import resolve_inputs
 from lmbatch.jobs.calibration import read_texts
+from lmbatch.jobs.inputs import resolve_inputs
 
 
 def touch_csv(path):

@@ -250,6 +250,31 @@ def test_resume_refuses_another_jobs_output(ray_local, tiny_models, corpus, tmp_
     assert e.value.where == "--resume" and "model" in e.value.message
 
 
+def test_resume_refuses_rows_with_other_columns(ray_local, tiny_models, tmp_path):
+    """An output an earlier lmbatch wrote for the same job, before score had
+    is_greedy: the record matches, its rows' columns do not, and one dataset cannot
+    hold both; so --resume is refused, and the output is left as it was."""
+    flags = dict(model=tiny_models["gpt2"], task="score")
+    write_rows(tmp_path / "in.jsonl", 20)
+    run_job(tmp_path / "out", inputs=str(tmp_path / "in.jsonl"), **flags)
+    run_job(tmp_path / "out", inputs=str(tmp_path / "in.jsonl"), resume=True,
+            **flags)  # the same columns: resumes, and has nothing to do  # fmt: skip
+    for data in (tmp_path / "out").glob("*.parquet"):
+        pq.write_table(pq.read_table(data).drop_columns(["is_greedy"]), data)
+    before = sorted(
+        (p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")
+    )
+    with pytest.raises(UserError) as e:
+        run_job(tmp_path / "out", inputs=str(tmp_path / "in.jsonl"), resume=True,
+                **flags)  # fmt: skip
+    assert e.value.where == "--resume"
+    assert "this job's, not theirs: ['is_greedy']" in e.value.message
+    after = sorted(
+        (p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")
+    )
+    assert after == before
+
+
 def test_resume_names_the_input_files_that_changed(ray_local, tiny_models, tmp_path):
     parts = tmp_path / "in"
     parts.mkdir()

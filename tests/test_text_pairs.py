@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import sentences
-from helpers import run_job, wide_classifier
+from helpers import greedy, run_job, wide_classifier
 from test_cli_errors import assert_user_error
 from transformers import pipeline
 
@@ -78,17 +78,18 @@ def test_an_nli_model_scores_pairs_as_the_transformers_pipeline(
 
 
 def loglikelihood(model, tok, context: str, continuation: str, max_length: int):
-    """(log-probability, tokens) of ``continuation`` after ``context``, as
-    lm-evaluation-harness's loglikelihood computes it: both texts tokenized together,
-    the continuation's tokens those beyond the context's own, the context cut from
-    the left to fit."""
+    """(log-probability, tokens, is_greedy) of ``continuation`` after ``context``, as
+    lm-evaluation-harness's loglikelihood computes them: both texts tokenized
+    together, the continuation's tokens those beyond the context's own, the context
+    cut from the left to fit; greedy where each is the model's most likely token."""
     whole = tok(context + continuation)["input_ids"]
     n = len(whole) - len(tok(context)["input_ids"])
     ids = torch.tensor([whole[-max_length:]])
     with torch.no_grad():
         logprobs = model(ids).logits[0, :-1].log_softmax(-1)
     picked = logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
-    return float(picked[-n:].sum()), n
+    greedy = bool((logprobs.argmax(-1)[-n:] == ids[0, 1:][-n:]).all())
+    return float(picked[-n:].sum()), n, greedy
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -103,25 +104,32 @@ def test_score_a_continuation_as_lm_evaluation_harness_does(
     contexts = sentences(30, seed=3, max_words=90)
     endings = [" " + s for s in sentences(30, seed=4, max_words=6)]
     endings[7] = " " + " ".join(["water"] * 70)
+    path = tiny_models[name]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for i in range(0, 30, 3):  # the model's own continuation: greedy throughout
+        ids = tok(contexts[i], return_tensors="pt")["input_ids"][:, -40:]
+        ending = tok.decode(greedy(model, tok, ids, 3), skip_special_tokens=True)
+        endings[i] = " " + ending if ending else endings[i]
     data = tmp_path / "pairs.parquet"
     keys = [f"k{i}" for i in range(30)]
     pq.write_table(pa.table({"ctx": contexts, "end": endings, "key": keys}), data)
-    path = tiny_models[name]
     rows, summary = run_job(tmp_path / "out", model=path, inputs=str(data),
                             task="score", text_column="ctx", pair_column="end",
                             id_column="key")  # fmt: skip
     assert rows["k7"]["error"].startswith("too_long: ")
     assert summary.errors == {"too_long": 1}
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    cut = 0
+    cut, greedy_rows = 0, set()
     for i in set(range(30)) - {7}:
-        want, n = loglikelihood(model, tok, contexts[i], endings[i], 64)
+        want, n, is_greedy = loglikelihood(model, tok, contexts[i], endings[i], 64)
         row = rows[f"k{i}"]
         assert row["error"] is None and row["num_tokens"] == n
         assert row["logprob"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+        assert row["is_greedy"] is is_greedy
+        greedy_rows |= {i} if is_greedy else set()
         cut += len(tok(contexts[i] + endings[i])["input_ids"]) > 64
     assert cut, "no context was long enough to be cut"
+    assert 0 < len(greedy_rows) < 29, greedy_rows  # both kinds of row were checked
 
 
 def test_a_pair_whose_second_text_is_bad_is_an_error_row(tiny_models, tmp_path):
