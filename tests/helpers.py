@@ -45,11 +45,16 @@ def working_actors(started: bool = False) -> list[dict]:
     from lmbatch.jobs.summary import SINK_PREFIX
 
     found = []
+    key = "rows_started" if started else "rows"
     for named in ray.util.list_named_actors(all_namespaces=True):
-        if named["name"].startswith(SINK_PREFIX):
+        if not named["name"].startswith(SINK_PREFIX):
+            continue
+        try:  # an earlier job's sink, killed as it ended, may be listed a while
             sink = ray.get_actor(named["name"], namespace=named["namespace"])
-            key = "rows_started" if started else "rows"
-            found += [a for a in ray.get(sink.snapshot.remote()) if a[key] > 0]
+            stats = ray.get(sink.snapshot.remote())
+        except (ValueError, ray.exceptions.RayActorError):
+            continue
+        found += [a for a in stats if a[key] > 0]
     return found
 
 
