@@ -34,9 +34,9 @@ def run_job(kind: str, spec: Any, address: str | None) -> list[str]:
 
 
 def optimize_lines(plan, results: list[dict]) -> list[str]:
-    from lmbatch.optimize.report import FIDELITY
+    from lmbatch.optimize.report import headline
 
-    metric = FIDELITY[plan.task]
+    metric = headline(plan.task, results[0]["metrics"])
     base = results[0]["metrics"]["rows_per_s"]
     lines = []
     for r in results:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The metric plotted: the first of its task's the steps have (a reranker's ranking
-# before its decisions at 0.5; a regression has neither label).
+# The headline metric (plotted, and on the command's lines): the first of its task's
+# the steps have (a reranker's ranking before its decisions at 0.5; a regression has
+# neither label).
 FIDELITY = {
     "embed": ("cosine",),
     "score": ("perplexity_increase",),
@@ -23,6 +24,10 @@ COLUMNS = (
     "spearman",
     "mean_abs_diff",
 )
+
+
+def headline(task: str, metrics: dict) -> str:
+    return next(m for m in FIDELITY[task] if m in metrics)
 
 
 def write_report(out: Path, task: str, results: list[dict]) -> None:
@@ -60,7 +65,7 @@ def plot(path: Path, task: str, results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = next(m for m in FIDELITY[task] if m in results[0]["metrics"])
+    metric = headline(task, results[0]["metrics"])
     xs = [r["metrics"]["rows_per_s"] for r in results]
     ys = [r["metrics"][metric] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
