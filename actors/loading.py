@@ -156,7 +156,7 @@ def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedMode
     """An artifact with lmbatch's own modules (low-rank, shared, int8, pruned heads);
     ``ArtifactMeta.check_precision`` has refused bitsandbytes for it."""
     dtype = None if spec.precision == "fp32" else FLOAT_DTYPES.get(spec.precision)
-    model = load_artifact(spec.path, cls, artifact, dtype)
+    model = load_artifact(spec.path, cls, artifact, dtype, spec.trust_remote_code)
     if spec.precision == "cpu-int8":
         model = quantize_dynamic_int8(model)
     return model.to(device).eval()
@@ -223,11 +223,16 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_artifact(
-    path: str, cls, meta: ArtifactMeta, dtype: torch.dtype | None
+    path: str,
+    cls,
+    meta: ArtifactMeta,
+    dtype: torch.dtype | None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Rebuild an artifact whose modules the config alone does not describe."""
-    config = AutoConfig.from_pretrained(path)
-    model = cls.from_config(config)
+    """Rebuild an artifact whose modules the config alone does not describe (of a
+    model with its own code, where ``trust_remote_code`` lets that code run)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = cls.from_config(config, trust_remote_code=trust_remote_code)
     for name, entry in meta.rebuild.items():
         try:
             replace_module(model, name, rebuild(entry))

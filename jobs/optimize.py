@@ -24,6 +24,7 @@ from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     CAUSAL_SUFFIXES,
     ModelInfo,
+    ModelSpec,
     check_weights,
     inspect_model,
 )
@@ -56,7 +57,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     """Check model, recipe, text and output; nothing is started or written."""
     steps = load_recipe(spec.recipe)
     model_dir = fetch_model(spec.model, weights=False)  # the task fetches the rest
-    task = spec.task or _task_of(model_dir, spec.allow_pickle)
+    task = spec.task or _task_of(model_dir, spec)
     if task not in OPTIMIZE_TASKS:
         raise UserError(
             "--task", f"optimize measures embed, score or classify, not {task}"
@@ -67,7 +68,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
             f"optimize reads text pairs for --task classify (a cross-encoder's, an "
             f"NLI model's), not {task}",
         )
-    info = inspect_model(model_dir, task, allow_pickle=spec.allow_pickle)
+    info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)
     texts = _texts(spec, steps)
@@ -121,14 +122,18 @@ def _run(plan: OptimizePlan, threads: int) -> list[dict]:
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to 1 in workers
     show_progress()
     spec = plan.spec
-    model_dir = fetch_model(spec.model)
+    base = ModelSpec(
+        fetch_model(spec.model),
+        plan.task,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+    )
     fs, path = filesystem_of(spec.output, "--output")
-    recipe = (model_dir, plan.task, plan.steps)
     if is_local(fs):
-        return run_recipe(*recipe, Path(path), plan.texts, spec.allow_pickle)
+        return run_recipe(base, plan.steps, Path(path), plan.texts)
     with tempfile.TemporaryDirectory(prefix="lmbatch-artifact-") as tmp:
         local = Path(tmp) / "artifact"
-        results = run_recipe(*recipe, local, plan.texts, spec.allow_pickle)
+        results = run_recipe(base, plan.steps, local, plan.texts)
         fs.delete_dir_contents(path, missing_dir_ok=True)
         pafs.copy_files(str(local), path, destination_filesystem=fs)
     return results
@@ -147,9 +152,10 @@ def show_progress() -> None:
         logger.addHandler(handler)
 
 
-def _task_of(model: str, allow_pickle: bool) -> str:
+def _task_of(model: str, spec: OptimizeSpec) -> str:
     """The task an architecture implies: causal LM -> score, classifier -> classify."""
-    arch = inspect_model(model, "embed", allow_pickle=allow_pickle).architectures
+    info = inspect_model(model, "embed", spec.trust_remote_code, spec.allow_pickle)
+    arch = info.architectures
     if any(a.endswith(CAUSAL_SUFFIXES) for a in arch):
         return "score"
     if any(a.endswith("ForSequenceClassification") for a in arch):

@@ -306,6 +306,11 @@ class OptimizeSpec(Spec):
         description="Load pickle (*.bin) weights of --model and of a distill "
         "student; the artifact holds safetensors only.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model directory's own code (and a distill student's); "
+        "the artifact keeps it, and infer needs the flag for it too.",
+    )
     overwrite: bool = Field(
         False, description="Replace an earlier lmbatch output in --output."
     )

@@ -66,6 +66,8 @@ def save_artifact(
     for name in COPIED:
         if (base / name).is_file():
             shutil.copy(base / name, out / name)
+    for code in base.glob("*.py"):  # a model's own code (auto_map), which it needs
+        shutil.copy(code, out / code.name)
     for folder in module_folders(base):  # sentence-transformers' Pooling, Dense...
         shutil.copytree(base / folder, out / folder, ignore=_pickles)
         _unpickled(base / folder, out / folder)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from lmbatch.actors.model_info import inspect_model
+from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.tasks import Embed
 from lmbatch.optimize.calibrate import Batch, Row
 
@@ -21,6 +21,9 @@ class Context:
     calibration: list[Row]  # text (or text pairs) for statistics and training
     batches: list[Batch]  # the calibration text, tokenized once
     eval_batches: list[Batch]  # held-out text for fidelity
+    # The original's spec: its path, and whether its pickles (a student's too) and
+    # its own code may load (--allow-pickle, --trust-remote-code).
+    base: ModelSpec
     # Unstructured pruning's masks, re-applied after every training step so that
     # fine-tuning cannot regrow what was pruned.
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -30,7 +33,6 @@ class Context:
     device: str = "cpu"  # where the model, the teacher and the batches live
     notes: list[str] = field(default_factory=list)  # said in the step's report line
     search: dict | None = None  # what a search step chose, for lmbatch.json
-    allow_pickle: bool = False  # --allow-pickle: the base's (a student's) *.bin
     # classify: how logits become scores (softmax, sigmoid, none; optimize/labels.py)
     scores: str = "softmax"
 
@@ -40,13 +42,13 @@ class Context:
                 model.get_parameter(name).mul_(mask)
 
 
-def embed_head(
-    path: str, task: str, teacher: PreTrainedModel, allow_pickle: bool = False
-) -> Embed | None:
+def embed_head(spec: ModelSpec, teacher: PreTrainedModel) -> Embed | None:
     """The infer job's embedding head for the model at ``path`` (None for other
     tasks): fidelity and distillation compare the vectors a user gets, after every
     sentence-transformers module, not the pooled token states."""
-    if task != "embed":
+    if spec.task != "embed":
         return None
-    sentence = inspect_model(path, task, allow_pickle=allow_pickle).sentence
-    return Embed(sentence, teacher.config.hidden_size, path, teacher.device)
+    info = inspect_model(
+        spec.path, spec.task, spec.trust_remote_code, spec.allow_pickle
+    )
+    return Embed(info.sentence, teacher.config.hidden_size, spec.path, teacher.device)

@@ -165,7 +165,10 @@ def _student(
 
 def _load_student(path: str, ctx: Context, where: str) -> PreTrainedModel:
     student = TASK_MODEL_CLASSES[ctx.task].from_pretrained(
-        path, dtype=torch.float32, use_safetensors=None if ctx.allow_pickle else True
+        path,
+        dtype=torch.float32,
+        use_safetensors=None if ctx.base.allow_pickle else True,
+        trust_remote_code=ctx.base.trust_remote_code,
     )
     if student.config.vocab_size != ctx.teacher.config.vocab_size:
         raise UserError(

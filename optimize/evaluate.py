@@ -94,26 +94,24 @@ def meets(metrics: dict[str, float], floor: dict[str, float]) -> bool:
 
 
 def throughput(
-    path: str,
-    task: str,
-    texts: list[Row],
-    max_length: int,
-    allow_pickle: bool = False,
-    repeats: int = 2,
+    spec: ModelSpec, texts: list[Row], max_length: int, repeats: int = 2
 ) -> tuple[float, Predictor]:
-    """Rows/s of the infer job's Predictor on the artifact at ``path``: best of
-    ``repeats`` passes, the probe and first call's warm-up excluded."""
-    info = inspect_model(path, task, allow_pickle=allow_pickle)
+    """Rows/s of the infer job's Predictor on the model of ``spec`` (a step's
+    snapshot): best of ``repeats`` passes, the probe and first call's warm-up
+    excluded."""
+    info = inspect_model(
+        spec.path, spec.task, spec.trust_remote_code, spec.allow_pickle
+    )
     max_length = min(max_length, info.max_positions or max_length)
     config = PredictorConfig(
-        model=ModelSpec(path, task, allow_pickle=allow_pickle),
+        model=spec,
         info=info,
         device="cuda" if torch.cuda.is_available() else "cpu",
         threads=os.cpu_count() or 1,
         max_length=max_length,
     )
     predictor = Predictor(config)
-    batch = _token_batch(path, texts, max_length)
+    batch = _token_batch(spec, texts, max_length)
     predictor(batch)
     best = math.inf
     for _ in range(repeats):
@@ -152,9 +150,11 @@ def _accumulate(
     totals["n"] += len(ref)
 
 
-def _token_batch(path: str, rows: list[Row], max_length: int) -> pa.Table:
+def _token_batch(spec: ModelSpec, rows: list[Row], max_length: int) -> pa.Table:
     """The tokenize stage's output for ``rows``, as the actor receives it."""
-    config = TokenizeConfig(path, max_length, min_tokens=1)
+    config = TokenizeConfig(
+        spec.path, max_length, min_tokens=1, trust_remote_code=spec.trust_remote_code
+    )
     if isinstance(rows[0], str):
         return actor_batch(rows, config)
     return actor_batch([r[0] for r in rows], config, [r[1] for r in rows])

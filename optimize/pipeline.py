@@ -14,7 +14,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,27 +66,22 @@ class Texts:
 
 
 def run_recipe(
-    model_dir: str,
-    task: str,
-    steps: list[Step],
-    output: Path,
-    texts: Texts,
-    allow_pickle: bool = False,
+    spec: ModelSpec, steps: list[Step], output: Path, texts: Texts
 ) -> list[dict]:
-    """Apply ``steps`` to ``model_dir``, write the artifact to ``output``.
-    ``allow_pickle``: the base model's pickle weights load; the artifact, and each
-    step's snapshot, holds safetensors only."""
+    """Apply ``steps`` to the model of ``spec`` (its path and task, and whether its
+    pickles and its own code may load), write the artifact to ``output``. The
+    artifact, and each step's snapshot, holds safetensors only."""
     torch.manual_seed(0)
-    base = Path(model_dir)
+    model_dir, task, base = spec.path, spec.task, Path(spec.path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(ModelSpec(model_dir, task, allow_pickle=allow_pickle), device)
+    teacher = load_model(spec, device)
     teacher.requires_grad_(False)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
     ctx = Context(
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        embed=embed_head(model_dir, task, teacher, allow_pickle),
+        embed=embed_head(spec, teacher),
         calibration=texts.calibration,
         batches=make_batches(
             tokenizer,
@@ -99,8 +94,8 @@ def run_recipe(
             tokenizer, texts.evaluation, texts.max_length, 32, device
         ),
         device=device,
-        allow_pickle=allow_pickle,
-        scores=scores_of(model_dir, task, allow_pickle),
+        base=spec,
+        scores=scores_of(spec),
     )
     results = [measure("original", base, ctx, texts, [])]
     meta = ArtifactMeta(
@@ -141,12 +136,14 @@ def run_recipe(
     return results
 
 
-def scores_of(model_dir: str, task: str, allow_pickle: bool) -> str:
+def scores_of(spec: ModelSpec) -> str:
     """How the task's logits become scores: a classifier's function, as its infer
     job applies it; a causal LM's token distributions are softmaxes."""
-    if task != "classify":
+    if spec.task != "classify":
         return "softmax"
-    return inspect_model(model_dir, task, allow_pickle=allow_pickle).classify_function
+    return inspect_model(
+        spec.path, spec.task, spec.trust_remote_code, spec.allow_pickle
+    ).classify_function
 
 
 def snapshots_dir(output: Path) -> Path:
@@ -161,7 +158,7 @@ def measure(
 ) -> dict:
     """Reload ``path`` as the infer job would and take its numbers."""
     rows_per_s, predictor = throughput(
-        str(path), ctx.task, texts.evaluation, texts.max_length, ctx.allow_pickle
+        replace(ctx.base, path=str(path)), texts.evaluation, texts.max_length
     )
     metrics = fidelity(predictor.model, ctx, ctx.eval_batches)
     metrics.update(sizes(predictor.model, path, ctx.masks))

@@ -109,7 +109,7 @@ def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
     steps = to_steps([{"lowrank": {"rank_ratio": 0.5, "min_saving": 0.0}}])
     texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
     out = tmp_path / "artifact"
-    run_recipe(tiny_models["bert64"], "embed", steps, out, texts)
+    run_recipe(ModelSpec(tiny_models["bert64"], "embed"), steps, out, texts)
     rows, summary = run_job(
         tmp_path / "out",
         model=str(out),

@@ -252,6 +252,39 @@ def test_optimize_a_model_kept_as_pickles_with_allow_pickle(
     assert cosine.min() > 0.99
 
 
+def test_optimize_a_model_with_its_own_code_with_trust_remote_code(
+    ray_local, tiny_models, corpus, tmp_path
+):
+    """A model whose architecture is its own code (auto_map): optimize runs it only
+    with --trust-remote-code, and the artifact keeps the code, so that infer, with
+    the same flag, rebuilds it (a cpu-int8 artifact is rebuilt from its config)."""
+    import shutil
+
+    import numpy as np
+
+    base = tmp_path / "own-code"
+    shutil.copytree(tiny_models["oom_600"], base)  # a BERT subclass, as remote code
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "oom_above_tokens": 10**9}))
+    recipe = tmp_path / "int8.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: cpu-int8}\n")
+    out = tmp_path / "artifact"
+    args = ["--model", str(base), "--recipe", str(recipe),
+            "--calibration", corpus["parquet"], "--output", str(out)]  # fmt: skip
+    assert_user_error(optimize(*args), "--trust-remote-code: ", "own model code")
+    done = optimize(*args, "--trust-remote-code")
+    assert done.exit_code == 0, done.output
+    assert (out / "oom_model.py").is_file()
+    flags = dict(inputs=corpus["parquet"], task="embed", id_column="doc",
+                 trust_remote_code=True)  # fmt: skip
+    got, summary = run_job(tmp_path / "int8", model=str(out), **flags)
+    assert summary.rows == 120 and not summary.errors
+    want, _ = run_job(tmp_path / "base", model=str(base), **flags)
+    a = np.array([got[k]["embedding"] for k in sorted(want)])
+    b = np.array([want[k]["embedding"] for k in sorted(want)])
+    assert (a * b).sum(1).min() > 0.99  # unit vectors: their cosines
+
+
 def test_optimize_a_cross_encoder_on_text_pairs(
     ray_local, tiny_models, corpus, tmp_path
 ):

@@ -33,18 +33,20 @@ TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "scor
 
 
 def context(path: str, task: str) -> Context:
-    teacher = load_model(ModelSpec(path, task)).requires_grad_(False)
+    spec = ModelSpec(path, task)
+    teacher = load_model(spec).requires_grad_(False)
     tokenizer = load_tokenizer(path)
     texts = sentences(64, seed=1)
     return Context(
         teacher=teacher,
         tokenizer=tokenizer,
         task=task,
-        embed=embed_head(path, task, teacher),
+        embed=embed_head(spec, teacher),
         calibration=texts,
         batches=make_batches(tokenizer, texts, 32, 16),
         eval_batches=make_batches(tokenizer, sentences(32, seed=2), 32, 16),
-        scores=scores_of(path, task, False),
+        base=spec,
+        scores=scores_of(spec),
     )
 
 

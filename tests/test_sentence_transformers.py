@@ -279,12 +279,13 @@ def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):
     were, but not what the Dense module and its tanh make of them: fidelity must
     see that, as sentence-transformers itself would."""
     path = st_models["mean, dense tanh, normalized"]
-    teacher = load_model(ModelSpec(path, "embed"))
+    spec = ModelSpec(path, "embed")
+    teacher = load_model(spec)
     tokenizer = load_tokenizer(path)
     batches = make_batches(tokenizer, TEXTS, 64, 8)
     ctx = Context(
-        teacher, tokenizer, "embed", embed_head(path, "embed", teacher),
-        calibration=TEXTS, batches=batches, eval_batches=batches,
+        teacher, tokenizer, "embed", embed_head(spec, teacher),
+        calibration=TEXTS, batches=batches, eval_batches=batches, base=spec,
     )  # fmt: skip
     student = copy.deepcopy(teacher)
     with torch.no_grad():
