@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
+from lmbatch.actors.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class PredictorConfig:
     prompt: str = ""  # put before every text by the tokenize stage (embed)
     truncate_dim: int | None = None  # embed: the first dimensions kept
     normalize: bool = False  # embed: L2-normalised last (--normalize)
+    sampling: Sampling | None = (
+        None  # generate: draw tokens (--temperature); None: greedy
+    )
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
     actors_per_node: int = 1  # for that share
     stats: object | None = None  # a StatsSink actor handle, or None

@@ -38,6 +38,7 @@ from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.sampling import row_keys
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
 from lmbatch.actors.tokenize import PAIR_TOKENS, PIPELINE_COLUMNS, load_tokenizer
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
@@ -62,7 +63,7 @@ def make_head(
     if task == "classify":
         info = config.info
         return Classify(info.id2label, model.config.num_labels, info.classify_function)
-    return Generate(config.max_new_tokens, tokenizer)
+    return Generate(config.max_new_tokens, tokenizer, config.sampling)
 
 
 def prompt_tokens(tokenizer, prompt: str) -> int:
@@ -98,6 +99,8 @@ class Predictor:
         self.marks_pairs = config.model.task == "score" or (
             "token_type_ids" in self.tokenizer.model_input_names
         )
+        # A sampled row's draws come from its id's key (actors/sampling.py).
+        self.keyed = config.model.task == "generate" and config.sampling is not None
         # Generation's padded size grows by the tokens it appends.
         self.extra_tokens = (
             config.max_new_tokens if config.model.task == "generate" else 0
@@ -130,6 +133,7 @@ class Predictor:
             batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
         )
         todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
+        keys = row_keys(batch["id"].to_pylist()) if self.keyed else None
         out = Outputs(self.head.schema, batch.num_rows)
         too_big: list[int] = []
         pending = None
@@ -137,7 +141,7 @@ class Predictor:
             for rows, copy in run_batched(
                 tokens.lengths[todo] + self.extra_tokens,
                 self.budget,
-                lambda r: self._step(tokens, todo[r]),
+                lambda r: self._step(tokens, todo[r], keys),
                 lambda r: too_big.append(int(todo[r])),
                 over_limit=self.memory.over_limit,
             ):
@@ -178,16 +182,23 @@ class Predictor:
         ids = torch.full(
             (rows, length), self.pad_id, dtype=torch.long, device=self.device
         )
+        keys = [torch.zeros(rows, dtype=torch.long, device=self.device)]
         with torch.inference_mode():
             started = start_clock(self.device)
-            HostCopy(self.head(self.model, ids, torch.ones_like(ids)), started).wait()
+            out = self.head(
+                self.model, ids, torch.ones_like(ids), *(keys if self.keyed else [])
+            )
+            HostCopy(out, started).wait()
 
-    def _step(self, tokens: TokenRows, rows: np.ndarray) -> HostCopy:
+    def _step(
+        self, tokens: TokenRows, rows: np.ndarray, keys: np.ndarray | None = None
+    ) -> HostCopy:
         """Queue one micro-batch on the device; its results follow asynchronously."""
         self.memory.start()
         try:
+            padded = tokens.pad(rows, self.pad_id, self.head.padding_side)
             inputs = to_device(
-                tokens.pad(rows, self.pad_id, self.head.padding_side), self.device
+                (*padded, *([] if keys is None else [keys[rows]])), self.device
             )
             started = start_clock(self.device)
             return HostCopy(self.head(self.model, *inputs), started)

@@ -89,10 +89,14 @@ class Endpoint:
             if not rows:
                 continue
             texts = [inputs[i] for i in rows]
+            # A sampled row's draws follow its id: here the input itself, so that
+            # it draws the same text in whatever batch it lands (actors/sampling.py).
+            ids = [json.dumps(given) for given in texts]
             pairs = None
             if kind is tuple:
                 texts, pairs = [t for t, _ in texts], [p for _, p in texts]
-            out = self.predictor(actor_batch(texts, self.config.tokenize, pairs))
+            batch = actor_batch(texts, self.config.tokenize, pairs, ids)
+            out = self.predictor(batch)
             for i, row in zip(rows, out.drop_columns(["id"]).to_pylist(), strict=True):
                 results[i] = _jsonable(row)
         return results

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmbatch.actors.draws import sampling_processors
+from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import Dense, Sentence
 
 Tensors = dict[str, torch.Tensor]
@@ -260,21 +262,33 @@ class Classify:
 
 @dataclass(frozen=True)
 class Generate:
-    """Greedy continuation; left padding so that every row continues at the end."""
+    """Greedy continuation, or sampled where ``sampling`` says how (each row's draws
+    from its own key: ``actors/draws.py``); left padding so that every row continues
+    at the end."""
 
     max_new_tokens: int
     tokenizer: PreTrainedTokenizerBase
+    sampling: Sampling | None = None
     schema = pa.schema([("generated_text", pa.string())])
     padding_side = "left"
 
     def __call__(
-        self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        keys: torch.Tensor | None = None,
     ) -> Tensors:
+        """``keys``: each row's key (``sampling.row_keys``), where it samples."""
         # The model's own stop tokens where its generation config names them (a chat
         # model stops at the end of its turn, not only at the tokenizer's eos).
         stop = {}
         if model.generation_config.eos_token_id is None:
             stop["eos_token_id"] = self.tokenizer.eos_token_id
+        if self.sampling is not None:  # greedy over noised logits is a draw
+            stop["logits_processor"] = sampling_processors(
+                self.sampling, keys, ids.shape[1]
+            )
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

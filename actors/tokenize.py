@@ -297,13 +297,17 @@ def backend(definition: str, max_length: int | None, side: str) -> Tokenizer:
 
 
 def actor_batch(
-    texts: list[str], config: TokenizeConfig, pairs: list[str] | None = None
+    texts: list[str],
+    config: TokenizeConfig,
+    pairs: list[str] | None = None,
+    ids: list[str] | None = None,
 ) -> pa.Table:
     """``texts`` (and their ``pairs``) as a Predictor receives them from the
-    tokenize stage: ids by position, a bad text (empty, not UTF-8 text, too long)
-    carried as its ``_error``."""
+    tokenize stage: ids by position unless given, a bad text (empty, not UTF-8
+    text, too long) carried as its ``_error``."""
     text, error = check_text(pa.chunked_array([pa.array(texts, pa.string())]))
-    columns = {"id": pa.array([str(i) for i in range(len(texts))], pa.string())}
+    ids = [str(i) for i in range(len(texts))] if ids is None else ids
+    columns = {"id": pa.array(ids, pa.string())}
     columns |= {"_text": text, "_error": error}
     if pairs is not None:
         pair, pair_error = check_text(

@@ -114,6 +114,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
             else []
         ),
         *([chat_line(spec)] if spec.chat_template else []),
+        *([spec.sampling().describe()] if spec.temperature else []),
     ]
 
 
@@ -283,6 +284,7 @@ def build_dataset(
         prompt=plan.prompt,
         truncate_dim=spec.truncate_dim,
         normalize=spec.normalize,
+        sampling=spec.sampling(),
         memory_limit=spec.actor_memory,
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,

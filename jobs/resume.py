@@ -10,6 +10,7 @@ of two different jobs.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -61,6 +62,7 @@ RECORD_FLAGS = {
     "normalize": "--normalize",
     "chat_template": "--chat-template",
     "system_prompt": "--system-prompt",
+    "sampling": "--temperature, --top-k, --top-p or --seed",
 }
 # What a record written before a field existed held in effect.
 RECORD_DEFAULTS = {
@@ -69,6 +71,7 @@ RECORD_DEFAULTS = {
     "normalize": False,
     "chat_template": False,
     "system_prompt": None,
+    "sampling": None,
     "pair_column": None,
 }
 
@@ -98,6 +101,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "normalize": spec.normalize,
         "chat_template": spec.chat_template,
         "system_prompt": spec.system_prompt,
+        "sampling": asdict(spec.sampling()) if spec.temperature else None,
     }
 
 

@@ -73,6 +73,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             prompt=plan.prompt,
             truncate_dim=spec.truncate_dim,
             normalize=spec.normalize,
+            sampling=spec.sampling(),
             actors_per_node=spec.replicas,
         ),
         # Its driver imports torch anyway (the Endpoint's Predictor).

@@ -29,6 +29,7 @@ from lmbatch.actors.model_info import (
     check_runs_on_gpu,
     inspect_model,
 )
+from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import resolve_prompt
 from lmbatch.actors.tokenize import PIPELINE_COLUMNS, chat_text, load_tokenizer
 from lmbatch.errors import FieldError, UserError
@@ -85,7 +86,26 @@ class ModelFlags(Spec):
         "truncate", description="A text longer than --max-length: cut, or an error row."
     )
     max_new_tokens: Count = Field(
-        32, description="Tokens each text is continued by (--task generate, greedy)."
+        32, description="Tokens each text is continued by (--task generate)."
+    )
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        description="--task generate: sample each token at this temperature; 0, "
+        "greedy. A row draws the same text in any batch and on a retry.",
+    )
+    top_k: Count | None = Field(
+        None, description="--temperature: draw from the k likeliest tokens only."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="--temperature: draw from the likeliest tokens whose "
+        "probability reaches p (nucleus sampling).",
+    )
+    seed: int = Field(
+        0, ge=0, description="--temperature: another seed draws other texts."
     )
     prompt: str | None = Field(
         None,
@@ -119,10 +139,22 @@ class ModelFlags(Spec):
     )
 
     @model_validator(mode="after")
-    def _chat_flags(self) -> ModelFlags:
+    def _needed_flags(self) -> ModelFlags:
         if self.system_prompt is not None and not self.chat_template:
             raise FieldError("system_prompt", "needs --chat-template")
+        if not self.temperature:
+            drawn = {"top_k": self.top_k, "top_p": self.top_p < 1.0 or None,
+                     "seed": self.seed or None}  # fmt: skip
+            for name, value in drawn.items():
+                if value is not None:
+                    raise FieldError(name, "needs --temperature above 0 (sampling)")
         return self
+
+    def sampling(self) -> Sampling | None:
+        """How generate draws its tokens; None: greedy."""
+        if not self.temperature:
+            return None
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 class InferSpec(ModelFlags):
@@ -379,6 +411,7 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
                      "--truncate-dim": spec.truncate_dim,
                      "--normalize": spec.normalize or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
+        ("generate",): {"--temperature": spec.temperature or None},
     }  # fmt: skip
     for tasks, flags in only.items():
         for flag, value in flags.items():
