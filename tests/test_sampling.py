@@ -107,3 +107,23 @@ def test_sampling_flag_mistakes_are_one_line(tiny_models, prompts, tmp_path):
         (["--task", "generate", "--temperature", "-1"], "--temperature", "0"),
     ):  # fmt: skip
         assert_user_error(CliRunner().invoke(cli, [*base, *flags]), where, says)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("ray_local")
+def test_sampled_generation_on_cuda_draws_as_on_cpu(tiny_models, prompts, tmp_path):
+    """The row's stream and its draw run on the device: in fp32 on a GPU the rows
+    draw what they draw on the CPU (a near tie of the two devices' logits aside),
+    and the same in any batch there too."""
+    flags = dict(model=tiny_models["llama"], inputs=prompts, task="generate",
+                 id_column="k", max_new_tokens=6, temperature=1.0, seed=3,
+                 precision="fp32")  # fmt: skip
+    cpu, _ = run_job(tmp_path / "cpu", device="cpu", **flags)
+    gpu, summary = run_job(tmp_path / "gpu", device="cuda", **flags)
+    assert all(r.startswith("cuda (") for r in summary.ran), summary.ran
+    small, _ = run_job(tmp_path / "small", device="cuda", batch_rows=3, **flags)
+    texts = {k: r["generated_text"] for k, r in gpu.items()}
+    assert texts == {k: r["generated_text"] for k, r in small.items()}
+    same = sum(texts[k] == cpu[k]["generated_text"] for k in texts)
+    assert same >= 0.9 * ROWS, same
