@@ -285,7 +285,7 @@ class Generate:
         stop = {}
         if model.generation_config.eos_token_id is None:
             stop["eos_token_id"] = self.tokenizer.eos_token_id
-        if self.sampling is not None:  # greedy over noised logits is a draw
+        if self.sampling is not None:  # greedy then keeps each row's drawn token
             stop["logits_processor"] = sampling_processors(
                 self.sampling, keys, ids.shape[1]
             )
