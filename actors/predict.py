@@ -33,9 +33,7 @@ class PredictorConfig:
     prompt: str = ""  # put before every text by the tokenize stage (embed)
     truncate_dim: int | None = None  # embed: the first dimensions kept
     normalize: bool = False  # embed: L2-normalised last (--normalize)
-    sampling: Sampling | None = (
-        None  # generate: draw tokens (--temperature); None: greedy
-    )
+    sampling: Sampling | None = None  # generate: --temperature's draws; None: greedy
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
     actors_per_node: int = 1  # for that share
     stats: object | None = None  # a StatsSink actor handle, or None

@@ -182,12 +182,10 @@ class Predictor:
         ids = torch.full(
             (rows, length), self.pad_id, dtype=torch.long, device=self.device
         )
-        keys = [torch.zeros(rows, dtype=torch.long, device=self.device)]
+        keys = [torch.zeros_like(ids[:, 0])] if self.keyed else []
         with torch.inference_mode():
             started = start_clock(self.device)
-            out = self.head(
-                self.model, ids, torch.ones_like(ids), *(keys if self.keyed else [])
-            )
+            out = self.head(self.model, ids, torch.ones_like(ids), *keys)
             HostCopy(out, started).wait()
 
     def _step(

@@ -37,7 +37,8 @@ class TaskHead(Protocol):
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         """Classify and score also take a third tensor: where a text pair's second
-        text is (classify: its token types; score: the continuation scored)."""
+        text is (classify: its token types; score: the continuation scored);
+        generate, sampling, each row's key."""
 
     def columns(self, host: Columns) -> Columns: ...
 
@@ -95,16 +96,20 @@ class Embed:
         return host
 
 
+def module_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A module's tensors from safetensors, or from a pickle, tensors only (what
+    --allow-pickle trusts)."""
+    if file.suffix == ".safetensors":
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def _dense(model_dir: str, dense: Dense, device: torch.device):
     """A sentence-transformers Dense module: its Linear, loaded from safetensors, or
     from the pickle an older model keeps (read_sentence allowed it: --allow-pickle),
     tensors only."""
     linear = nn.Linear(dense.in_features, dense.out_features, bias=dense.bias)
-    file = Path(model_dir) / dense.folder / dense.weights
-    if file.suffix == ".safetensors":
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = module_weights(Path(model_dir) / dense.folder / dense.weights)
     prefix = "linear."
     linear.load_state_dict(
         {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -282,11 +287,11 @@ class Generate:
         """``keys``: each row's key (``sampling.row_keys``), where it samples."""
         # The model's own stop tokens where its generation config names them (a chat
         # model stops at the end of its turn, not only at the tokenizer's eos).
-        stop = {}
+        options = {}
         if model.generation_config.eos_token_id is None:
-            stop["eos_token_id"] = self.tokenizer.eos_token_id
+            options["eos_token_id"] = self.tokenizer.eos_token_id
         if self.sampling is not None:  # greedy then keeps each row's drawn token
-            stop["logits_processor"] = sampling_processors(
+            options["logits_processor"] = sampling_processors(
                 self.sampling, keys, ids.shape[1]
             )
         out = model.generate(
@@ -295,7 +300,7 @@ class Generate:
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
-            **stop,
+            **options,
         )
         return {"tokens": out[:, ids.shape[1] :]}
 

@@ -37,6 +37,7 @@ from lmbatch.jobs.lease import check_no_writer, writer_lease
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
+from lmbatch.optimize.labels import label_metrics
 from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
 
@@ -193,8 +194,7 @@ def measured_metrics(task: str, info: ModelInfo) -> list[str]:
         return ["cosine", "top10"]
     if task == "score":
         return ["perplexity_increase"]
-    labels = [] if info.classify_function == "none" else ["agreement"]
-    return labels + (["spearman"] if len(info.id2label) == 1 else [])
+    return label_metrics(info.classify_function, len(info.id2label))
 
 
 def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:

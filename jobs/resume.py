@@ -79,7 +79,7 @@ RECORD_DEFAULTS = {
 def job_record(plan: InferPlan, device: str) -> dict:
     """Everything that decides what a row of the output holds: the model by the
     content of its files, and every option that changes a value or a column."""
-    spec = plan.spec
+    spec, sampling = plan.spec, plan.spec.sampling()
     return {
         "model": absolute(spec.model),
         "model_content": fingerprint(plan.model_dir),
@@ -101,7 +101,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "normalize": spec.normalize,
         "chat_template": spec.chat_template,
         "system_prompt": spec.system_prompt,
-        "sampling": asdict(spec.sampling()) if spec.temperature else None,
+        "sampling": None if sampling is None else asdict(sampling),
     }
 
 

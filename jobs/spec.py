@@ -402,9 +402,9 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
 
     Raises:
         UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
-            ``--truncate-dim``, ``--normalize``) or ``--chat-template`` on another
-            task, more dimensions than the model's embeddings have, or a chat
-            template the model lacks.
+            ``--truncate-dim``, ``--normalize``), ``--chat-template`` or
+            ``--temperature`` on another task, more dimensions than the model's
+            embeddings have, or a chat template the model lacks.
     """
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import module_meta
 from lmbatch.actors.sentence import module_folders
+from lmbatch.actors.tasks import module_weights
 
 PICKLED = "pytorch_model.bin"  # a sentence-transformers module's older weights
 # Files of the base model an artifact keeps as they are: tokenizer and pooling.
@@ -82,7 +83,7 @@ def _unpickled(source: Path, target: Path) -> None:
     """A module's pickle weights (an older Dense module's, which --allow-pickle
     trusted) as safetensors, tensors only: an artifact never holds a pickle."""
     if (source / PICKLED).is_file() and not (source / "model.safetensors").is_file():
-        state = torch.load(source / PICKLED, map_location="cpu", weights_only=True)
+        state = module_weights(source / PICKLED)
         save_file(
             {k: v.contiguous() for k, v in state.items()},
             str(target / "model.safetensors"),

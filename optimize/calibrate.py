@@ -16,6 +16,13 @@ Batch = dict[str, torch.Tensor]
 Row = str | tuple[str, str]  # a text, or a text pair (--pair-column: a cross-encoder's)
 
 
+def split(rows: list[Row]) -> tuple[list[str], list[str] | None]:
+    """(texts, their pairs or None): rows as a tokenizer takes them."""
+    if not rows or isinstance(rows[0], str):
+        return rows, None
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
 def make_batches(
     tokenizer, rows: list[Row], max_length: int, batch_size: int, device: str = "cpu"
 ) -> list[Batch]:
@@ -25,10 +32,9 @@ def make_batches(
     rows = sorted(rows, key=lambda r: len(r) if isinstance(r, str) else len("".join(r)))
     batches = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        pairs = None if isinstance(chunk[0], str) else [r[1] for r in chunk]
+        texts, pairs = split(rows[i : i + batch_size])
         enc = tokenizer(
-            chunk if pairs is None else [r[0] for r in chunk],
+            texts,
             pairs,
             padding=True,
             truncation=True,

@@ -16,7 +16,6 @@ from lmbatch.optimize.calibrate import Batch, Row
 class Context:
     teacher: PreTrainedModel  # the original model, frozen: every step's reference
     tokenizer: object
-    task: str  # embed | score | classify: decides losses and metrics
     embed: Embed | None  # the infer job's embedding head (embed): pooling, Dense, ...
     calibration: list[Row]  # text (or text pairs) for statistics and training
     batches: list[Batch]  # the calibration text, tokenized once
@@ -35,6 +34,11 @@ class Context:
     search: dict | None = None  # what a search step chose, for lmbatch.json
     # classify: how logits become scores (softmax, sigmoid, none; optimize/labels.py)
     scores: str = "softmax"
+
+    @property
+    def task(self) -> str:
+        """embed, score or classify: decides losses and metrics."""
+        return self.base.task
 
     def apply_masks(self, model: PreTrainedModel) -> None:
         with torch.no_grad():

@@ -23,7 +23,7 @@ from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
-from lmbatch.optimize.calibrate import Batch, Row
+from lmbatch.optimize.calibrate import Batch, Row, split
 from lmbatch.optimize.context import Context
 from lmbatch.optimize.labels import divergence, label_fidelity
 
@@ -155,6 +155,5 @@ def _token_batch(spec: ModelSpec, rows: list[Row], max_length: int) -> pa.Table:
     config = TokenizeConfig(
         spec.path, max_length, min_tokens=1, trust_remote_code=spec.trust_remote_code
     )
-    if isinstance(rows[0], str):
-        return actor_batch(rows, config)
-    return actor_batch([r[0] for r in rows], config, [r[1] for r in rows])
+    texts, pairs = split(rows)
+    return actor_batch(texts, config, pairs)

@@ -46,6 +46,13 @@ def label_fidelity(ref: torch.Tensor, out: torch.Tensor, function: str) -> dict:
     return metrics
 
 
+def label_metrics(function: str, outputs: int) -> list[str]:
+    """The metrics ``label_fidelity`` gives a floor to hold, for a classifier with
+    ``function`` and ``outputs`` outputs."""
+    agreement = [] if function == "none" else ["agreement"]
+    return agreement + (["spearman"] if outputs == 1 else [])
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Rank correlation (ties broken by order: scores are floats)."""
     ranks = [x.argsort().argsort().double() for x in (a, b)]

@@ -80,7 +80,6 @@ def run_recipe(
     ctx = Context(
         teacher=teacher,
         tokenizer=tokenizer,
-        task=task,
         embed=embed_head(spec, teacher),
         calibration=texts.calibration,
         batches=make_batches(

@@ -40,7 +40,6 @@ def context(path: str, task: str) -> Context:
     return Context(
         teacher=teacher,
         tokenizer=tokenizer,
-        task=task,
         embed=embed_head(spec, teacher),
         calibration=texts,
         batches=make_batches(tokenizer, texts, 32, 16),

@@ -284,7 +284,7 @@ def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):
     tokenizer = load_tokenizer(path)
     batches = make_batches(tokenizer, TEXTS, 64, 8)
     ctx = Context(
-        teacher, tokenizer, "embed", embed_head(spec, teacher),
+        teacher, tokenizer, embed_head(spec, teacher),
         calibration=TEXTS, batches=batches, eval_batches=batches, base=spec,
     )  # fmt: skip
     student = copy.deepcopy(teacher)
