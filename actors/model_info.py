@@ -36,7 +36,7 @@ TASK_COLUMNS = {
     "embed": ("embedding",),
     "score": ("logprob", "num_tokens", "perplexity", "is_greedy"),
     "classify": ("label", "score", "probs"),
-    "generate": ("generated_text",),
+    "generate": ("generated_text", "finish_reason", "generated_tokens"),
 }
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 

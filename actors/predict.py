@@ -34,6 +34,7 @@ class PredictorConfig:
     truncate_dim: int | None = None  # embed: the first dimensions kept
     normalize: bool = False  # embed: L2-normalised last (--normalize)
     sampling: Sampling | None = None  # generate: --temperature's draws; None: greedy
+    stop: tuple[str, ...] = ()  # generate: --stop strings
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
     actors_per_node: int = 1  # for that share
     stats: object | None = None  # a StatsSink actor handle, or None

@@ -39,6 +39,7 @@ from lmbatch.actors.outputs import Outputs
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.sampling import row_keys
+from lmbatch.actors.stopping import end_ids
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
 from lmbatch.actors.tokenize import PAIR_TOKENS, PIPELINE_COLUMNS, load_tokenizer
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
@@ -63,7 +64,10 @@ def make_head(
     if task == "classify":
         info = config.info
         return Classify(info.id2label, model.config.num_labels, info.classify_function)
-    return Generate(config.max_new_tokens, tokenizer, config.sampling)
+    return Generate(
+        config.max_new_tokens, tokenizer, end_ids(model, tokenizer),
+        config.sampling, config.stop,
+    )  # fmt: skip
 
 
 def prompt_tokens(tokenizer, prompt: str) -> int:
@@ -91,6 +95,12 @@ class Predictor:
         self.tokenizer = load_tokenizer(spec.path, spec.trust_remote_code)
         self.head = make_head(
             config, spec.path, self.model, self.tokenizer, self.device
+        )
+        # The probe measures the longest a batch can run: no row ends early.
+        self.probe_head = (
+            replace(self.head, stop=(), full_length=True)
+            if isinstance(self.head, Generate)
+            else self.head
         )
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         # A text pair's second text, marked token by token: a classifier's token
@@ -178,14 +188,16 @@ class Predictor:
         return probe_budget(self.memory, self._probe, self.device.type, floor, longest)
 
     def _probe(self, rows: int, length: int) -> None:
-        """The task head on a synthetic batch, for the memory probe."""
+        """The task head on a synthetic batch of ``length`` tokens a row, for the
+        memory probe; generate's prompt is shorter by the tokens it appends."""
+        width = max(1, length - self.extra_tokens)
         ids = torch.full(
-            (rows, length), self.pad_id, dtype=torch.long, device=self.device
+            (rows, width), self.pad_id, dtype=torch.long, device=self.device
         )
         keys = [torch.zeros_like(ids[:, 0])] if self.keyed else []
         with torch.inference_mode():
             started = start_clock(self.device)
-            out = self.head(self.model, ids, torch.ones_like(ids), *keys)
+            out = self.probe_head(self.model, ids, torch.ones_like(ids), *keys)
             HostCopy(out, started).wait()
 
     def _step(

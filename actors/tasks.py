@@ -10,6 +10,7 @@ of a job agrees; vectors are fixed-size lists built from one contiguous array.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +20,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 from lmbatch.actors.draws import sampling_processors
 from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import Dense, Sentence
+from lmbatch.actors.stopping import RowEnds, stop_strings
 
 Tensors = dict[str, torch.Tensor]
 Columns = dict[str, np.ndarray]
@@ -269,13 +276,28 @@ class Classify:
 class Generate:
     """Greedy continuation, or sampled where ``sampling`` says how (each row's draws
     from its own key: ``actors/draws.py``); left padding so that every row continues
-    at the end."""
+    at the end. A row ends at an end-of-text token or a ``stop`` string
+    (``actors/stopping.py``), the string left out of its text."""
 
     max_new_tokens: int
     tokenizer: PreTrainedTokenizerBase
+    end_ids: tuple[int, ...]  # stopping.end_ids
     sampling: Sampling | None = None
-    schema = pa.schema([("generated_text", pa.string())])
+    stop: tuple[str, ...] = ()
+    # The memory probe's worst case: every row runs to max_new_tokens (no eos).
+    full_length: bool = False
+    schema = pa.schema(
+        [
+            ("generated_text", pa.string()),
+            ("finish_reason", pa.string()),  # stop: ended; length: max_new_tokens
+            ("generated_tokens", pa.int32()),  # the token that ended it included
+        ]
+    )
     padding_side = "left"
+
+    @cached_property
+    def stop_strings(self) -> StopStringCriteria | None:
+        return stop_strings(self.tokenizer, self.stop)
 
     def __call__(
         self,
@@ -285,25 +307,47 @@ class Generate:
         keys: torch.Tensor | None = None,
     ) -> Tensors:
         """``keys``: each row's key (``sampling.row_keys``), where it samples."""
-        # The model's own stop tokens where its generation config names them (a chat
-        # model stops at the end of its turn, not only at the tokenizer's eos).
-        options = {}
-        if model.generation_config.eos_token_id is None:
-            options["eos_token_id"] = self.tokenizer.eos_token_id
+        rows, prompt_length = ids.shape
+        ends = RowEnds(
+            torch.tensor(self.end_ids, device=ids.device),
+            self.stop_strings,
+            prompt_length,
+            rows,
+        )
+        options = {"min_new_tokens": self.max_new_tokens} if self.full_length else {}
         if self.sampling is not None:  # greedy then keeps each row's drawn token
             options["logits_processor"] = sampling_processors(
-                self.sampling, keys, ids.shape[1]
+                self.sampling, keys, prompt_length
             )
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
+            eos_token_id=list(self.end_ids),
             pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([ends]),
             **options,
         )
-        return {"tokens": out[:, ids.shape[1] :]}
+        tokens = out[:, prompt_length:]
+        return {
+            "tokens": tokens,
+            "lengths": ends.lengths(tokens.shape[1]),
+            "ended": ends.ended_at >= 0,
+        }
 
     def columns(self, host: Columns) -> Columns:
-        texts = self.tokenizer.batch_decode(host["tokens"], skip_special_tokens=True)
-        return {"generated_text": np.array(texts, dtype=object)}
+        rows = zip(host["tokens"], host["lengths"], strict=True)
+        texts = self.tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in rows], skip_special_tokens=True
+        )
+        return {
+            "generated_text": np.array([self._cut(t) for t in texts], dtype=object),
+            "finish_reason": np.where(host["ended"], "stop", "length").astype(object),
+            "generated_tokens": host["lengths"].astype(np.int32),
+        }
+
+    def _cut(self, text: str) -> str:
+        """The text before its first stop string."""
+        found = [at for s in self.stop if (at := text.find(s)) >= 0]
+        return text[: min(found)] if found else text

@@ -115,6 +115,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         ),
         *([chat_line(spec)] if spec.chat_template else []),
         *([spec.sampling().describe()] if spec.temperature else []),
+        *([f"stops at {', '.join(map(repr, spec.stop))}"] if spec.stop else []),
     ]
 
 
@@ -285,6 +286,7 @@ def build_dataset(
         truncate_dim=spec.truncate_dim,
         normalize=spec.normalize,
         sampling=spec.sampling(),
+        stop=spec.stop,
         memory_limit=spec.actor_memory,
         actors_per_node=-(-pool.max_actors // nodes),
         stats=sink,

@@ -63,6 +63,7 @@ RECORD_FLAGS = {
     "chat_template": "--chat-template",
     "system_prompt": "--system-prompt",
     "sampling": "--temperature, --top-k, --top-p or --seed",
+    "stop": "--stop",
 }
 # What a record written before a field existed held in effect.
 RECORD_DEFAULTS = {
@@ -72,6 +73,7 @@ RECORD_DEFAULTS = {
     "chat_template": False,
     "system_prompt": None,
     "sampling": None,
+    "stop": [],
     "pair_column": None,
 }
 
@@ -102,6 +104,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "chat_template": spec.chat_template,
         "system_prompt": spec.system_prompt,
         "sampling": None if sampling is None else asdict(sampling),
+        "stop": list(spec.stop),
     }
 
 

@@ -27,8 +27,8 @@ from lmbatch.jobs.pool import gpu_fraction
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import (
     ServeSpec,
-    check_chat,
     check_task_flags,
+    check_tokenizer,
     max_length_of,
     prompt_of,
 )
@@ -56,7 +56,7 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     check_task_flags(spec, info)
-    check_chat(spec)
+    check_tokenizer(spec, model_dir)
     return ServePlan(spec, info, model_dir, max_length, prompt_of(spec, info))
 
 
@@ -74,6 +74,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             truncate_dim=spec.truncate_dim,
             normalize=spec.normalize,
             sampling=spec.sampling(),
+            stop=spec.stop,
             actors_per_node=spec.replicas,
         ),
         # Its driver imports torch anyway (the Endpoint's Predictor).

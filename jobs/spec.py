@@ -107,6 +107,11 @@ class ModelFlags(Spec):
     seed: int = Field(
         0, ge=0, description="--temperature: another seed draws other texts."
     )
+    stop: tuple[str, ...] = Field(
+        (),
+        description="--task generate: end a text where it generates this string, "
+        "left out of the text; repeatable (bash: --stop $'\\n' for a newline).",
+    )
     prompt: str | None = Field(
         None,
         description="--task embed: text put before each text, as sentence-"
@@ -142,6 +147,8 @@ class ModelFlags(Spec):
     def _needed_flags(self) -> ModelFlags:
         if self.system_prompt is not None and not self.chat_template:
             raise FieldError("system_prompt", "needs --chat-template")
+        if "" in self.stop:
+            raise FieldError("stop", "an empty string would stop every text at once")
         if not self.temperature:
             drawn = {"top_k": self.top_k, "top_p": self.top_p < 1.0 or None,
                      "seed": self.seed or None}  # fmt: skip
@@ -390,7 +397,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     check_no_writer(output_fs, output_path, spec.output)
     check_task_flags(spec, info)
-    check_chat(spec)
+    check_tokenizer(spec, model_dir)
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep,
         prompt_of(spec, info),
@@ -411,7 +418,8 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
                      "--truncate-dim": spec.truncate_dim,
                      "--normalize": spec.normalize or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
-        ("generate",): {"--temperature": spec.temperature or None},
+        ("generate",): {"--temperature": spec.temperature or None,
+                        "--stop": spec.stop or None},
     }  # fmt: skip
     for tasks, flags in only.items():
         for flag, value in flags.items():
@@ -433,19 +441,43 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
         )
 
 
-def check_chat(spec: ModelFlags) -> None:
-    """One message rendered in the model's chat template, as the tokenize tasks will
-    render every row, so that a template that fails, or refuses or drops the system
-    message (Gemma's refuse one), is one line before Ray starts, not an error in
-    the job's tasks. It loads the tokenizer (transformers and torch, about 2 s),
-    for chat jobs only.
+def check_tokenizer(spec: ModelFlags, model_dir: str) -> None:
+    """What only the model's tokenizer can tell, before Ray starts rather than as an
+    error in the job's tasks. It loads the tokenizer (transformers and torch, about
+    2 s), for chat and ``--stop`` jobs only.
 
     Raises:
-        UserError: naming ``--chat-template`` or ``--system-prompt``.
+        UserError: naming ``--chat-template``, ``--system-prompt`` or ``--stop``.
     """
-    if not spec.chat_template:
+    if not (spec.chat_template or spec.stop):
         return
-    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    if spec.chat_template:
+        _check_chat(tokenizer, spec)
+    if spec.stop:
+        _check_stop(tokenizer, spec)
+
+
+def _check_stop(tokenizer, spec: ModelFlags) -> None:
+    """transformers' stop-string matcher, built as each actor builds it: it needs a
+    tokenizer that can spell a plain word (a word-level one with no such word
+    cannot)."""
+    from lmbatch.actors.stopping import stop_strings
+
+    try:
+        stop_strings(tokenizer, spec.stop)
+    except ValueError as e:
+        raise UserError(
+            "--stop",
+            f"the tokenizer of {spec.model} cannot match stop strings "
+            f"(transformers' StopStringCriteria: {e})",
+        ) from None
+
+
+def _check_chat(tokenizer, spec: ModelFlags) -> None:
+    """One message rendered in the model's chat template, as the tokenize tasks will
+    render every row, so that a template that fails, or refuses or drops the system
+    message (Gemma's refuse one), is one line."""
     _rendered(tokenizer, spec, None, "--chat-template")
     if spec.system_prompt is None:
         return

@@ -209,6 +209,10 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
             want = continuations(model, TEXTS, 4)
             assert any(want), want  # real continuations, not all empty
             assert [r["generated_text"] for r in results] == want
+            # No row of this model ends early: each ran its 4 tokens.
+            assert {(r["finish_reason"], r["generated_tokens"]) for r in results} == {
+                ("length", 4)
+            }
         assert all(r["error"] is None for r in results)
     finally:
         process.send_signal(signal.SIGINT)
