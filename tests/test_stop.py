@@ -129,3 +129,19 @@ def test_resume_with_other_stop_strings_is_refused(gpt2, corpus, tmp_path):
     run_job(tmp_path / "out", **flags)
     with pytest.raises(UserError, match="another --stop"):
         run_job(tmp_path / "out", resume=True, **{**flags, "stop": ("a",)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("ray_local")
+def test_stop_strings_end_rows_on_cuda_as_on_cpu(gpt2, corpus, tmp_path):
+    """The matcher and each row's end run on the device: in fp32 on a GPU the rows
+    end where they end on the CPU (a near tie of the two devices' logits aside)."""
+    flags = dict(model=gpt2, inputs=corpus["parquet"], task="generate",
+                 id_column="doc", max_new_tokens=NEW, stop=("do", "some some"),
+                 precision="fp32")  # fmt: skip
+    cpu, _ = run_job(tmp_path / "cpu", device="cpu", **flags)
+    gpu, summary = run_job(tmp_path / "gpu", device="cuda", **flags)
+    assert all(r.startswith("cuda (") for r in summary.ran), summary.ran
+    assert sum(gpu[k] == cpu[k] for k in cpu) >= 0.9 * len(cpu)
+    assert {r["finish_reason"] for r in gpu.values()} == {"stop", "length"}
