@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.sampling import Sampling
+from lmbatch.actors.sentence import Encoding
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,7 @@ class PredictorConfig:
     max_new_tokens: int = 32
     max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
     prompt: str = ""  # put before every text by the tokenize stage (embed)
-    truncate_dim: int | None = None  # embed: the first dimensions kept
-    normalize: bool = False  # embed: L2-normalised last (--normalize)
+    encoding: Encoding = Encoding()  # embed: --truncate-dim, --normalize, its bytes
     sampling: Sampling | None = None  # generate: --temperature's draws; None: greedy
     stop: tuple[str, ...] = ()  # generate: --stop strings
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share

@@ -57,7 +57,7 @@ def make_head(
         skip = 0 if sentence.include_prompt else prompt_tokens(tokenizer, config.prompt)
         return Embed(
             sentence, model.config.hidden_size, model_dir, device, skip,
-            config.truncate_dim, config.normalize,
+            config.encoding,
         )  # fmt: skip
     if task == "score":
         return Score()

@@ -43,8 +43,29 @@ ACTIVATIONS = {
         ("activation", "SiLU"),
     ]
 }
+# sentence-transformers' encode(precision=...) that need no calibration ranges.
+EMBEDDING_PRECISIONS = ("float32", "binary", "ubinary")
 EMBEDDING = "sentence_embedding"  # the feature Dense and Normalize must read and write
 NO_LIMIT = 10**6  # tokenizers say "no limit" with a huge model_max_length
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What sentence-transformers' ``encode`` does to a model's vectors, in its
+    order: the first ``truncate_dim`` dimensions (not normalised again), then
+    L2-normalised (``normalize_embeddings``), then each dimension's sign packed
+    into one bit (``precision``: ubinary as uint8 bytes, binary as those less 128,
+    int8), 32x smaller, for a first pass of retrieval by Hamming distance."""
+
+    truncate_dim: int | None = None
+    normalize: bool = False
+    precision: str = "float32"  # one of EMBEDDING_PRECISIONS
+
+    def width(self, dimensions: int) -> int:
+        """Values a row's vector holds, from the model's ``dimensions``."""
+        if self.truncate_dim is not None:
+            dimensions = min(dimensions, self.truncate_dim)
+        return dimensions if self.precision == "float32" else -(-dimensions // 8)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
     POST /  {"inputs": ["text", ...]}
             classify and score also take text pairs: {"inputs": [["a", "b"], ...]}
-            (score with a chat template takes pairs only: [message, answer])
+            (score with a chat template takes pairs only: [message, answer]);
+            generate that samples (--temperature) also a "seed": 7
         -> one ``predict`` call per text, gathered by ``@serve.batch`` across requests
         -> tokenize_batch + Predictor, the same code an infer job's actors run
         -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
@@ -31,6 +32,24 @@ from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
 USAGE = 'expected a JSON object {"inputs": ["text", ...]}'
 Input = str | tuple[str, str]  # a text, or a text pair (classify, score)
+Item = tuple[Input, int | None]  # an input and its request's seed
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What an endpoint's requests may hold."""
+
+    pairs: bool = False  # text pairs (classify, score)
+    single: bool = True  # single texts (all but score with a chat template)
+    seed: bool = False  # a "seed" (generate that samples)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A well-formed request."""
+
+    inputs: list[Input]
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,38 +79,42 @@ class Endpoint:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
         try:
-            texts = parse_inputs(await request.body(), *self.accepts())
+            asked = parse_request(await request.body(), self.accepts())
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        results = await asyncio.gather(*(self.predict(t) for t in texts))
+        items = [(given, asked.seed) for given in asked.inputs]
+        results = await asyncio.gather(*(self.predict(item) for item in items))
         return JSONResponse({"results": results})
 
-    def accepts(self) -> tuple[bool, bool]:
-        """(text pairs, single texts): what this endpoint's task reads. A chat
-        template's score scores an answer to a message, so it takes pairs only."""
-        task = self.config.predictor.model.task
-        return task in PAIR_TASKS, not (task == "score" and self.config.tokenize.chat)
+    def accepts(self) -> Accepts:
+        """What this endpoint's task reads. A chat template's score scores an
+        answer to a message, so it takes pairs only."""
+        config = self.config
+        task = config.predictor.model.task
+        return Accepts(
+            pairs=task in PAIR_TASKS,
+            single=not (task == "score" and config.tokenize.chat),
+            seed=config.predictor.sampling is not None,
+        )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict(self, texts: list[Input]) -> list[dict]:
+    async def predict(self, items: list[Item]) -> list[dict]:
         self.stats["batches"] += 1
-        self.stats["texts"] += len(texts)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
+        self.stats["texts"] += len(items)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         # The model runs off the event loop, so the next batch fills meanwhile.
-        return await asyncio.to_thread(self._run, texts)
+        return await asyncio.to_thread(self._run, items)
 
-    def _run(self, inputs: list[Input]) -> list[dict]:
+    def _run(self, items: list[Item]) -> list[dict]:
         """Texts and text pairs, each kind in a model call of its own: they tokenize
-        differently. Results in the order of ``inputs``."""
-        results: list[dict] = [{}] * len(inputs)
+        differently. Results in the order of ``items``."""
+        results: list[dict] = [{}] * len(items)
         for kind in (str, tuple):
-            rows = [i for i, given in enumerate(inputs) if isinstance(given, kind)]
+            rows = [i for i, (given, _) in enumerate(items) if isinstance(given, kind)]
             if not rows:
                 continue
-            texts = [inputs[i] for i in rows]
-            # A sampled row's draws follow its id: here the input itself, so that
-            # it draws the same text in whatever batch it lands (actors/sampling.py).
-            ids = [json.dumps(given) for given in texts]
+            texts = [items[i][0] for i in rows]
+            ids = [draw_key(*items[i]) for i in rows]
             pairs = None
             if kind is tuple:
                 texts, pairs = [t for t, _ in texts], [p for _, p in texts]
@@ -102,9 +125,15 @@ class Endpoint:
         return results
 
 
-def parse_inputs(body: bytes, pairs: bool = False, single: bool = True) -> list[Input]:
-    """The request's texts; with ``pairs`` (classify, score), also text pairs;
-    without ``single``, text pairs only.
+def draw_key(given: Input, seed: int | None) -> str:
+    """The id a sampled input's draws follow (``actors/sampling.py``): the input
+    itself, so that it draws the same text in whatever batch it lands, and the
+    request's seed where it gives one, so that another seed draws another text."""
+    return json.dumps(given if seed is None else [given, seed])
+
+
+def parse_request(body: bytes, accepts: Accepts) -> Asked:
+    """The request's inputs, and its seed where the endpoint takes one.
 
     Raises:
         BadRequest: one line naming what is wrong (and where, for a bad input).
@@ -115,7 +144,14 @@ def parse_inputs(body: bytes, pairs: bool = False, single: bool = True) -> list[
         raise BadRequest(f"the body is not JSON ({e}); {USAGE}") from None
     if not isinstance(data, dict) or "inputs" not in data:
         raise BadRequest(USAGE)
-    unknown = sorted(set(data) - {"inputs"})
+    seed = data.get("seed")
+    if seed is not None and not accepts.seed:
+        raise BadRequest(
+            "seed: this endpoint does not sample (started without --temperature)"
+        )
+    if seed is not None and (type(seed) is not int or seed < 0):
+        raise BadRequest(f"seed must be a whole number >= 0, not {seed!r}")
+    unknown = sorted(set(data) - {"inputs", "seed"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; {USAGE}")
     texts = data["inputs"]
@@ -126,7 +162,10 @@ def parse_inputs(body: bytes, pairs: bool = False, single: bool = True) -> list[
             f"{len(texts)} inputs; at most {MAX_INPUTS} per request "
             "(use `lmbatch infer` for datasets)"
         )
-    return [_input(i, text, pairs, single) for i, text in enumerate(texts)]
+    inputs = [
+        _input(i, text, accepts.pairs, accepts.single) for i, text in enumerate(texts)
+    ]
+    return Asked(inputs, seed)
 
 
 def _input(i: int, given: object, pairs: bool, single: bool) -> Input:

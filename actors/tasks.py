@@ -29,7 +29,7 @@ from transformers import (
 
 from lmbatch.actors.draws import sampling_processors
 from lmbatch.actors.sampling import Sampling
-from lmbatch.actors.sentence import Dense, Sentence
+from lmbatch.actors.sentence import Dense, Encoding, Sentence
 from lmbatch.actors.stopping import RowEnds, stop_strings
 
 Tensors = dict[str, torch.Tensor]
@@ -63,33 +63,35 @@ class Embed:
         model_dir: str,
         device: torch.device,
         prompt_tokens: int = 0,
-        truncate_dim: int | None = None,
-        normalize: bool = False,
+        encoding: Encoding | None = None,
     ) -> None:
         """``prompt_tokens``: the leading tokens left out of pooling (a prompt where
-        the model's Pooling has ``include_prompt: false``); ``truncate_dim``: the
-        dimensions kept, the first, after every module (sentence-transformers'
-        ``truncate_dim``: not normalised again); ``normalize``: L2-normalised after
-        that (its ``normalize_embeddings``)."""
+        the model's Pooling has ``include_prompt: false``); ``encoding``: what is
+        done to each vector after every module of the model."""
         self.modes = sentence.modes
         self.prompt_tokens = prompt_tokens
-        self.truncate_dim = truncate_dim
-        self.normalize = normalize
+        self.encoding = encoding = encoding or Encoding()
         self.steps = [
             _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
             for step in sentence.steps
         ]
-        width = sentence.width(hidden_size)
-        if truncate_dim is not None:
-            width = min(width, truncate_dim)
-        self.schema = pa.schema([("embedding", pa.list_(pa.float32(), width))])
+        value = {"float32": pa.float32(), "binary": pa.int8(), "ubinary": pa.uint8()}
+        width = encoding.width(sentence.width(hidden_size))
+        self.schema = pa.schema(
+            [("embedding", pa.list_(value[encoding.precision], width))]
+        )
 
     def __call__(
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        embedding = self.embedding(hidden, mask)[:, : self.truncate_dim]
-        return {"embedding": _normalize(embedding) if self.normalize else embedding}
+        encoding = self.encoding
+        embedding = self.embedding(hidden, mask)[:, : encoding.truncate_dim]
+        if encoding.normalize:
+            embedding = _normalize(embedding)
+        if encoding.precision != "float32":
+            embedding = pack_signs(embedding, signed=encoding.precision == "binary")
+        return {"embedding": embedding}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an
@@ -133,6 +135,17 @@ def _dense(model_dir: str, dense: Dense, device: torch.device):
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2, dim=-1)
+
+
+def pack_signs(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """[rows, d] -> [rows, ceil(d / 8)] bytes, a bit a dimension, 1 where it is above
+    0, the first dimension the high bit (numpy's packbits, as sentence-transformers
+    packs): uint8, or with ``signed`` those less 128 as int8. On the device, so
+    that a 32nd of the bytes leaves it."""
+    bits = F.pad(x > 0, (0, -x.shape[1] % 8)).view(x.shape[0], -1, 8)
+    weights = 2 ** torch.arange(7, -1, -1, device=x.device, dtype=torch.int32)
+    packed = (bits * weights).sum(-1, dtype=torch.int32)
+    return (packed - 128).to(torch.int8) if signed else packed.to(torch.uint8)
 
 
 def pool(

@@ -115,6 +115,11 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         ),
         *([chat_line(spec)] if spec.chat_template else []),
         *([spec.sampling().describe()] if spec.temperature else []),
+        *(
+            [f"embeddings {spec.embedding_precision}: a bit a dimension"]
+            if spec.embedding_precision != "float32"
+            else []
+        ),
         *([f"stops at {', '.join(map(repr, spec.stop))}"] if spec.stop else []),
     ]
 
@@ -283,8 +288,7 @@ def build_dataset(
         max_new_tokens=spec.max_new_tokens,
         max_length=plan.max_length,
         prompt=plan.prompt,
-        truncate_dim=spec.truncate_dim,
-        normalize=spec.normalize,
+        encoding=spec.encoding(),
         sampling=spec.sampling(),
         stop=spec.stop,
         memory_limit=spec.actor_memory,

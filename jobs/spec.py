@@ -30,7 +30,7 @@ from lmbatch.actors.model_info import (
     inspect_model,
 )
 from lmbatch.actors.sampling import Sampling
-from lmbatch.actors.sentence import resolve_prompt
+from lmbatch.actors.sentence import EMBEDDING_PRECISIONS, Encoding, resolve_prompt
 from lmbatch.actors.tokenize import PIPELINE_COLUMNS, chat_text, load_tokenizer
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
@@ -142,6 +142,12 @@ class ModelFlags(Spec):
         description="--task embed: L2-normalise each embedding last (after "
         "--truncate-dim), as sentence-transformers' normalize_embeddings.",
     )
+    embedding_precision: Literal[EMBEDDING_PRECISIONS] = Field(
+        "float32",
+        description="--task embed: binary or ubinary packs each dimension's sign "
+        "into a bit (int8 or uint8 bytes, 32x smaller), after --normalize, as "
+        "sentence-transformers' encode(precision=...).",
+    )
 
     @model_validator(mode="after")
     def _needed_flags(self) -> ModelFlags:
@@ -156,6 +162,10 @@ class ModelFlags(Spec):
                 if value is not None:
                     raise FieldError(name, "needs --temperature above 0 (sampling)")
         return self
+
+    def encoding(self) -> Encoding:
+        """What embed does to each vector after the model's own modules."""
+        return Encoding(self.truncate_dim, self.normalize, self.embedding_precision)
 
     def sampling(self) -> Sampling | None:
         """How generate draws its tokens; None: greedy."""
@@ -409,14 +419,17 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
 
     Raises:
         UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
-            ``--truncate-dim``, ``--normalize``), ``--chat-template`` or
-            ``--temperature`` on another task, more dimensions than the model's
-            embeddings have, or a chat template the model lacks.
+            ``--truncate-dim``, ``--normalize``, ``--embedding-precision``),
+            ``--chat-template``, ``--temperature`` or ``--stop`` on another task,
+            more dimensions than the model's embeddings have, or a chat template
+            the model lacks.
     """
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
                      "--truncate-dim": spec.truncate_dim,
-                     "--normalize": spec.normalize or None},
+                     "--normalize": spec.normalize or None,
+                     "--embedding-precision":
+                         spec.embedding_precision != "float32" or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
         ("generate",): {"--temperature": spec.temperature or None,
                         "--stop": spec.stop or None},

@@ -19,7 +19,7 @@ from helpers import greedy, run_job
 from test_cli_errors import assert_user_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmbatch.actors.serve import BadRequest, parse_inputs
+from lmbatch.actors.serve import Accepts, BadRequest, parse_request
 from lmbatch.errors import UserError
 from lmbatch.jobs.cli import cli
 from lmbatch.jobs.serve import prepare_serve
@@ -198,6 +198,7 @@ def test_chat_flag_mistakes_are_one_line(tiny_models, answers, tmp_path):
 
 def test_an_endpoint_that_scores_answers_takes_pairs_only():
     body = b'{"inputs": [["what is it", " water"], "what is it"]}'
-    assert parse_inputs(body, pairs=True)[0] == ("what is it", " water")
+    asked = parse_request(body, Accepts(pairs=True))
+    assert asked.inputs[0] == ("what is it", " water")
     with pytest.raises(BadRequest, match=r"inputs\[1\] is a string; .*pairs"):
-        parse_inputs(body, pairs=True, single=False)
+        parse_request(body, Accepts(pairs=True, single=False))

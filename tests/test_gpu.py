@@ -178,3 +178,14 @@ def test_serve_answers_on_cuda_as_the_cpu_job_does(tiny_models, corpus, cpu_rows
         want = np.asarray(expected[f"doc-{i:03d}"]["embedding"])
         cosine = np.dot(got["embedding"], want) / np.linalg.norm(want)
         assert cosine == pytest.approx(1.0, abs=TOLERANCE["fp32"])
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_signs_pack_on_cuda_as_on_cpu(signed):
+    """--embedding-precision binary/ubinary packs on the device."""
+    from lmbatch.actors.tasks import pack_signs
+
+    x = torch.randn(64, 13)
+    on_gpu = pack_signs(x.cuda(), signed)
+    assert on_gpu.is_cuda
+    assert torch.equal(on_gpu.cpu(), pack_signs(x, signed))

@@ -4,6 +4,8 @@ retried or resumed batch writes what the first try would have."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from helpers import run_job
 from test_cli_errors import assert_user_error
+from test_serve import post, serving
 
 from lmbatch.actors.draws import RowDraw, sampling_processors, uniform
 from lmbatch.actors.sampling import Sampling, row_keys
@@ -18,6 +21,7 @@ from lmbatch.errors import UserError
 from lmbatch.jobs.cli import cli
 
 ROWS = 40
+SERVED = ["the water is long", "a", "one day they could see the oil", "he was here"]
 
 
 def test_a_rows_stream_is_its_own_and_uniform():
@@ -127,3 +131,34 @@ def test_sampled_generation_on_cuda_draws_as_on_cpu(tiny_models, prompts, tmp_pa
     assert texts == {k: r["generated_text"] for k, r in small.items()}
     same = sum(texts[k] == cpu[k]["generated_text"] for k in texts)
     assert same >= 0.9 * ROWS, same
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_sampling_endpoint_draws_as_a_job_does(tiny_models, tmp_path):
+    """An input draws what a job's row draws whose id is the input (with the
+    request's seed, where it gives one): the same text on every request, another
+    with another seed. (Here, not in test_serve.py: its module's endpoint holds a
+    CPU of the test's Ray, and the job needs both.)"""
+    flags = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+
+    def key(text: str, seed: int | None) -> str:
+        return json.dumps(text if seed is None else [text, seed])
+
+    keyed = [(key(t, seed), t) for t in SERVED for seed in (None, 5, 6)]
+    ids, texts = zip(*keyed, strict=True)
+    pq.write_table(pa.table({"k": ids, "text": texts}), tmp_path / "t.pq")
+    rows, _ = run_job(tmp_path / "out", model=tiny_models["llama"], inputs=str(
+        tmp_path / "t.pq"), task="generate", id_column="k", **flags)  # fmt: skip
+    drawn = {k: r["generated_text"] for k, r in rows.items()}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    with serving("--model", tiny_models["llama"], "--task", "generate", *args) as url:
+        for seed in (None, 5, 6, None):
+            body = {"inputs": SERVED, **({} if seed is None else {"seed": seed})}
+            status, answer = post(url, body)
+            assert status == 200, answer
+            got = [r["generated_text"] for r in answer["results"]]
+            assert got == [drawn[key(t, seed)] for t in SERVED], seed
+        status, answer = post(url, {"inputs": SERVED, "seed": -1})
+        assert status == 400 and "seed must be a whole number" in answer["error"]
+    by_seed = [[drawn[key(t, s)] for t in SERVED] for s in (None, 5, 6)]
+    assert len({tuple(texts) for texts in by_seed}) == 3

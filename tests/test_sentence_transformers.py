@@ -23,6 +23,7 @@ from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.sentence import resolve_prompt
+from lmbatch.actors.tasks import pack_signs
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, load_tokenizer
 from lmbatch.errors import UserError
 from lmbatch.jobs.spec import InferSpec, check_task_flags, max_length_of
@@ -272,6 +273,43 @@ def test_truncate_dim_keeps_the_first_dimensions_as_sentence_transformers(
     ):
         run_job(tmp_path / "more", model=path, inputs=corpus["parquet"],
                 task="embed", truncate_dim=17)  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [16, 13, 3])
+def test_signs_pack_as_numpy_packbits(width):
+    x = torch.randn(50, width)
+    x[0, :2] = 0.0  # 0 is not above 0
+    bits = np.packbits(x.numpy() > 0, axis=-1)
+    np.testing.assert_array_equal(pack_signs(x, signed=False).numpy(), bits)
+    signed = pack_signs(x, signed=True).numpy()
+    np.testing.assert_array_equal(signed, (bits.astype(np.int16) - 128))
+    assert signed.dtype == np.int8
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("precision", ["binary", "ubinary"])
+def test_binary_embeddings_are_sentence_transformers_own(
+    precision, st_models, tiny_models, corpus, tmp_path
+):
+    """encode(precision=...) packs the vectors a user gets: after the Dense module,
+    --truncate-dim (12 dimensions: the last byte half used) and --normalize."""
+    path = st_models["mean, dense tanh, normalized"]
+    rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
+                      task="embed", id_column="doc", truncate_dim=12,
+                      normalize=True, embedding_precision=precision)  # fmt: skip
+    want = SentenceTransformer(path, device="cpu").encode(
+        corpus["texts"], truncate_dim=12, normalize_embeddings=True,
+        precision=precision,
+    )  # fmt: skip
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_array_equal(got, want)
+    value = pa.int8() if precision == "binary" else pa.uint8()
+    schema = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
+    assert schema.field("embedding").type == pa.list_(value, 2)
+    with pytest.raises(UserError, match="--embedding-precision: applies to --task"):
+        run_job(tmp_path / "score", model=tiny_models["gpt2"],
+                inputs=corpus["parquet"], task="score",
+                embedding_precision=precision)  # fmt: skip
 
 
 def test_optimize_measures_the_vectors_a_user_gets(st_models, tmp_path):

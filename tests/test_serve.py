@@ -10,7 +10,9 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import psutil
 import pyarrow as pa
@@ -173,15 +175,13 @@ def pipeline_probs(path: str, inputs: list) -> list[list[float]]:
              for i in range(len(labels))] for scores in out]  # fmt: skip
 
 
-@pytest.mark.parametrize("task", ["classify", "generate"])
-def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
+@contextmanager
+def serving(*flags: str) -> Iterator[str]:
+    """``lmbatch serve`` with these flags, in a process of its own: its URL once it
+    is up; stopped by Ctrl-C (SIGINT to its pid), which must end it cleanly."""
     port = free_port()
-    model = tiny_models["gpt2"]
-    if task == "classify":
-        model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
     process = subprocess.Popen(
-        [str(LMBATCH), "serve", "--model", model, "--task", task,
-         "--max-new-tokens", "4", "--port", str(port)],
+        [str(LMBATCH), "serve", *flags, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -192,6 +192,25 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
         while f"at {url}" not in lines[-1]:
             assert lines[-1] or process.poll() is None, process.stderr.read()[-3000:]
             lines.append(process.stdout.readline())
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()  # by its pid
+            out, err = process.communicate()
+            pytest.fail(f"still running 120 s after SIGINT: {out[-500:]}{err[-2000:]}")
+    assert process.returncode == 0, err[-3000:]
+    assert "stopping" in out
+
+
+@pytest.mark.parametrize("task", ["classify", "generate"])
+def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
+    model = tiny_models["gpt2"]
+    if task == "classify":
+        model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
+    with serving("--model", model, "--task", task, "--max-new-tokens", "4") as url:
         status, body = post(url, {"inputs": TEXTS})
         assert status == 200, body
         results = body["results"]
@@ -213,17 +232,9 @@ def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
             assert {(r["finish_reason"], r["generated_tokens"]) for r in results} == {
                 ("length", 4)
             }
+            status, body = post(url, {"inputs": TEXTS, "seed": 1})
+            assert status == 400 and "does not sample" in body["error"]
         assert all(r["error"] is None for r in results)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            out, err = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()  # by its pid
-            out, err = process.communicate()
-            pytest.fail(f"still running 120 s after SIGINT: {out[-500:]}{err[-2000:]}")
-    assert process.returncode == 0, err[-3000:]
-    assert "stopping" in out
 
 
 @pytest.mark.usefixtures("ray_local")
