@@ -328,6 +328,8 @@ class Generate:
             rows,
         )
         options = {"min_new_tokens": self.max_new_tokens} if self.full_length else {}
+        if self.end_ids:  # a model and tokenizer that name none: no end token
+            options["eos_token_id"] = list(self.end_ids)
         if self.sampling is not None:  # greedy then keeps each row's drawn token
             options["logits_processor"] = sampling_processors(
                 self.sampling, keys, prompt_length
@@ -337,7 +339,6 @@ class Generate:
             attention_mask=mask,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
-            eos_token_id=list(self.end_ids),
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([ends]),
             **options,
