@@ -72,6 +72,9 @@ class Summary:
     tokens_per_second: float
     errors: dict[str, int]
     actors: list[dict] = field(default_factory=list)
+    # generate: rows by finish_reason (stop, length), so that a job whose texts were
+    # cut short by --max-new-tokens says so.
+    finished: dict[str, int] = field(default_factory=dict)
     output: str = ""
     restored: int = 0  # rows an earlier run wrote (--resume)
     computed: int = 0  # rows this run computed
@@ -103,6 +106,7 @@ class Summary:
             f"rows/s {self.rows_per_second:.1f}  tokens/s {self.tokens_per_second:.0f}",
             "errors "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
+            *self._finished(),
         ]
         if self.stages:
             stages = (s.describe(self.seconds) for s in self.stages)
@@ -122,6 +126,14 @@ class Summary:
             )
         out.append(f"output {self.output}")
         return out
+
+    def _finished(self) -> list[str]:
+        if not self.finished:
+            return []
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.finished.items()))
+        cut = self.finished.get("length", 0)
+        hint = f" ({_rows(cut)} ran out of --max-new-tokens)" if cut else ""
+        return [f"finished {counts}{hint}"]
 
     def _of_input(self) -> str:
         limited = "" if self.limit is None else f" (--limit {self.limit})"
@@ -212,7 +224,8 @@ def build_summary(
 
     ``restored``: rows an earlier run of a resumed job had written; speeds count only
     the rows this run computed."""
-    rows, errors = count_errors(pads.dataset(path, filesystem=fs, format="parquet"))
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    rows, errors = count_errors(dataset)
     tokens = sum(a["tokens"] for a in actors)
     computed = rows - restored
     return Summary(
@@ -223,6 +236,7 @@ def build_summary(
         tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
         errors=errors,
         actors=actors,
+        finished=count_values(dataset, "finish_reason"),
         output=path,
         restored=restored,
         computed=computed,
@@ -244,6 +258,18 @@ def count_errors(dataset: pads.Dataset) -> tuple[int, dict[str, int]]:
             for found in pc.value_counts(kind).to_pylist():
                 kinds[found["values"]] += found["counts"]
     return rows, dict(kinds)
+
+
+def count_values(dataset: pads.Dataset, column: str) -> dict[str, int]:
+    """Rows by their value of ``column`` (nulls left out; none where the output has
+    no such column), by Arrow compute."""
+    if column not in dataset.schema.names:
+        return {}
+    counts = Counter()
+    for batch in dataset.to_batches(columns=[column]):
+        for found in pc.value_counts(batch.column(0).drop_null()).to_pylist():
+            counts[found["values"]] += found["counts"]
+    return dict(counts)
 
 
 def write_summary(fs: pafs.FileSystem, path: str, summary: Summary) -> None:

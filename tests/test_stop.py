@@ -67,15 +67,20 @@ def test_rows_end_at_stop_strings_as_each_would_alone(gpt2, corpus, tmp_path):
     at = next(i for i, new in enumerate(first) if len(new) > 2 and common not in new)
     across = f"{texts[at].split()[-1]} {first[at][0]}"
     stops = [common, across]
-    rows, _ = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
-                      task="generate", id_column="doc", max_new_tokens=NEW,
-                      stop=tuple(stops))  # fmt: skip
+    rows, summary = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
+                            task="generate", id_column="doc", max_new_tokens=NEW,
+                            stop=tuple(stops))  # fmt: skip
     for i, text in enumerate(texts):
         got = rows[f"doc-{i:03d}"]
         want = alone(model, tok, text, stops)
         assert {k: got[k] for k in want} == want, i
     reasons = Counter(r["finish_reason"] for r in rows.values())
     assert reasons["stop"] >= 10 and reasons["length"] >= 10, reasons
+    assert summary.finished == reasons  # counted from the output, as errors are
+    cut = f"finished length {reasons['length']}, stop {reasons['stop']} "
+    assert f"{cut}({reasons['length']} rows ran out of --max-new-tokens)" in (
+        summary.lines()
+    )
     assert not any(common in r["generated_text"] for r in rows.values())
     assert rows[f"doc-{at:03d}"]["generated_tokens"] > 1
 
