@@ -322,7 +322,7 @@ class Generate:
         """``keys``: each row's key (``sampling.row_keys``), where it samples."""
         rows, prompt_length = ids.shape
         ends = RowEnds(
-            torch.tensor(self.end_ids, device=ids.device),
+            torch.tensor(self.end_ids, dtype=torch.long, device=ids.device),
             self.stop_strings,
             prompt_length,
             rows,
