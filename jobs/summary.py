@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -225,7 +226,7 @@ def build_summary(
     ``restored``: rows an earlier run of a resumed job had written; speeds count only
     the rows this run computed."""
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    rows, errors = count_errors(dataset)
+    rows, errors, finished = count_outcomes(dataset)
     tokens = sum(a["tokens"] for a in actors)
     computed = rows - restored
     return Summary(
@@ -236,7 +237,7 @@ def build_summary(
         tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
         errors=errors,
         actors=actors,
-        finished=count_values(dataset, "finish_reason"),
+        finished=finished,
         output=path,
         restored=restored,
         computed=computed,
@@ -245,31 +246,31 @@ def build_summary(
     )
 
 
-def count_errors(dataset: pads.Dataset) -> tuple[int, dict[str, int]]:
-    """(rows, errors by kind) of an output, counted by Arrow compute batch by batch:
-    a kind is the ``error`` value up to its first colon. No loop over rows, so a
-    hundred million rows count in the time it takes to read one column."""
-    rows, kinds = 0, Counter()
-    for batch in dataset.to_batches(columns=["error"]):
+def count_outcomes(
+    dataset: pads.Dataset,
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(rows, errors by kind, rows by ``finish_reason``) of an output, in one pass
+    over its ``error`` column (and ``finish_reason``, generate's), counted by Arrow
+    compute batch by batch: a kind is the ``error`` value up to its first colon. No
+    loop over rows, so a hundred million rows count in the time it takes to read
+    the columns."""
+    finish = "finish_reason" in dataset.schema.names
+    columns = ["error", "finish_reason"] if finish else ["error"]
+    rows, kinds, finished = 0, Counter(), Counter()
+    for batch in dataset.to_batches(columns=columns):
         rows += batch.num_rows
         errors = batch.column(0).drop_null()
         if len(errors):
             kind = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
-            for found in pc.value_counts(kind).to_pylist():
-                kinds[found["values"]] += found["counts"]
-    return rows, dict(kinds)
+            _tally(kinds, kind)
+        if finish:
+            _tally(finished, batch.column(1).drop_null())
+    return rows, dict(kinds), dict(finished)
 
 
-def count_values(dataset: pads.Dataset, column: str) -> dict[str, int]:
-    """Rows by their value of ``column`` (nulls left out; none where the output has
-    no such column), by Arrow compute."""
-    if column not in dataset.schema.names:
-        return {}
-    counts = Counter()
-    for batch in dataset.to_batches(columns=[column]):
-        for found in pc.value_counts(batch.column(0).drop_null()).to_pylist():
-            counts[found["values"]] += found["counts"]
-    return dict(counts)
+def _tally(counts: Counter, values: pa.Array) -> None:
+    for found in pc.value_counts(values).to_pylist():
+        counts[found["values"]] += found["counts"]
 
 
 def write_summary(fs: pafs.FileSystem, path: str, summary: Summary) -> None:

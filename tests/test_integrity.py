@@ -33,7 +33,7 @@ from lmbatch.errors import UserError
 from lmbatch.jobs import progress as progress_module
 from lmbatch.jobs.progress import Pool, footer_rows, line, progress, waiting
 from lmbatch.jobs.sources import Columns, ParquetRows
-from lmbatch.jobs.summary import count_errors, start_sink
+from lmbatch.jobs.summary import count_outcomes, start_sink
 
 ray_job = pytest.mark.usefixtures("ray_local")
 
@@ -283,7 +283,7 @@ def test_errors_are_counted_by_arrow_compute(tmp_path):
              "bad_json: line is not an object"]  # fmt: skip
     errors = [kinds[i % len(kinds)] for i in range(200_000)]
     pq.write_table(pa.table({"error": errors}), tmp_path / "part.parquet")
-    rows, counted = count_errors(pads.dataset(tmp_path, format="parquet"))
+    rows, counted, _ = count_outcomes(pads.dataset(tmp_path, format="parquet"))
     want = Counter(e.split(":", 1)[0] for e in errors if e)
     assert rows == 200_000 and counted == dict(want)
 
