@@ -41,7 +41,12 @@ from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.sampling import row_keys
 from lmbatch.actors.stopping import end_ids
 from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
-from lmbatch.actors.tokenize import PAIR_TOKENS, PIPELINE_COLUMNS, load_tokenizer
+from lmbatch.actors.tokenize import (
+    PAIR_TOKENS,
+    PIPELINE_COLUMNS,
+    TRUNCATED,
+    load_tokenizer,
+)
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
 
 log = logging.getLogger(__name__)
@@ -162,6 +167,7 @@ class Predictor:
             if pending is not None:
                 self._collect(out, *pending)
         self.stats.errors += batch.num_rows - len(todo) + len(too_big)
+        self.stats.truncated += _truncated(batch, np.setdiff1d(todo, too_big))
         self.stats.finish_call(
             batch.num_rows, time.perf_counter() - started, self.budget
         )
@@ -245,6 +251,7 @@ class ActorStats:
     rows: int = 0
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
     errors: int = 0  # rows given an error value
+    truncated: int = 0  # rows computed on their first --max-length tokens only
     tokens: int = 0
     micro_batches: int = 0
     busy_seconds: float = 0.0  # in __call__, host work included
@@ -295,6 +302,14 @@ def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory
     if device.type == "cuda":
         return CudaMemory(device, _gpu_share())
     return CpuMemory(config.memory_limit or default_cpu_limit(config.actors_per_node))
+
+
+def _truncated(batch: pa.Table, rows: np.ndarray) -> int:
+    """How many of ``rows`` (those given an output) lost tokens to --max-length."""
+    if TRUNCATED.name not in batch.column_names:
+        return 0
+    flags = batch[TRUNCATED.name].to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(flags[rows]))
 
 
 def _dtype_bytes(model) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +36,13 @@ TOKEN_SCHEMA = pa.schema(
 )
 # A text pair's row: how many of its last tokens are the second text's (type 1).
 PAIR_TOKENS = pa.field("_pair_tokens", pa.int32())
+# Where the job truncates: whether a row lost tokens to --max-length (the actors count
+# them for the summary).
+TRUNCATED = pa.field("_truncated", pa.bool_())
 # The pipeline's own columns before the predict stage; the rest are kept input columns.
-PIPELINE_COLUMNS = ("id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name)
+PIPELINE_COLUMNS = (
+    "id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name, TRUNCATED.name
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,14 @@ class TokenizeConfig:
     system: str | None = None  # chat: the system message before each user's
     truncation_side: str = "right"  # the tokenizer's, for ``backend``
     continuation: bool = False  # score: a pair's second text continues its first
+
+
+class Encoded(NamedTuple):
+    """A batch's token ids, as transformers' tokenizer returns ``input_ids``."""
+
+    ids: list[list[int]]
+    pair_tokens: list[int] | None = None  # pairs: how many last tokens are the pair's
+    truncated: list[bool] | None = None  # where the job truncates: rows cut short
 
 
 @lru_cache(maxsize=4)
@@ -137,16 +150,19 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     pairs = None
     if "_pair" in batch.column_names:  # each row a text pair
         pairs = pc.if_else(ok, pc.fill_null(batch["_pair"], ""), "").to_pylist()
-    ids, pair_tokens = encode(texts, config, pairs)
-    ids = pa.array(ids, pa.list_(pa.int32()))
-    counts = None if pair_tokens is None else pa.array(pair_tokens, PAIR_TOKENS.type)
+    encoded = encode(texts, config, pairs)
+    ids = pa.array(encoded.ids, pa.list_(pa.int32()))
+    counts = encoded.pair_tokens
+    counts = None if counts is None else pa.array(counts, PAIR_TOKENS.type)
     error = row_errors(batch["_error"], ids, counts, config)
-    ids = pc.if_else(pc.is_null(error), ids, pa.scalar(None, ids.type))
+    ok = pc.is_null(error)
+    ids = pc.if_else(ok, ids, pa.scalar(None, ids.type))
     tokens = pa.table([batch["id"], ids, error], schema=TOKEN_SCHEMA)
     if counts is not None:
-        tokens = tokens.append_column(
-            PAIR_TOKENS, pc.if_else(pc.is_null(error), counts, None)
-        )
+        tokens = tokens.append_column(PAIR_TOKENS, pc.if_else(ok, counts, None))
+    if encoded.truncated is not None:
+        cut = pa.array(encoded.truncated, TRUNCATED.type)
+        tokens = tokens.append_column(TRUNCATED, pc.and_(ok, cut))
     for field in batch.schema:  # the kept input columns ride along
         if field.name not in PIPELINE_COLUMNS:
             tokens = tokens.append_column(field, batch[field.name])
@@ -204,10 +220,10 @@ def chat_text(tokenizer, text: str, system: str | None = None) -> str:
 
 def encode(
     texts: list[str], config: TokenizeConfig, pairs: list[str] | None = None
-) -> tuple[list[list[int]], list[int] | None]:
+) -> Encoded:
     """Token ids of each text, special tokens added (not to a chat template's text,
-    which holds its own), cut to ``max_length`` when the job truncates; what
-    transformers' tokenizer returns as ``input_ids``.
+    which holds its own), cut to ``max_length`` when the job truncates (and which
+    rows were cut); what transformers' tokenizer returns as ``input_ids``.
 
     With ``pairs``, each text and its pair make one sequence in the tokenizer's pair
     template, cut longest first (transformers' ``truncation=True``, as
@@ -227,33 +243,52 @@ def encode(
         # core (benchmarks/host_feed.py, MiniLM).
         batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         encodings = batch(given, add_special_tokens=special)
-        ids = [e.ids for e in encodings]
-        if pairs is None:
-            return ids, None
-        return ids, [sum(e.type_ids) for e in encodings]
+        return Encoded(
+            [e.ids for e in encodings],
+            None if pairs is None else [sum(e.type_ids) for e in encodings],
+            None if max_length is None else [bool(e.overflowing) for e in encodings],
+        )
+    return transformers_encode(texts, config, pairs)
+
+
+def transformers_encode(
+    texts: list[str], config: TokenizeConfig, pairs: list[str] | None = None
+) -> Encoded:
+    """``encode`` through transformers' own tokenizer (a slow one, or one with code
+    of its own). Only a row cut to exactly ``max_length`` may have been cut: those
+    are tokenized again whole to tell."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # long inputs are reported per row, not warned
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )
-    out = tokenizer(
-        texts,
-        pairs,
-        add_special_tokens=special,
-        truncation=max_length is not None,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=pairs is not None,
-    )
-    if pairs is None:
-        return out["input_ids"], None
-    return out["input_ids"], [sum(t) for t in out["token_type_ids"]]
+    max_length = config.max_length if config.on_long == "truncate" else None
+
+    def call(rows: list[int], cut: int | None) -> dict:
+        return tokenizer(
+            [texts[i] for i in rows],
+            None if pairs is None else [pairs[i] for i in rows],
+            add_special_tokens=not config.chat,
+            truncation=cut is not None,
+            max_length=cut,
+            return_attention_mask=False,
+            return_token_type_ids=pairs is not None,
+        )
+
+    out = call(list(range(len(texts))), max_length)
+    ids = out["input_ids"]
+    types = None if pairs is None else [sum(t) for t in out["token_type_ids"]]
+    if max_length is None:
+        return Encoded(ids, types)
+    full = [i for i, row in enumerate(ids) if len(row) == max_length]
+    truncated = [False] * len(ids)
+    for i, row in zip(full, call(full, None)["input_ids"] if full else [], strict=True):
+        truncated[i] = len(row) > max_length
+    return Encoded(ids, types, truncated)
 
 
-def continued(
-    texts: list[str], pairs: list[str], config: TokenizeConfig
-) -> tuple[list[list[int]], list[int]]:
+def continued(texts: list[str], pairs: list[str], config: TokenizeConfig) -> Encoded:
     """Each text followed by its continuation, tokenized as lm-evaluation-harness's
     loglikelihood does: the continuation's tokens are those of both texts together
     beyond those of the text alone (a merge across the join stays one token).
@@ -264,15 +299,15 @@ def continued(
     """
     whole_texts = [t + p for t, p in zip(texts, pairs, strict=True)]
     uncut = replace(config, on_long="error")
-    whole, _ = encode(whole_texts, uncut)
-    context, _ = encode(texts, uncut)
+    whole = encode(whole_texts, uncut).ids
+    context = encode(texts, uncut).ids
     counts = [max(0, len(w) - len(c)) for w, c in zip(whole, context, strict=True)]
-    if config.on_long == "truncate":
-        keep = config.max_length
-        whole = [
-            w[-keep:] if n < keep else w for w, n in zip(whole, counts, strict=True)
-        ]
-    return whole, counts
+    if config.on_long != "truncate":
+        return Encoded(whole, counts)
+    keep = config.max_length
+    cut = [len(w) > keep and n < keep for w, n in zip(whole, counts, strict=True)]
+    whole = [w[-keep:] if c else w for w, c in zip(whole, cut, strict=True)]
+    return Encoded(whole, counts, cut)
 
 
 @lru_cache(maxsize=2)

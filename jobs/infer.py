@@ -81,6 +81,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
                 raise
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
         summary.input_rows, summary.limit = total(), plan.spec.limit
+        summary.max_length = plan.max_length
         write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 

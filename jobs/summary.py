@@ -89,6 +89,10 @@ class Summary:
     # that rows out = rows in. None where it is not known.
     input_rows: int | None = None
     limit: int | None = None  # --limit: rows this run was to compute at most
+    # Rows this run computed on their first --max-length tokens only (the actors'
+    # count: a batch retried after its actor died counts again, as its tokens do).
+    truncated: int = 0
+    max_length: int | None = None  # tokens a row is cut to (--on-long truncate)
 
     @property
     def ready_seconds(self) -> list[float]:
@@ -108,6 +112,7 @@ class Summary:
             "errors "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
             *self._finished(),
+            *self._truncated(),
         ]
         if self.stages:
             stages = (s.describe(self.seconds) for s in self.stages)
@@ -135,6 +140,16 @@ class Summary:
         cut = self.finished.get("length", 0)
         hint = f" ({_rows(cut)} ran out of --max-new-tokens)" if cut else ""
         return [f"finished {counts}{hint}"]
+
+    def _truncated(self) -> list[str]:
+        if not self.truncated:
+            return []
+        share = self.truncated / max(1, self.computed)
+        return [
+            f"truncated {_rows(self.truncated)} ({share:.1%} of those computed) to "
+            f"--max-length {self.max_length} tokens; --on-long error makes each an "
+            "error instead"
+        ]
 
     def _of_input(self) -> str:
         limited = "" if self.limit is None else f" (--limit {self.limit})"
@@ -238,6 +253,7 @@ def build_summary(
         errors=errors,
         actors=actors,
         finished=finished,
+        truncated=sum(a["truncated"] for a in actors),
         output=path,
         restored=restored,
         computed=computed,

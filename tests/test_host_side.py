@@ -313,11 +313,43 @@ def test_tasks_tokenize_as_transformers_does(tiny_models, model, on_long):
     expected = actor_batch(texts, plain)
     assert actor_batch(texts, fast).equals(expected)
     assert expected["_error"].null_count == (4 if on_long == "truncate" else 3)
+    cut = on_long == "truncate"  # which rows lost tokens; no column under error
+    assert _flags(expected) == ([False, True, False, False] if cut else None)
     # Text pairs: the pair template, longest-first cuts and each row's type-1 count.
     pairs = ["a pair", "x", "another much longer text " * 5, "y z"]
     expected = actor_batch(texts, plain, pairs)
     assert actor_batch(texts, fast, pairs).equals(expected)
     assert expected["_pair_tokens"].null_count == (0 if on_long == "truncate" else 2)
+    assert _flags(expected) == ([False, True, True, False] if cut else None)
+
+
+def _flags(tokens) -> list[bool] | None:
+    names = tokens.column_names
+    return tokens["_truncated"].to_pylist() if "_truncated" in names else None
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt2", "llama"])
+def test_a_row_is_truncated_only_when_it_lost_tokens(tiny_models, model):
+    # A text of exactly --max-length tokens is whole; one token more is cut. Both
+    # engines; a continuation scored is cut from the left, the context only.
+    from transformers import AutoTokenizer
+
+    from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, with_backend
+
+    tok = AutoTokenizer.from_pretrained(tiny_models[model])
+    specials = len(tok("the")["input_ids"]) - 1
+    fits = " ".join(["the"] * (12 - specials))  # 12 tokens, special ones included
+    texts = [fits, fits + " a", "a short one", fits + " a b c"]
+    plain = TokenizeConfig(tiny_models[model], 12)
+    for config in (plain, with_backend(plain)):
+        rows = actor_batch(texts, config)
+        assert rows["_ids"].to_pylist()[0] == tok(fits)["input_ids"]
+        assert _flags(rows) == [False, True, False, True]
+        assert rows["_error"].null_count == 4
+    scored = TokenizeConfig(tiny_models[model], 12, min_tokens=2, continuation=True)
+    rows = actor_batch(["the", "the " * 20, "a b"], scored, [" a", " b c", " the"])
+    assert _flags(rows) == [False, True, False]
+    assert rows["_pair_tokens"].to_pylist()[1] == 2  # the continuation stays whole
 
 
 def test_tokenize_tasks_import_neither_torch_nor_transformers():

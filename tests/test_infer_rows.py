@@ -381,16 +381,23 @@ def test_a_ten_megabyte_text_is_truncated_not_a_crash(
     )
     assert summary.rows == 3 and summary.errors == {}
     assert rows[f"{path}#1"]["num_tokens"] == 63
+    assert summary.truncated == 1  # the job says what it cut, and how to refuse it
+    assert (
+        "truncated 1 row (33.3% of those computed) to --max-length 64 tokens; "
+        "--on-long error makes each an error instead"
+    ) in summary.lines()
     fault_report(
         3,
         pq.read_table(tmp_path / "out", columns=["id"])["id"].to_pylist(),
         sum(a["rows_started"] for a in summary.actors),
     )
-    errors, _ = run_job(
+    errors, refused = run_job(
         tmp_path / "err", model=tiny_models["gpt2"], inputs=str(path), task="score",
         on_long="error",
     )  # fmt: skip
     assert errors[f"{path}#1"]["error"].startswith("too_long")
+    assert refused.truncated == 0
+    assert not any("truncated" in line for line in refused.lines())
 
 
 @pytest.mark.fault("a corrupt Parquet file among good ones (counted as one row)")
