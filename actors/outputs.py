@@ -31,6 +31,10 @@ class Outputs:
             buffer[rows] = values
         self.filled[rows] = True
 
+    def fail(self, row: int) -> int:
+        """A row that did not fit even alone: it stays null. -> row"""
+        return row
+
     def arrays(self) -> list[pa.Array]:
         """One Arrow array per schema field, in schema order."""
         return [self._array(f) for f in self.schema]
@@ -46,3 +50,40 @@ class Outputs:
                 values, type=field.type, mask=missing
             )
         return pa.array(buffer, field.type, mask=~self.filled)
+
+
+class WindowMeans:
+    """An --on-long chunk call's output: each window's vector added into its row's
+    sum, weighted by its tokens, as micro-batches finish (a row's windows may fall
+    in several); ``arrays`` gives each row's embedding from them (``Embed.merge``)."""
+
+    def __init__(self, head, owner: np.ndarray, tokens: np.ndarray, rows: int) -> None:
+        """``owner``: the row of each window; ``tokens``: each window's tokens."""
+        self.head = head
+        self.owner = owner
+        self.weights = tokens.astype(np.float64)
+        self.rows = rows
+        self.tokens = np.zeros(rows)  # tokens of each row's windows seen so far
+        self.sums: np.ndarray | None = None
+        self.failed = np.zeros(rows, dtype=bool)
+
+    def put(self, windows: np.ndarray, columns: Columns) -> None:
+        vectors = columns["embedding"].astype(np.float64)
+        if self.sums is None:
+            self.sums = np.zeros((self.rows, vectors.shape[1]))
+        rows, weights = self.owner[windows], self.weights[windows]
+        np.add.at(self.sums, rows, vectors * weights[:, None])
+        np.add.at(self.tokens, rows, weights)
+
+    def fail(self, window: int) -> int:
+        """A window that did not fit even alone: its row gets no embedding. -> row"""
+        row = int(self.owner[window])
+        self.failed[row] = True
+        return row
+
+    def arrays(self) -> list[pa.Array]:
+        out = Outputs(self.head.schema, self.rows)
+        rows = np.flatnonzero((self.tokens > 0) & ~self.failed)
+        if len(rows):
+            out.put(rows, self.head.merge(self.sums[rows], self.tokens[rows]))
+        return out.arrays()

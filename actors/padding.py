@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ class TokenRows:
         if pair_tokens is not None:
             pairs = pair_tokens.fill_null(0).to_numpy().astype(np.int64)
         return cls(values, offsets[:-1], np.diff(offsets), pairs)
+
+    @classmethod
+    def windows(
+        cls, column: pa.ChunkedArray, windows: pa.ChunkedArray
+    ) -> tuple[TokenRows, np.ndarray]:
+        """--on-long chunk: an entry for each window of each row (``_windows``: the
+        window lengths of a row's ``_ids``), and the row each window belongs to."""
+        rows = cls.from_arrow(column)
+        windows = windows.combine_chunks()
+        counts = pc.list_value_length(windows).fill_null(0).to_numpy()
+        lengths = windows.flatten().to_numpy().astype(np.int64)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        before = np.cumsum(lengths) - lengths  # tokens before each window, all rows
+        first = (np.cumsum(counts) - counts)[owner]  # each window's row's first
+        starts = rows.starts[owner] + before - before[first]
+        return cls(rows.values, starts, lengths), owner
 
     def pad(
         self, rows: np.ndarray, pad_id: int, side: str = "right"

@@ -33,6 +33,7 @@ class PredictorConfig:
     max_length: int = 512  # longest row in tokens, as the tokenize stage cut it
     prompt: str = ""  # put before every text by the tokenize stage (embed)
     encoding: Encoding = Encoding()  # embed: --truncate-dim, --normalize, its bytes
+    chunk: bool = False  # embed: --on-long chunk, a long text's windows merged
     sampling: Sampling | None = None  # generate: --temperature's draws; None: greedy
     stop: tuple[str, ...] = ()  # generate: --stop strings
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share

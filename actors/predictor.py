@@ -35,7 +35,7 @@ from lmbatch.actors.memory import (
     default_cpu_limit,
 )
 from lmbatch.actors.model_files import fetch_model
-from lmbatch.actors.outputs import Outputs
+from lmbatch.actors.outputs import Outputs, WindowMeans
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.sampling import row_keys
@@ -45,6 +45,7 @@ from lmbatch.actors.tokenize import (
     PAIR_TOKENS,
     PIPELINE_COLUMNS,
     TRUNCATED,
+    WINDOWS,
     load_tokenizer,
 )
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
@@ -62,7 +63,7 @@ def make_head(
         skip = 0 if sentence.include_prompt else prompt_tokens(tokenizer, config.prompt)
         return Embed(
             sentence, model.config.hidden_size, model_dir, device, skip,
-            config.encoding,
+            config.encoding, windows=config.chunk,
         )  # fmt: skip
     if task == "score":
         return Score()
@@ -143,21 +144,16 @@ class Predictor:
         started = time.perf_counter()
         self.stats.rows_started += batch.num_rows
         self._report()  # were this process to die now, these rows were lost work
-        pairs = PAIR_TOKENS.name in batch.column_names and self.marks_pairs
-        tokens = TokenRows.from_arrow(
-            batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
-        )
-        todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
+        tokens, todo, out = self._inputs(batch)
         keys = row_keys(batch["id"].to_pylist()) if self.keyed else None
-        out = Outputs(self.head.schema, batch.num_rows)
-        too_big: list[int] = []
+        too_big: set[int] = set()  # rows
         pending = None
         with torch.inference_mode():
             for rows, copy in run_batched(
                 tokens.lengths[todo] + self.extra_tokens,
                 self.budget,
                 lambda r: self._step(tokens, todo[r], keys),
-                lambda r: too_big.append(int(todo[r])),
+                lambda r: too_big.add(out.fail(int(todo[r]))),
                 over_limit=self.memory.over_limit,
             ):
                 self.stats.add_batch(len(rows), int(tokens.lengths[todo[rows]].sum()))
@@ -166,15 +162,36 @@ class Predictor:
                 pending = (todo[rows], copy)
             if pending is not None:
                 self._collect(out, *pending)
-        self.stats.errors += batch.num_rows - len(todo) + len(too_big)
-        self.stats.truncated += _truncated(batch, np.setdiff1d(todo, too_big))
+        given = np.flatnonzero(batch["_error"].is_null().to_numpy())
+        done = np.setdiff1d(given, list(too_big))
+        self.stats.errors += batch.num_rows - len(done)
+        self.stats.truncated += _truncated(batch, done)
         self.stats.finish_call(
             batch.num_rows, time.perf_counter() - started, self.budget
         )
         self._report()
-        return self._table(batch, out, too_big)
+        return self._table(batch, out, sorted(too_big))
 
-    def _collect(self, out: Outputs, rows: np.ndarray, copy: HostCopy) -> None:
+    def _inputs(
+        self, batch: pa.Table
+    ) -> tuple[TokenRows, np.ndarray, Outputs | WindowMeans]:
+        """What the model runs (each row's tokens, or each window's under --on-long
+        chunk), which of them to run, and where their results go."""
+        if WINDOWS.name in batch.column_names:
+            tokens, owner = TokenRows.windows(batch["_ids"], batch[WINDOWS.name])
+            self.stats.count_windows(owner)
+            out = WindowMeans(self.head, owner, tokens.lengths, batch.num_rows)
+            return tokens, np.arange(len(owner)), out
+        pairs = PAIR_TOKENS.name in batch.column_names and self.marks_pairs
+        tokens = TokenRows.from_arrow(
+            batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
+        )
+        todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
+        return tokens, todo, Outputs(self.head.schema, batch.num_rows)
+
+    def _collect(
+        self, out: Outputs | WindowMeans, rows: np.ndarray, copy: HostCopy
+    ) -> None:
         out.put(rows, self.head.columns(copy.wait()))
         self.stats.device_seconds += copy.seconds
 
@@ -223,7 +240,9 @@ class Predictor:
                 self.stats.peak_memory_bytes, self.memory.high_water()
             )
 
-    def _table(self, batch: pa.Table, out: Outputs, too_big: list[int]) -> pa.Table:
+    def _table(
+        self, batch: pa.Table, out: Outputs | WindowMeans, too_big: list[int]
+    ) -> pa.Table:
         errors = batch["_error"]
         if too_big:
             values = errors.to_pylist()
@@ -252,6 +271,8 @@ class ActorStats:
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
     errors: int = 0  # rows given an error value
     truncated: int = 0  # rows computed on their first --max-length tokens only
+    chunked: int = 0  # --on-long chunk: rows longer than one window
+    windows: int = 0  # the windows of those rows
     tokens: int = 0
     micro_batches: int = 0
     busy_seconds: float = 0.0  # in __call__, host work included
@@ -275,6 +296,13 @@ class ActorStats:
         self.micro_batches += 1
         self.min_rows = rows if self.micro_batches == 1 else min(self.min_rows, rows)
         self.max_rows = max(self.max_rows, rows)
+
+    def count_windows(self, owner: np.ndarray) -> None:
+        """Rows of more than one window, and their windows (``owner``: each
+        window's row)."""
+        per_row = np.bincount(owner)
+        self.chunked += int(np.count_nonzero(per_row > 1))
+        self.windows += int(per_row[per_row > 1].sum())
 
     def finish_call(self, rows: int, seconds: float, budget: TokenBudget) -> None:
         self.rows += rows

@@ -64,13 +64,18 @@ class Embed:
         device: torch.device,
         prompt_tokens: int = 0,
         encoding: Encoding | None = None,
+        windows: bool = False,
     ) -> None:
         """``prompt_tokens``: the leading tokens left out of pooling (a prompt where
         the model's Pooling has ``include_prompt: false``); ``encoding``: what is
-        done to each vector after every module of the model."""
+        done to each vector after every module of the model; ``windows``: each
+        micro-batch row is a window of a longer text (--on-long chunk), whose vector
+        is returned as the model's modules leave it, for ``merge``."""
         self.modes = sentence.modes
         self.prompt_tokens = prompt_tokens
         self.encoding = encoding = encoding or Encoding()
+        self.windows = windows
+        self.normalized = sentence.steps[-1:] == ("normalize",)
         self.steps = [
             _dense(model_dir, step, device) if isinstance(step, Dense) else _normalize
             for step in sentence.steps
@@ -85,13 +90,28 @@ class Embed:
         self, model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        embedding = self.embedding(hidden, mask)
+        return {"embedding": embedding if self.windows else self.encode(embedding)}
+
+    def encode(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The model's vectors as the user asked: cut, normalised, packed."""
         encoding = self.encoding
-        embedding = self.embedding(hidden, mask)[:, : encoding.truncate_dim]
+        embedding = embedding[:, : encoding.truncate_dim]
         if encoding.normalize:
             embedding = _normalize(embedding)
         if encoding.precision != "float32":
             embedding = pack_signs(embedding, signed=encoding.precision == "binary")
-        return {"embedding": embedding}
+        return embedding
+
+    def merge(self, sums: np.ndarray, tokens: np.ndarray) -> Columns:
+        """Rows' embeddings from their windows' (--on-long chunk): ``sums`` of the
+        window vectors weighted by their ``tokens``, as the mean over the text's
+        tokens, L2-normalised again where the model's own last module normalises;
+        then encoded. On the host: the windows' vectors have left the device."""
+        embedding = torch.from_numpy(sums / tokens[:, None]).float()
+        if self.normalized:
+            embedding = _normalize(embedding)
+        return {"embedding": self.encode(embedding).numpy()}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an

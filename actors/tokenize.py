@@ -39,9 +39,13 @@ PAIR_TOKENS = pa.field("_pair_tokens", pa.int32())
 # Where the job truncates: whether a row lost tokens to --max-length (the actors count
 # them for the summary).
 TRUNCATED = pa.field("_truncated", pa.bool_())
+# --on-long chunk: the tokens of each window of --max-length a row's ``_ids`` holds,
+# back to back, each window with the model's special tokens.
+WINDOWS = pa.field("_windows", pa.list_(pa.int32()))
 # The pipeline's own columns before the predict stage; the rest are kept input columns.
 PIPELINE_COLUMNS = (
-    "id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name, TRUNCATED.name
+    "id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name, TRUNCATED.name,
+    WINDOWS.name,
 )  # fmt: skip
 
 
@@ -51,7 +55,7 @@ class TokenizeConfig:
 
     model_path: str
     max_length: int  # tokens, special tokens included
-    on_long: str = "truncate"  # truncate | error
+    on_long: str = "truncate"  # truncate | error | chunk (into windows of max_length)
     min_tokens: int = 1  # score needs 2: one to condition on, one to predict
     trust_remote_code: bool = False
     lowercase: bool = False  # sentence-transformers' do_lower_case
@@ -69,6 +73,7 @@ class Encoded(NamedTuple):
     ids: list[list[int]]
     pair_tokens: list[int] | None = None  # pairs: how many last tokens are the pair's
     truncated: list[bool] | None = None  # where the job truncates: rows cut short
+    windows: list[list[int]] | None = None  # chunk: each row's window lengths
 
 
 @lru_cache(maxsize=4)
@@ -163,6 +168,9 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     if encoded.truncated is not None:
         cut = pa.array(encoded.truncated, TRUNCATED.type)
         tokens = tokens.append_column(TRUNCATED, pc.and_(ok, cut))
+    if encoded.windows is not None:
+        windows = pa.array(encoded.windows, WINDOWS.type)
+        tokens = tokens.append_column(WINDOWS, pc.if_else(ok, windows, None))
     for field in batch.schema:  # the kept input columns ride along
         if field.name not in PIPELINE_COLUMNS:
             tokens = tokens.append_column(field, batch[field.name])
@@ -179,9 +187,11 @@ def row_errors(
     task, or a pair whose second text adds no token."""
     length = pc.list_value_length(ids)
     text = pc.cast(length, pa.string())
+    # Chunked rows hold every window: longer than --max-length, none of them is.
+    longest = length if config.on_long != "chunk" else pa.scalar(0)
     conditions = [
         pc.invert(pc.is_null(given)),
-        pc.greater(length, config.max_length),
+        pc.greater(longest, config.max_length),
         pc.less(length, config.min_tokens),
     ]
     errors = [
@@ -233,6 +243,8 @@ def encode(
     """
     if pairs is not None and config.continuation:
         return continued(texts, pairs, config)
+    if config.on_long == "chunk":
+        return chunked(texts, config)
     max_length = config.max_length if config.on_long == "truncate" else None
     special = not config.chat
     given = texts if pairs is None else list(zip(texts, pairs, strict=True))
@@ -249,6 +261,44 @@ def encode(
             None if max_length is None else [bool(e.overflowing) for e in encodings],
         )
     return transformers_encode(texts, config, pairs)
+
+
+def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
+    """Each text as consecutive windows of ``max_length`` tokens, special tokens in
+    each (the tokenizer's own overflowing windows, no overlap), back to back."""
+    if config.backend is not None:
+        tokenizer = backend(config.backend, config.max_length, config.truncation_side)
+        batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        windows = [[e, *e.overflowing] for e in batch(texts)]
+        return _windows([[w.ids for w in row] for row in windows])
+    tokenizer = load_tokenizer(
+        config.model_path, config.trust_remote_code, config.lowercase
+    )
+    out = tokenizer(
+        texts,
+        truncation=True,
+        max_length=config.max_length,
+        return_overflowing_tokens=True,
+        return_attention_mask=False,
+    )
+    if "overflow_to_sample_mapping" not in out:
+        raise UserError(
+            "--on-long", "chunk needs a fast tokenizer; this model's is not"
+        )
+    rows: list[list[list[int]]] = [[] for _ in texts]
+    for row, ids in zip(
+        out["overflow_to_sample_mapping"], out["input_ids"], strict=True
+    ):
+        rows[row].append(ids)
+    return _windows(rows)
+
+
+def _windows(rows: list[list[list[int]]]) -> Encoded:
+    """Rows of windows of ids -> each row's ids back to back, and window lengths."""
+    return Encoded(
+        [[i for window in row for i in window] for row in rows],
+        windows=[[len(window) for window in row] for row in rows],
+    )
 
 
 def transformers_encode(

@@ -122,6 +122,11 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
             else []
         ),
         *([f"stops at {', '.join(map(repr, spec.stop))}"] if spec.stop else []),
+        *(
+            [f"long texts in windows of {plan.max_length} tokens, averaged"]
+            if spec.on_long == "chunk"
+            else []
+        ),
     ]
 
 
@@ -290,6 +295,7 @@ def build_dataset(
         max_length=plan.max_length,
         prompt=plan.prompt,
         encoding=spec.encoding(),
+        chunk=spec.on_long == "chunk",
         sampling=spec.sampling(),
         stop=spec.stop,
         memory_limit=spec.actor_memory,

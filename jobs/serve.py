@@ -72,6 +72,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             max_length=plan.max_length,
             prompt=plan.prompt,
             encoding=spec.encoding(),
+            chunk=spec.on_long == "chunk",
             sampling=spec.sampling(),
             stop=spec.stop,
             actors_per_node=spec.replicas,

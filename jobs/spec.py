@@ -45,7 +45,7 @@ from lmbatch.jobs.options import (
 )
 from lmbatch.jobs.output import INFER_MARKERS, check_output
 
-ON_LONG = ("truncate", "error")
+ON_LONG = ("truncate", "error", "chunk")
 OPTIMIZE_TASKS = ("embed", "score", "classify")
 FORMAT_NAMES = tuple(FORMATS)
 Count = Annotated[int, Field(ge=1)]
@@ -83,7 +83,10 @@ class ModelFlags(Spec):
         6.0, ge=0.0, description="LLM.int8 outlier threshold (--precision int8)."
     )
     on_long: Literal[ON_LONG] = Field(
-        "truncate", description="A text longer than --max-length: cut, or an error row."
+        "truncate",
+        description="A text longer than --max-length: cut; an error row; or "
+        "(--task embed) embedded in windows of --max-length, their vectors averaged "
+        "by tokens.",
     )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate)."
@@ -420,9 +423,9 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
     Raises:
         UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
             ``--truncate-dim``, ``--normalize``, ``--embedding-precision``),
-            ``--chat-template``, ``--temperature`` or ``--stop`` on another task,
-            more dimensions than the model's embeddings have, or a chat template
-            the model lacks.
+            ``--chat-template``, ``--temperature``, ``--stop`` or ``--on-long
+            chunk`` on another task, more dimensions than the model's embeddings
+            have, a chat template the model lacks, or chunk with a prompt.
     """
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
@@ -446,11 +449,27 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             "--truncate-dim",
             f"{spec.truncate_dim} is more than the model's {width} dimensions",
         )
+    if spec.on_long == "chunk":
+        _check_chunk(spec, info)
     if spec.chat_template and not info.chat_template:
         raise UserError(
             "--chat-template",
             f"{spec.model} has no chat template (none in tokenizer_config.json, no "
             "chat_template.jinja)",
+        )
+
+
+def _check_chunk(spec: ModelFlags, info: ModelInfo) -> None:
+    """--on-long chunk embeds a long text's windows: embed only, and without a
+    prompt, which would begin the first window alone."""
+    if spec.task != "embed":
+        raise UserError("--on-long", f"chunk applies to --task embed, not {spec.task}")
+    prompt = prompt_of(spec, info)
+    if prompt:
+        raise UserError(
+            "--on-long",
+            f"chunk cannot put the prompt {prompt!r} before each window; "
+            "--prompt '' embeds without it",
         )
 
 

@@ -93,6 +93,9 @@ class Summary:
     # count: a batch retried after its actor died counts again, as its tokens do).
     truncated: int = 0
     max_length: int | None = None  # tokens a row is cut to (--on-long truncate)
+    # --on-long chunk: rows longer than one window of --max-length, and their windows.
+    chunked: int = 0
+    windows: int = 0
 
     @property
     def ready_seconds(self) -> list[float]:
@@ -113,6 +116,7 @@ class Summary:
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
             *self._finished(),
             *self._truncated(),
+            *self._chunked(),
         ]
         if self.stages:
             stages = (s.describe(self.seconds) for s in self.stages)
@@ -149,6 +153,14 @@ class Summary:
             f"truncated {_rows(self.truncated)} ({share:.1%} of those computed) to "
             f"--max-length {self.max_length} tokens; --on-long error makes each an "
             "error instead"
+        ]
+
+    def _chunked(self) -> list[str]:
+        if not self.chunked:
+            return []
+        return [
+            f"chunked {_rows(self.chunked)} into {self.windows:,} windows of "
+            f"--max-length {self.max_length} tokens, each row's vectors averaged"
         ]
 
     def _of_input(self) -> str:
@@ -254,6 +266,8 @@ def build_summary(
         actors=actors,
         finished=finished,
         truncated=sum(a["truncated"] for a in actors),
+        chunked=sum(a["chunked"] for a in actors),
+        windows=sum(a["windows"] for a in actors),
         output=path,
         restored=restored,
         computed=computed,

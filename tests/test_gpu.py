@@ -189,3 +189,15 @@ def test_signs_pack_on_cuda_as_on_cpu(signed):
     on_gpu = pack_signs(x.cuda(), signed)
     assert on_gpu.is_cuda
     assert torch.equal(on_gpu.cpu(), pack_signs(x, signed))
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_chunked_rows_embed_on_cuda_as_on_cpu(tiny_models, corpus, tmp_path, precision):
+    """--on-long chunk: the windows' vectors leave the device, their means are taken
+    on the host; the same rows as the CPU job's."""
+    flags = dict(max_length=8, on_long="chunk")
+    cpu, _ = job(tmp_path, tiny_models, corpus, "embed", "fp32", device="cpu", **flags)
+    got, summary = job(tmp_path, tiny_models, corpus, "embed", precision, **flags)
+    assert summary.chunked > 0 and summary.errors == {}
+    assert_close("embed", got, cpu, TOLERANCE[precision])

@@ -1,0 +1,164 @@
+"""--on-long chunk: a text longer than --max-length is embedded window by window, and
+its embedding is the windows' vectors averaged by their tokens, as a user would
+compute it from sentence-transformers' own vectors of each window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentences
+from helpers import run_job
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer import modules as st
+from test_sentence_transformers import build
+
+from lmbatch.actors.model_info import ModelSpec, inspect_model
+from lmbatch.actors.predict import PredictorConfig
+from lmbatch.actors.predictor import Predictor
+from lmbatch.actors.sentence import Encoding
+from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, with_backend
+from lmbatch.errors import UserError
+from lmbatch.jobs.run import run_job as launch
+from lmbatch.jobs.spec import InferSpec, check_task_flags
+
+TEXTS = [*sentences(20, seed=3, max_words=40), "a", "the water is long"]
+MODELS = {
+    "normalized": lambda t: [st.Pooling(32, pooling_mode="mean"), st.Normalize()],
+    "dense, not normalized": lambda t: [
+        st.Pooling(32, pooling_mode=("cls", "max")),
+        st.Dense(64, 8, activation_function=torch.nn.Tanh()),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("chunk")
+    return {
+        name: build(root, name.replace(" ", "_").replace(",", ""), tiny_models, m)
+        for name, m in MODELS.items()
+    }
+
+
+def expected(path: str, texts: list[str], max_length: int) -> tuple[np.ndarray, int]:
+    """Each text's embedding from sentence-transformers alone: the vector of each of
+    its windows (transformers' overflowing windows of ``max_length`` tokens), their
+    mean weighted by tokens, L2-normalised where the model normalises; and how many
+    texts took more than one window."""
+    model = SentenceTransformer(path, device="cpu")
+    windows = model.tokenizer(
+        texts, truncation=True, max_length=max_length, return_overflowing_tokens=True
+    )
+    rows: dict[int, list] = {}
+    for row, ids in zip(
+        windows["overflow_to_sample_mapping"], windows["input_ids"], strict=True
+    ):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            vector = model({"input_ids": x, "attention_mask": torch.ones_like(x)})
+        rows.setdefault(row, []).append((vector["sentence_embedding"][0], len(ids)))
+    out = []
+    for i in range(len(texts)):
+        total = sum(n for _, n in rows[i])
+        mean = sum(v * n for v, n in rows[i]) / total
+        if isinstance(model[-1], st.Normalize):
+            mean = torch.nn.functional.normalize(mean, dim=0)
+        out.append(mean.numpy())
+    return np.array(out), sum(len(w) > 1 for w in rows.values())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
+    path = models[name]
+    info = inspect_model(path, "embed")
+    # A fixed budget of 24 tokens: one text's windows fall in several micro-batches.
+    config = PredictorConfig(
+        ModelSpec(path, "embed"), info, max_length=8, batch_tokens=24, chunk=True
+    )
+    actor = Predictor(config)
+    tokens = TokenizeConfig(path, 8, on_long="chunk")
+    batch = actor_batch(TEXTS, with_backend(tokens))
+    assert batch.equals(actor_batch(TEXTS, tokens))  # transformers' windows too
+    out = actor(batch)
+    assert out["error"].null_count == len(TEXTS)
+    want, chunked = expected(path, TEXTS, 8)
+    got = np.array(out["embedding"].to_pylist())
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert chunked >= 15 and actor.stats.chunked == chunked
+    assert actor.stats.truncated == 0 and actor.stats.micro_batches > len(TEXTS)
+    # The windows' mean, not the first window's alone: what truncating would give.
+    cut = SentenceTransformer(path, device="cpu")
+    cut.max_seq_length = 8
+    assert not np.allclose(got[0], cut.encode(TEXTS[:1])[0], atol=1e-3)
+
+
+def test_the_mean_is_then_cut_normalized_and_packed(models):
+    path = models["dense, not normalized"]
+    info = inspect_model(path, "embed")
+    tokens = with_backend(TokenizeConfig(path, 8, on_long="chunk"))
+    want, _ = expected(path, TEXTS, 8)
+    for encoding, expect in [
+        (Encoding(truncate_dim=5, normalize=True), _unit(want[:, :5])),
+        (Encoding(precision="ubinary"), np.packbits(want > 0, axis=-1)),
+    ]:
+        config = PredictorConfig(
+            ModelSpec(path, "embed"), info, max_length=8, chunk=True, encoding=encoding
+        )
+        out = Predictor(config)(actor_batch(TEXTS, tokens))
+        got = np.array(out["embedding"].to_pylist())
+        np.testing.assert_allclose(got, expect, atol=2e-5, rtol=1e-4)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
+    models, corpus, tmp_path
+):
+    path = models["normalized"]
+    rows, summary = run_job(
+        tmp_path / "out", model=path, inputs=corpus["parquet"], task="embed",
+        id_column="doc", max_length=8, on_long="chunk",
+    )  # fmt: skip
+    want, chunked = expected(path, corpus["texts"], 8)
+    got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert summary.errors == {} and summary.truncated == 0
+    assert summary.chunked == chunked > 0
+    line = f"chunked {chunked} rows into {summary.windows} windows of --max-length 8"
+    assert any(x.startswith(line) for x in summary.lines())
+    with pytest.raises(UserError, match="another --on-long"):
+        run_job(tmp_path / "out", model=path, inputs=corpus["parquet"], task="embed",
+                id_column="doc", max_length=8, resume=True)  # fmt: skip
+    dry = InferSpec(model=path, inputs=(corpus["parquet"],), task="embed",
+                    output=str(tmp_path / "dry"), max_length=8, on_long="chunk",
+                    dry_run=True)  # fmt: skip
+    assert "long texts in windows of 8 tokens, averaged" in launch("infer", dry, None)
+
+
+def test_chunk_is_refused_for_other_tasks_and_with_a_prompt(tiny_models, models):
+    def check(**flags) -> str:
+        spec = InferSpec(inputs=("x",), output="o", on_long="chunk", **flags)
+        with pytest.raises(UserError) as e:
+            check_task_flags(spec, inspect_model(spec.model, spec.task))
+        return str(e.value)
+
+    assert check(model=tiny_models["gpt2"], task="score") == (
+        "--on-long: chunk applies to --task embed, not score"
+    )
+    assert check(model=models["normalized"], task="embed", prompt="query: ") == (
+        "--on-long: chunk cannot put the prompt 'query: ' before each window; "
+        "--prompt '' embeds without it"
+    )
+
+
+def test_serve_embeds_long_texts_in_windows_too(models):
+    from lmbatch.jobs.serve import endpoint_config, prepare_serve
+    from lmbatch.jobs.spec import ServeSpec
+
+    spec = ServeSpec(model=models["normalized"], task="embed", on_long="chunk")
+    config = endpoint_config(prepare_serve(spec), threads=1, device="cpu")
+    assert config.predictor.chunk and config.tokenize.on_long == "chunk"
