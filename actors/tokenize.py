@@ -63,7 +63,9 @@ class TokenizeConfig:
     prefix: str = ""  # put before every text: a sentence-transformers prompt
     chat: bool = False  # each text a user's message in the model's chat template
     system: str | None = None  # chat: the system message before each user's
-    truncation_side: str = "right"  # the tokenizer's, for ``backend``
+    # Which end a long text loses: None, the tokenizer's own side (its start kept);
+    # "left" for generate, whose prompt goes on from its end.
+    truncation_side: str | None = None
     continuation: bool = False  # score: a pair's second text continues its first
 
 
@@ -126,7 +128,7 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     return replace(
         config,
         backend=tokenizer.backend_tokenizer.to_str(),
-        truncation_side=tokenizer.truncation_side,
+        truncation_side=config.truncation_side or tokenizer.truncation_side,
     )
 
 
@@ -314,17 +316,23 @@ def transformers_encode(
         config.model_path, config.trust_remote_code, config.lowercase
     )
     max_length = config.max_length if config.on_long == "truncate" else None
+    side = config.truncation_side or tokenizer.truncation_side
 
     def call(rows: list[int], cut: int | None) -> dict:
-        return tokenizer(
-            [texts[i] for i in rows],
-            None if pairs is None else [pairs[i] for i in rows],
-            add_special_tokens=not config.chat,
-            truncation=cut is not None,
-            max_length=cut,
-            return_attention_mask=False,
-            return_token_type_ids=pairs is not None,
-        )
+        # The tokenizer is cached for the process: the side is set for this call only.
+        kept, tokenizer.truncation_side = tokenizer.truncation_side, side
+        try:
+            return tokenizer(
+                [texts[i] for i in rows],
+                None if pairs is None else [pairs[i] for i in rows],
+                add_special_tokens=not config.chat,
+                truncation=cut is not None,
+                max_length=cut,
+                return_attention_mask=False,
+                return_token_type_ids=pairs is not None,
+            )
+        finally:
+            tokenizer.truncation_side = kept
 
     out = call(list(range(len(texts))), max_length)
     ids = out["input_ids"]

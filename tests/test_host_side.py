@@ -352,6 +352,29 @@ def test_a_row_is_truncated_only_when_it_lost_tokens(tiny_models, model):
     assert rows["_pair_tokens"].to_pylist()[1] == 2  # the continuation stays whole
 
 
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_a_text_cut_from_the_left_keeps_its_end_in_both_engines(tiny_models, model):
+    # generate's prompts: the start is cut, special tokens kept, as transformers cuts
+    # with truncation_side "left"; its cached tokenizer keeps its own side.
+    from transformers import AutoTokenizer
+
+    from lmbatch.actors.tokenize import (
+        TokenizeConfig,
+        actor_batch,
+        load_tokenizer,
+        with_backend,
+    )
+
+    left = TokenizeConfig(tiny_models[model], 6, truncation_side="left")
+    texts = ["the water is long and one day they could see the oil", "a b"]
+    rows = actor_batch(texts, left)
+    assert rows.equals(actor_batch(texts, with_backend(left)))
+    tok = AutoTokenizer.from_pretrained(tiny_models[model], truncation_side="left")
+    want = tok(texts, truncation=True, max_length=6)["input_ids"]
+    assert rows["_ids"].to_pylist() == want and _flags(rows) == [True, False]
+    assert load_tokenizer(tiny_models[model], False, False).truncation_side == "right"
+
+
 def test_tokenize_tasks_import_neither_torch_nor_transformers():
     # Each task process imports this module; torch's import was what held the first
     # tokenize tasks back on a GPU node.

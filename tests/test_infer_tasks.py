@@ -169,6 +169,28 @@ def test_generate_batched_equals_one_by_one(name, tiny_models, corpus, tmp_path)
         assert rows[f"doc-{i:03d}"]["generated_text"] == expected
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_long_prompt_keeps_its_end_which_generation_continues(
+    name, tiny_models, corpus, tmp_path
+):
+    """Cut to --max-length, a prompt loses its start, not its end: the new tokens
+    continue the text (vLLM's truncate_prompt_tokens keeps the last tokens too)."""
+    path = tiny_models[name]
+    rows, summary = run_job(tmp_path / "out", model=path, inputs=corpus["parquet"],
+                            task="generate", id_column="doc", max_new_tokens=4,
+                            max_length=6)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok.truncation_side = "left"  # transformers' own cut from the start, specials kept
+    long = [i for i, t in enumerate(corpus["texts"]) if len(tok(t)["input_ids"]) > 6]
+    assert summary.truncated == len(long) > 20
+    for i in long[:8]:
+        ids = tok(corpus["texts"][i], truncation=True, max_length=6,
+                  return_tensors="pt")["input_ids"]  # fmt: skip
+        expected = tok.decode(greedy(model, tok, ids, 4), skip_special_tokens=True)
+        assert rows[f"doc-{i:03d}"]["generated_text"] == expected
+
+
 def test_generate_stops_at_every_stop_token_of_the_generation_config(
     tiny_models, corpus, tmp_path
 ):
