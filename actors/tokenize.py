@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.text import check_text
@@ -266,13 +266,56 @@ def encode(
 
 
 def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
-    """Each text as consecutive windows of ``max_length`` tokens, special tokens in
-    each (the tokenizer's own overflowing windows, no overlap), back to back."""
-    if config.backend is not None:
-        tokenizer = backend(config.backend, config.max_length, config.truncation_side)
-        batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        windows = [[e, *e.overflowing] for e in batch(texts)]
-        return _windows([[w.ids for w in row] for row in windows])
+    """Each text as consecutive windows of at most ``max_length`` tokens, back to
+    back. A text that fits is tokenized as --on-long truncate tokenizes it; a longer
+    one is cut into pieces, each with the prompt before it and the model's special
+    tokens around (``split``), so that every window reads as a whole text would."""
+    whole = encode(texts, replace(config, on_long="truncate"))
+    rows = [[ids] for ids in whole.ids]
+    long = [i for i, cut in enumerate(whole.truncated or []) if cut]
+    if long:
+        alone = [texts[i][len(config.prefix) :] for i in long]  # the prompt apart
+        for i, windows in zip(long, split(alone, config), strict=True):
+            rows[i] = windows
+    return _windows(rows)
+
+
+def split(texts: list[str], config: TokenizeConfig) -> list[list[list[int]]]:
+    """Each text's windows: its tokens in pieces that leave room for the prompt and
+    the special tokens, each piece after the prompt, in the tokenizer's template."""
+    if config.backend is None:
+        return _split_by_transformers(texts, config)
+    template = backend(config.backend, None, config.truncation_side)
+    prompt = template.encode(config.prefix, add_special_tokens=False)
+    room = config.max_length - template.num_special_tokens_to_add(False)
+    room -= len(prompt.ids)
+    if room < 1:
+        raise UserError(
+            "--max-length",
+            f"{config.max_length} leaves no room in a window for a text after the "
+            f"prompt's {len(prompt.ids)} tokens",
+        )
+    pieces = backend(config.backend, room, "right")  # no overlap between windows
+    return [
+        [
+            template.post_process(Encoding.merge([prompt, piece])).ids
+            for piece in [e, *e.overflowing]
+        ]
+        for e in pieces.encode_batch(texts, add_special_tokens=False)
+    ]
+
+
+def _split_by_transformers(
+    texts: list[str], config: TokenizeConfig
+) -> list[list[list[int]]]:
+    """``split`` by transformers' tokenizer (one with code of its own): its own
+    overflowing windows, which have no room for a prompt."""
+    if config.prefix:
+        raise UserError(
+            "--on-long",
+            "chunk puts the prompt before each window with the tokenizers library; "
+            "this model's tokenizer is transformers' own: --prompt '' runs without it",
+        )
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )
@@ -288,11 +331,10 @@ def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
             "--on-long", "chunk needs a fast tokenizer; this model's is not"
         )
     rows: list[list[list[int]]] = [[] for _ in texts]
-    for row, ids in zip(
-        out["overflow_to_sample_mapping"], out["input_ids"], strict=True
-    ):
+    mapping = out["overflow_to_sample_mapping"]
+    for row, ids in zip(mapping, out["input_ids"], strict=True):
         rows[row].append(ids)
-    return _windows(rows)
+    return rows
 
 
 def _windows(rows: list[list[list[int]]]) -> Encoded:

@@ -425,14 +425,15 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             ``--truncate-dim``, ``--normalize``, ``--embedding-precision``),
             ``--chat-template``, ``--temperature``, ``--stop`` or ``--on-long
             chunk`` on another task, more dimensions than the model's embeddings
-            have, a chat template the model lacks, or chunk with a prompt.
+            have, or a chat template the model lacks.
     """
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
                      "--truncate-dim": spec.truncate_dim,
                      "--normalize": spec.normalize or None,
                      "--embedding-precision":
-                         spec.embedding_precision != "float32" or None},
+                         spec.embedding_precision != "float32" or None,
+                     "--on-long chunk": spec.on_long == "chunk" or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
         ("generate",): {"--temperature": spec.temperature or None,
                         "--stop": spec.stop or None},
@@ -449,27 +450,11 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             "--truncate-dim",
             f"{spec.truncate_dim} is more than the model's {width} dimensions",
         )
-    if spec.on_long == "chunk":
-        _check_chunk(spec, info)
     if spec.chat_template and not info.chat_template:
         raise UserError(
             "--chat-template",
             f"{spec.model} has no chat template (none in tokenizer_config.json, no "
             "chat_template.jinja)",
-        )
-
-
-def _check_chunk(spec: ModelFlags, info: ModelInfo) -> None:
-    """--on-long chunk embeds a long text's windows: embed only, and without a
-    prompt, which would begin the first window alone."""
-    if spec.task != "embed":
-        raise UserError("--on-long", f"chunk applies to --task embed, not {spec.task}")
-    prompt = prompt_of(spec, info)
-    if prompt:
-        raise UserError(
-            "--on-long",
-            f"chunk cannot put the prompt {prompt!r} before each window; "
-            "--prompt '' embeds without it",
         )
 
 

@@ -16,7 +16,7 @@ from test_sentence_transformers import build
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
-from lmbatch.actors.sentence import Encoding
+from lmbatch.actors.sentence import Encoding, resolve_prompt
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch, with_backend
 from lmbatch.errors import UserError
 from lmbatch.jobs.run import run_job as launch
@@ -139,20 +139,73 @@ def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
     assert "long texts in windows of 8 tokens, averaged" in launch("infer", dry, None)
 
 
-def test_chunk_is_refused_for_other_tasks_and_with_a_prompt(tiny_models, models):
-    def check(**flags) -> str:
-        spec = InferSpec(inputs=("x",), output="o", on_long="chunk", **flags)
-        with pytest.raises(UserError) as e:
-            check_task_flags(spec, inspect_model(spec.model, spec.task))
-        return str(e.value)
+def test_chunk_is_refused_for_other_tasks(tiny_models):
+    spec = InferSpec(model=tiny_models["gpt2"], inputs=("x",), output="o",
+                     task="score", on_long="chunk")  # fmt: skip
+    with pytest.raises(UserError) as e:
+        check_task_flags(spec, inspect_model(spec.model, spec.task))
+    assert str(e.value) == "--on-long chunk: applies to --task embed, not score"
 
-    assert check(model=tiny_models["gpt2"], task="score") == (
-        "--on-long: chunk applies to --task embed, not score"
+
+@pytest.fixture(scope="module")
+def prompted(tiny_models, tmp_path_factory) -> dict[bool, str]:
+    """include_prompt -> a model whose default prompt is 'query: ', pooled with it
+    or without it (sentence-transformers' include_prompt)."""
+    root = tmp_path_factory.mktemp("chunk-prompted")
+    made = {}
+    for include in (True, False):
+        model = SentenceTransformer(
+            modules=[st.Transformer(tiny_models["bert"]),
+                     st.Pooling(32, pooling_mode="mean", include_prompt=include)],
+            prompts={"query": "query: "}, default_prompt_name="query",
+        )  # fmt: skip
+        model.save(str(root / str(include)))
+        made[include] = str(root / str(include))
+    return made
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_each_window_begins_with_the_prompt(prompted, include):
+    """A long text's every window reads as a whole text would: [CLS], the prompt,
+    a piece of the text, [SEP]; left out of pooling where the model says so."""
+    path = prompted[include]
+    info = inspect_model(path, "embed")
+    prompt = resolve_prompt(info.sentence, None, None)
+    config = PredictorConfig(ModelSpec(path, "embed"), info, max_length=9,
+                             prompt=prompt, chunk=True)  # fmt: skip
+    tokens = with_backend(TokenizeConfig(path, 9, on_long="chunk", prefix=prompt))
+    got = np.array(
+        Predictor(config)(actor_batch(TEXTS, tokens))["embedding"].to_pylist()
     )
-    assert check(model=models["normalized"], task="embed", prompt="query: ") == (
-        "--on-long: chunk cannot put the prompt 'query: ' before each window; "
-        "--prompt '' embeds without it"
-    )
+    model = SentenceTransformer(path, device="cpu")
+    tok = model.tokenizer
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    room = 9 - 2 - len(prompt_ids)
+    whole = [len(tok(prompt + text)["input_ids"]) <= 9 for text in TEXTS]
+    assert 2 <= sum(whole) <= len(TEXTS) - 10
+    for text, vector, fits in zip(TEXTS, got, whole, strict=True):
+        if fits:  # as encode gives it
+            want = model.encode([text], prompt=prompt)[0]
+        else:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            windows = [
+                [tok.cls_token_id, *prompt_ids, *ids[i : i + room], tok.sep_token_id]
+                for i in range(0, len(ids), room)
+            ]
+            want = _mean(model, windows, prompt_length=1 + len(prompt_ids))
+        np.testing.assert_allclose(vector, want, atol=2e-5, rtol=1e-4)
+
+
+def _mean(model, windows: list[list[int]], prompt_length: int) -> np.ndarray:
+    """sentence-transformers' vectors of each window, averaged by tokens."""
+    total = 0
+    for ids in windows:
+        x = torch.tensor([ids])
+        features = {"input_ids": x, "attention_mask": torch.ones_like(x),
+                    "prompt_length": prompt_length}  # fmt: skip
+        with torch.no_grad():
+            total = total + model(features)["sentence_embedding"][0] * len(ids)
+    return (total / sum(map(len, windows))).numpy()
 
 
 def test_serve_embeds_long_texts_in_windows_too(models):
