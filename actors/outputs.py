@@ -53,27 +53,26 @@ class Outputs:
 
 
 class WindowMeans:
-    """An --on-long chunk call's output: each window's vector added into its row's
-    sum, weighted by its tokens, as micro-batches finish (a row's windows may fall
-    in several); ``arrays`` gives each row's embedding from them (``Embed.merge``)."""
+    """An --on-long chunk call's output: each window's vector, kept as micro-batches
+    finish (a row's windows may fall in several); ``arrays`` gives each row's
+    embedding: its one window's vector, or its windows' mean by tokens
+    (``Embed.merge``), encoded as the job asks (``Embed.finish``)."""
 
     def __init__(self, head, owner: np.ndarray, tokens: np.ndarray, rows: int) -> None:
-        """``owner``: the row of each window; ``tokens``: each window's tokens."""
+        """``owner``: the row of each window, in row order; ``tokens``: each
+        window's tokens."""
         self.head = head
         self.owner = owner
-        self.weights = tokens.astype(np.float64)
+        self.tokens = tokens
         self.rows = rows
-        self.tokens = np.zeros(rows)  # tokens of each row's windows seen so far
-        self.sums: np.ndarray | None = None
+        self.vectors: np.ndarray | None = None
         self.failed = np.zeros(rows, dtype=bool)
 
     def put(self, windows: np.ndarray, columns: Columns) -> None:
-        vectors = columns["embedding"].astype(np.float64)
-        if self.sums is None:
-            self.sums = np.zeros((self.rows, vectors.shape[1]))
-        rows, weights = self.owner[windows], self.weights[windows]
-        np.add.at(self.sums, rows, vectors * weights[:, None])
-        np.add.at(self.tokens, rows, weights)
+        vectors = columns["embedding"]
+        if self.vectors is None:
+            self.vectors = np.zeros((len(self.owner), vectors.shape[1]), vectors.dtype)
+        self.vectors[windows] = vectors
 
     def fail(self, window: int) -> int:
         """A window that did not fit even alone: its row gets no embedding. -> row"""
@@ -83,7 +82,21 @@ class WindowMeans:
 
     def arrays(self) -> list[pa.Array]:
         out = Outputs(self.head.schema, self.rows)
-        rows = np.flatnonzero((self.tokens > 0) & ~self.failed)
-        if len(rows):
-            out.put(rows, self.head.merge(self.sums[rows], self.tokens[rows]))
+        if self.vectors is None:
+            return out.arrays()
+        first = np.flatnonzero(np.diff(self.owner, prepend=-1))  # each row's first
+        windows = np.diff(first, append=len(self.owner))
+        vectors = self.vectors[first]  # a row of one window: its vector
+        several = np.flatnonzero(windows > 1)
+        if len(several):  # no loop, no sums over the rows of one window
+            window_row = np.repeat(np.arange(len(first)), windows)
+            of_several = np.isin(window_row, several)
+            weights = self.tokens[of_several].astype(np.float64)
+            starts = np.cumsum(windows[several]) - windows[several]
+            weighted = self.vectors[of_several] * weights[:, None]
+            sums = np.add.reduceat(weighted, starts)
+            vectors[several] = self.head.merge(sums, np.add.reduceat(weights, starts))
+        rows = self.owner[first]
+        ok = ~self.failed[rows]
+        out.put(rows[ok], self.head.finish(vectors[ok]))
         return out.arrays()

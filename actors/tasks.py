@@ -103,15 +103,19 @@ class Embed:
             embedding = pack_signs(embedding, signed=encoding.precision == "binary")
         return embedding
 
-    def merge(self, sums: np.ndarray, tokens: np.ndarray) -> Columns:
-        """Rows' embeddings from their windows' (--on-long chunk): ``sums`` of the
-        window vectors weighted by their ``tokens``, as the mean over the text's
-        tokens, L2-normalised again where the model's own last module normalises;
-        then encoded. On the host: the windows' vectors have left the device."""
-        embedding = torch.from_numpy(sums / tokens[:, None]).float()
+    def merge(self, sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """A long text's vector from its windows' (--on-long chunk): ``sums`` of
+        their vectors weighted by their ``tokens``, as the mean over the text's
+        tokens, L2-normalised again where the model's own last module normalises."""
+        mean = sums / tokens[:, None]
         if self.normalized:
-            embedding = _normalize(embedding)
-        return {"embedding": self.encode(embedding).numpy()}
+            mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+        return mean
+
+    def finish(self, vectors: np.ndarray) -> Columns:
+        """--on-long chunk: rows' vectors encoded on the host, where the windows'
+        vectors were merged."""
+        return {"embedding": self.encode(torch.from_numpy(vectors)).numpy()}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an
