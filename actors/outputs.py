@@ -18,16 +18,16 @@ class Outputs:
         self.schema = schema
         self.rows = rows
         self.filled = np.zeros(rows, dtype=bool)
-        self._buffers: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}  # by column, one entry a row
 
     def put(self, rows: np.ndarray, columns: Columns) -> None:
         """Values for ``rows`` (positions in the call), one per row along axis 0."""
         for name, values in columns.items():
-            buffer = self._buffers.get(name)
+            buffer = self.buffers.get(name)
             if buffer is None:
                 shape = (self.rows, *values.shape[1:])
                 empty = np.empty if values.dtype == object else np.zeros
-                buffer = self._buffers[name] = empty(shape, dtype=values.dtype)
+                buffer = self.buffers[name] = empty(shape, dtype=values.dtype)
             buffer[rows] = values
         self.filled[rows] = True
 
@@ -40,7 +40,7 @@ class Outputs:
         return [self._array(f) for f in self.schema]
 
     def _array(self, field: pa.Field) -> pa.Array:
-        buffer = self._buffers.get(field.name)
+        buffer = self.buffers.get(field.name)
         if buffer is None:
             return pa.nulls(self.rows, field.type)
         missing = pa.array(~self.filled)
@@ -52,11 +52,10 @@ class Outputs:
         return pa.array(buffer, field.type, mask=~self.filled)
 
 
-class WindowMeans:
-    """An --on-long chunk call's output: each window's vector, kept as micro-batches
-    finish (a row's windows may fall in several); ``arrays`` gives each row's
-    embedding: its one window's vector, or its windows' mean by tokens
-    (``Embed.merge``), encoded as the job asks (``Embed.finish``)."""
+class Windows:
+    """An --on-long chunk call's output: each window's values, kept as micro-batches
+    finish (a row's windows may fall in several); ``arrays`` gives each row's from
+    its windows' (``merge`` of the head: embed averages, score adds up)."""
 
     def __init__(self, head, owner: np.ndarray, tokens: np.ndarray, rows: int) -> None:
         """``owner``: the row of each window, in row order; ``tokens``: each
@@ -65,38 +64,24 @@ class WindowMeans:
         self.owner = owner
         self.tokens = tokens
         self.rows = rows
-        self.vectors: np.ndarray | None = None
+        self.values = Outputs(head.schema, len(owner))  # one entry a window
         self.failed = np.zeros(rows, dtype=bool)
 
     def put(self, windows: np.ndarray, columns: Columns) -> None:
-        vectors = columns["embedding"]
-        if self.vectors is None:
-            self.vectors = np.zeros((len(self.owner), vectors.shape[1]), vectors.dtype)
-        self.vectors[windows] = vectors
+        self.values.put(windows, columns)
 
     def fail(self, window: int) -> int:
-        """A window that did not fit even alone: its row gets no embedding. -> row"""
+        """A window that did not fit even alone: its row gets no values. -> row"""
         row = int(self.owner[window])
         self.failed[row] = True
         return row
 
     def arrays(self) -> list[pa.Array]:
         out = Outputs(self.head.schema, self.rows)
-        if self.vectors is None:
-            return out.arrays()
-        first = np.flatnonzero(np.diff(self.owner, prepend=-1))  # each row's first
-        windows = np.diff(first, append=len(self.owner))
-        vectors = self.vectors[first]  # a row of one window: its vector
-        several = np.flatnonzero(windows > 1)
-        if len(several):  # no loop, no sums over the rows of one window
-            window_row = np.repeat(np.arange(len(first)), windows)
-            of_several = np.isin(window_row, several)
-            weights = self.tokens[of_several].astype(np.float64)
-            starts = np.cumsum(windows[several]) - windows[several]
-            weighted = self.vectors[of_several] * weights[:, None]
-            sums = np.add.reduceat(weighted, starts)
-            vectors[several] = self.head.merge(sums, np.add.reduceat(weights, starts))
-        rows = self.owner[first]
-        ok = ~self.failed[rows]
-        out.put(rows[ok], self.head.finish(vectors[ok]))
+        if self.values.filled.any():
+            first = np.flatnonzero(np.diff(self.owner, prepend=-1))  # each row's
+            rows = self.owner[first]
+            merged = self.head.merge(self.values.buffers, first, self.tokens)
+            ok = ~self.failed[rows]
+            out.put(rows[ok], {name: v[ok] for name, v in merged.items()})
         return out.arrays()

@@ -45,10 +45,14 @@ class TokenRows:
 
     @classmethod
     def windows(
-        cls, column: pa.ChunkedArray, windows: pa.ChunkedArray
+        cls,
+        column: pa.ChunkedArray,
+        windows: pa.ChunkedArray,
+        scored: pa.ChunkedArray | None = None,
     ) -> tuple[TokenRows, np.ndarray]:
         """--on-long chunk: an entry for each window of each row (``_windows``: the
-        window lengths of a row's ``_ids``), and the row each window belongs to."""
+        window lengths of a row's ``_ids``), and the row each window belongs to;
+        ``scored``: each window's last tokens scored (score), as ``pair_tokens``."""
         rows = cls.from_arrow(column)
         windows = windows.combine_chunks()
         counts = pc.list_value_length(windows).fill_null(0).to_numpy()
@@ -57,7 +61,9 @@ class TokenRows:
         before = np.cumsum(lengths) - lengths  # tokens before each window, all rows
         first = (np.cumsum(counts) - counts)[owner]  # each window's row's first
         starts = rows.starts[owner] + before - before[first]
-        return cls(rows.values, starts, lengths), owner
+        if scored is not None:
+            scored = scored.combine_chunks().flatten().to_numpy().astype(np.int64)
+        return cls(rows.values, starts, lengths, scored), owner
 
     def pad(
         self, rows: np.ndarray, pad_id: int, side: str = "right"

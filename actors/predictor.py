@@ -35,7 +35,7 @@ from lmbatch.actors.memory import (
     default_cpu_limit,
 )
 from lmbatch.actors.model_files import fetch_model
-from lmbatch.actors.outputs import Outputs, WindowMeans
+from lmbatch.actors.outputs import Outputs, Windows
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.sampling import row_keys
@@ -45,6 +45,7 @@ from lmbatch.actors.tokenize import (
     PAIR_TOKENS,
     PIPELINE_COLUMNS,
     TRUNCATED,
+    WINDOW_SCORED,
     WINDOWS,
     load_tokenizer,
 )
@@ -174,15 +175,19 @@ class Predictor:
 
     def _inputs(
         self, batch: pa.Table
-    ) -> tuple[TokenRows, np.ndarray, Outputs | WindowMeans]:
+    ) -> tuple[TokenRows, np.ndarray, Outputs | Windows]:
         """What the model runs (each row's tokens, or each window's under --on-long
         chunk), which of them to run, and where their results go."""
-        if WINDOWS.name in batch.column_names:
-            tokens, owner = TokenRows.windows(batch["_ids"], batch[WINDOWS.name])
+        names = batch.column_names
+        if WINDOWS.name in names:
+            scored = batch[WINDOW_SCORED.name] if WINDOW_SCORED.name in names else None
+            tokens, owner = TokenRows.windows(
+                batch["_ids"], batch[WINDOWS.name], scored
+            )
             self.stats.count_windows(owner)
-            out = WindowMeans(self.head, owner, tokens.lengths, batch.num_rows)
+            out = Windows(self.head, owner, tokens.lengths, batch.num_rows)
             return tokens, np.arange(len(owner)), out
-        pairs = PAIR_TOKENS.name in batch.column_names and self.marks_pairs
+        pairs = PAIR_TOKENS.name in names and self.marks_pairs
         tokens = TokenRows.from_arrow(
             batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
         )
@@ -190,7 +195,7 @@ class Predictor:
         return tokens, todo, Outputs(self.head.schema, batch.num_rows)
 
     def _collect(
-        self, out: Outputs | WindowMeans, rows: np.ndarray, copy: HostCopy
+        self, out: Outputs | Windows, rows: np.ndarray, copy: HostCopy
     ) -> None:
         out.put(rows, self.head.columns(copy.wait()))
         self.stats.device_seconds += copy.seconds
@@ -241,7 +246,7 @@ class Predictor:
             )
 
     def _table(
-        self, batch: pa.Table, out: Outputs | WindowMeans, too_big: list[int]
+        self, batch: pa.Table, out: Outputs | Windows, too_big: list[int]
     ) -> pa.Table:
         errors = batch["_error"]
         if too_big:

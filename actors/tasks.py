@@ -103,19 +103,26 @@ class Embed:
             embedding = pack_signs(embedding, signed=encoding.precision == "binary")
         return embedding
 
-    def merge(self, sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """A long text's vector from its windows' (--on-long chunk): ``sums`` of
-        their vectors weighted by their ``tokens``, as the mean over the text's
-        tokens, L2-normalised again where the model's own last module normalises."""
-        mean = sums / tokens[:, None]
-        if self.normalized:
-            mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
-        return mean
-
-    def finish(self, vectors: np.ndarray) -> Columns:
-        """--on-long chunk: rows' vectors encoded on the host, where the windows'
-        vectors were merged."""
-        return {"embedding": self.encode(torch.from_numpy(vectors)).numpy()}
+    def merge(self, windows: Columns, first: np.ndarray, tokens: np.ndarray) -> Columns:
+        """Rows' embeddings from their windows' (--on-long chunk; ``first``: each
+        row's first window, ``tokens``: each window's): a row of one window keeps its
+        vector; a longer text's is the mean of its windows' by tokens, L2-normalised
+        again where the model's own last module normalises. Then encoded, on the
+        host: the windows' vectors have left the device."""
+        vectors = windows["embedding"]
+        counts = np.diff(first, append=len(vectors))
+        out = vectors[first]
+        several = np.flatnonzero(counts > 1)
+        if len(several):  # no loop, and no sums over the rows of one window
+            of_several = np.repeat(counts > 1, counts)
+            weights = tokens[of_several].astype(np.float64)
+            starts = np.cumsum(counts[several]) - counts[several]
+            mean = np.add.reduceat(vectors[of_several] * weights[:, None], starts)
+            mean /= np.add.reduceat(weights, starts)[:, None]
+            if self.normalized:
+                mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+            out[several] = mean
+        return {"embedding": self.encode(torch.from_numpy(out)).numpy()}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token states to the model's sentence embedding (also what an
@@ -254,6 +261,18 @@ class Score:
 
     def columns(self, host: Columns) -> Columns:
         return host
+
+    def merge(self, windows: Columns, first: np.ndarray, tokens: np.ndarray) -> Columns:
+        """Rows' scores from their windows' (--on-long chunk, ``first``: each row's
+        first window): each window scored tokens no other did, so a row's are sums."""
+        logprob = np.add.reduceat(windows["logprob"], first)
+        count = np.add.reduceat(windows["num_tokens"], first)
+        return {
+            "logprob": logprob,
+            "num_tokens": count.astype(np.int32),
+            "perplexity": np.exp(-logprob / count),
+            "is_greedy": np.logical_and.reduceat(windows["is_greedy"], first),
+        }
 
 
 @dataclass(frozen=True)

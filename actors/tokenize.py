@@ -42,10 +42,13 @@ TRUNCATED = pa.field("_truncated", pa.bool_())
 # --on-long chunk: the tokens of each window of --max-length a row's ``_ids`` holds,
 # back to back, each window with the model's special tokens.
 WINDOWS = pa.field("_windows", pa.list_(pa.int32()))
+# --on-long chunk for score: how many of each window's last tokens it scores (those
+# no window before it scored; the rest are context).
+WINDOW_SCORED = pa.field("_window_scored", pa.list_(pa.int32()))
 # The pipeline's own columns before the predict stage; the rest are kept input columns.
 PIPELINE_COLUMNS = (
     "id", "_text", "_pair", "_error", "_ids", PAIR_TOKENS.name, TRUNCATED.name,
-    WINDOWS.name,
+    WINDOWS.name, WINDOW_SCORED.name,
 )  # fmt: skip
 
 
@@ -76,6 +79,7 @@ class Encoded(NamedTuple):
     pair_tokens: list[int] | None = None  # pairs: how many last tokens are the pair's
     truncated: list[bool] | None = None  # where the job truncates: rows cut short
     windows: list[list[int]] | None = None  # chunk: each row's window lengths
+    scored: list[list[int]] | None = None  # chunk, score: each window's tokens scored
 
 
 @lru_cache(maxsize=4)
@@ -170,9 +174,10 @@ def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Ta
     if encoded.truncated is not None:
         cut = pa.array(encoded.truncated, TRUNCATED.type)
         tokens = tokens.append_column(TRUNCATED, pc.and_(ok, cut))
-    if encoded.windows is not None:
-        windows = pa.array(encoded.windows, WINDOWS.type)
-        tokens = tokens.append_column(WINDOWS, pc.if_else(ok, windows, None))
+    for field, values in ((WINDOWS, encoded.windows), (WINDOW_SCORED, encoded.scored)):
+        if values is not None:
+            values = pa.array(values, field.type)
+            tokens = tokens.append_column(field, pc.if_else(ok, values, None))
     for field in batch.schema:  # the kept input columns ride along
         if field.name not in PIPELINE_COLUMNS:
             tokens = tokens.append_column(field, batch[field.name])
@@ -270,6 +275,8 @@ def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
     back. A text that fits is tokenized as --on-long truncate tokenizes it; a longer
     one is cut into pieces, each with the prompt before it and the model's special
     tokens around (``split``), so that every window reads as a whole text would."""
+    if config.continuation:  # score
+        return strided(texts, config)
     whole = encode(texts, replace(config, on_long="truncate"))
     rows = [[ids] for ids in whole.ids]
     long = [i for i, cut in enumerate(whole.truncated or []) if cut]
@@ -278,6 +285,22 @@ def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
         for i, windows in zip(long, split(alone, config), strict=True):
             rows[i] = windows
     return _windows(rows)
+
+
+def strided(texts: list[str], config: TokenizeConfig) -> Encoded:
+    """Score's windows of a long text, as Hugging Face's perplexity guide strides
+    them: each window ``max_length`` tokens long, ending half a window after the
+    one before, scoring the tokens no window before it scored, after the rest as
+    context. The first window scores all its tokens (but its first, which nothing
+    predicts), so every token after the first is scored once."""
+    whole = encode(texts, replace(config, on_long="error")).ids
+    length, stride = config.max_length, max(1, config.max_length // 2)
+    rows, scored = [], []
+    for ids in whole:
+        ends = [*range(length, len(ids), stride), len(ids)]
+        rows.append([ids[max(0, end - length) : end] for end in ends])
+        scored.append([e - b for b, e in zip([0, *ends], ends, strict=False)])
+    return _windows(rows)._replace(scored=scored)
 
 
 def split(texts: list[str], config: TokenizeConfig) -> list[list[list[int]]]:

@@ -123,7 +123,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         ),
         *([f"stops at {', '.join(map(repr, spec.stop))}"] if spec.stop else []),
         *(
-            [f"long texts in windows of {plan.max_length} tokens, averaged"]
+            [f"long texts read whole in windows of {plan.max_length} tokens"]
             if spec.on_long == "chunk"
             else []
         ),

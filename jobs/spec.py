@@ -84,9 +84,9 @@ class ModelFlags(Spec):
     )
     on_long: Literal[ON_LONG] = Field(
         "truncate",
-        description="A text longer than --max-length: cut; an error row; or "
-        "(--task embed) embedded in windows of --max-length, their vectors averaged "
-        "by tokens.",
+        description="A text longer than --max-length: cut; an error row; or read "
+        "whole in windows of --max-length (--task embed: their vectors averaged by "
+        "tokens; score: strided windows, every token scored once).",
     )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate)."
@@ -281,6 +281,12 @@ class InferSpec(ModelFlags):
                 "pair_column",
                 f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
             )
+        if self.pair_column is not None and self.on_long == "chunk":
+            raise FieldError(
+                "on_long",
+                "chunk reads a long text whole; with --pair-column a context too "
+                "long is cut from the left, the continuation kept whole",
+            )
         if self.chat_template and self.task == "score" and self.pair_column is None:
             raise FieldError(
                 "chat_template",
@@ -432,8 +438,8 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
                      "--truncate-dim": spec.truncate_dim,
                      "--normalize": spec.normalize or None,
                      "--embedding-precision":
-                         spec.embedding_precision != "float32" or None,
-                     "--on-long chunk": spec.on_long == "chunk" or None},
+                         spec.embedding_precision != "float32" or None},
+        ("embed", "score"): {"--on-long chunk": spec.on_long == "chunk" or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
         ("generate",): {"--temperature": spec.temperature or None,
                         "--stop": spec.stop or None},

@@ -160,7 +160,7 @@ class Summary:
             return []
         return [
             f"chunked {_rows(self.chunked)} into {self.windows:,} windows of "
-            f"--max-length {self.max_length} tokens, each row's vectors averaged"
+            f"--max-length {self.max_length} tokens, each row read whole"
         ]
 
     def _of_input(self) -> str:

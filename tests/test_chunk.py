@@ -1,6 +1,7 @@
-"""--on-long chunk: a text longer than --max-length is embedded window by window, and
-its embedding is the windows' vectors averaged by their tokens, as a user would
-compute it from sentence-transformers' own vectors of each window."""
+"""--on-long chunk reads a long text whole, in windows of --max-length: embed averages
+the windows' vectors by their tokens, as a user would from sentence-transformers' own
+vector of each window; score sums the log-probabilities of strided windows, as
+Hugging Face's perplexity guide computes a long text's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from helpers import run_job
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as st
 from test_sentence_transformers import build
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
@@ -136,15 +138,64 @@ def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
     dry = InferSpec(model=path, inputs=(corpus["parquet"],), task="embed",
                     output=str(tmp_path / "dry"), max_length=8, on_long="chunk",
                     dry_run=True)  # fmt: skip
-    assert "long texts in windows of 8 tokens, averaged" in launch("infer", dry, None)
+    assert "long texts read whole in windows of 8 tokens" in launch("infer", dry, None)
 
 
-def test_chunk_is_refused_for_other_tasks(tiny_models):
-    spec = InferSpec(model=tiny_models["gpt2"], inputs=("x",), output="o",
-                     task="score", on_long="chunk")  # fmt: skip
+def test_chunk_is_refused_for_other_tasks_and_text_pairs(tiny_models):
+    spec = InferSpec(model=tiny_models["bert_cls"], inputs=("x",), output="o",
+                     task="classify", on_long="chunk")  # fmt: skip
     with pytest.raises(UserError) as e:
         check_task_flags(spec, inspect_model(spec.model, spec.task))
-    assert str(e.value) == "--on-long chunk: applies to --task embed, not score"
+    assert str(e.value) == (
+        "--on-long chunk: applies to --task embed or score, not classify"
+    )
+    with pytest.raises(UserError, match="--on-long: chunk reads a long text whole"):
+        InferSpec.from_flags(
+            model=tiny_models["gpt2"], inputs=("x",), output="o", task="score",
+            on_long="chunk", pair_column="a",
+        )  # fmt: skip
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_long_text_is_scored_whole_in_strided_windows(
+    tiny_models, corpus, tmp_path, name
+):
+    path = tiny_models[name]
+    rows, summary = run_job(
+        tmp_path / "out", model=path, inputs=corpus["parquet"], task="score",
+        id_column="doc", max_length=8, on_long="chunk",
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    long = 0
+    for i, text in enumerate(corpus["texts"]):
+        ids = tok(text)["input_ids"]
+        long += len(ids) > 8
+        logprob, greedy = strided(model, ids, 8)
+        row = rows[f"doc-{i:03d}"]
+        assert row["num_tokens"] == len(ids) - 1  # every token but the first
+        assert row["logprob"] == pytest.approx(logprob, rel=1e-4)
+        assert row["perplexity"] == pytest.approx(np.exp(-logprob / (len(ids) - 1)))
+        assert row["is_greedy"] == greedy
+    assert summary.chunked == long > 60 and summary.truncated == 0
+
+
+def strided(model, ids: list[int], length: int) -> tuple[float, bool]:
+    """A text's log-likelihood as Hugging Face's perplexity guide computes it with a
+    stride of half a window: each window predicts the tokens the last did not."""
+    total, greedy, done = 0.0, True, 0
+    for end in [*range(length, len(ids), length // 2), len(ids)]:
+        window = torch.tensor([ids[max(0, end - length) : end]])
+        with torch.no_grad():
+            logits = model(window).logits[0, :-1]
+        targets = window[0, 1:]
+        new = min(end - done, len(targets))  # the first window: all but its first
+        logprobs = torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets]
+        total += float(logprobs[-new:].sum())
+        greedy &= bool((logits.argmax(-1) == targets)[-new:].all())
+        done = end
+    return total, greedy
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +266,18 @@ def test_serve_embeds_long_texts_in_windows_too(models):
     spec = ServeSpec(model=models["normalized"], task="embed", on_long="chunk")
     config = endpoint_config(prepare_serve(spec), threads=1, device="cpu")
     assert config.predictor.chunk and config.tokenize.on_long == "chunk"
+
+
+def test_a_rows_windows_add_up_and_are_greedy_only_all_together():
+    from lmbatch.actors.tasks import Score
+
+    windows = {
+        "logprob": np.array([-3.0, -2.0, -1.5, -4.0]),
+        "num_tokens": np.array([7, 4, 3, 2], dtype=np.int32),
+        "is_greedy": np.array([True, False, True, True]),
+    }
+    rows = Score().merge(windows, first=np.array([0, 2, 3]), tokens=np.full(4, 8))
+    assert rows["logprob"].tolist() == [-5.0, -1.5, -4.0]
+    assert rows["num_tokens"].tolist() == [11, 3, 2]
+    np.testing.assert_allclose(rows["perplexity"], np.exp([5 / 11, 0.5, 2.0]))
+    assert rows["is_greedy"].tolist() == [False, True, True]

@@ -193,11 +193,14 @@ def test_signs_pack_on_cuda_as_on_cpu(signed):
 
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_chunked_rows_embed_on_cuda_as_on_cpu(tiny_models, corpus, tmp_path, precision):
-    """--on-long chunk: the windows' vectors leave the device, their means are taken
-    on the host; the same rows as the CPU job's."""
+@pytest.mark.parametrize("task", ["embed", "score"])
+def test_chunked_rows_run_on_cuda_as_on_cpu(
+    tiny_models, corpus, tmp_path, task, precision
+):
+    """--on-long chunk: the windows' values leave the device, each row's are made
+    from them on the host; the same rows as the CPU job's."""
     flags = dict(max_length=8, on_long="chunk")
-    cpu, _ = job(tmp_path, tiny_models, corpus, "embed", "fp32", device="cpu", **flags)
-    got, summary = job(tmp_path, tiny_models, corpus, "embed", precision, **flags)
+    cpu, _ = job(tmp_path, tiny_models, corpus, task, "fp32", device="cpu", **flags)
+    got, summary = job(tmp_path, tiny_models, corpus, task, precision, **flags)
     assert summary.chunked > 0 and summary.errors == {}
-    assert_close("embed", got, cpu, TOLERANCE[precision])
+    assert_close(task, got, cpu, TOLERANCE[precision])
