@@ -64,7 +64,8 @@ class Windows:
         self.owner = owner
         self.tokens = tokens
         self.rows = rows
-        self.values = Outputs(head.schema, len(owner))  # one entry a window
+        # One entry a window, its buffers only: the windows' values, before merging.
+        self.values = Outputs(head.schema, len(owner))
         self.failed = np.zeros(rows, dtype=bool)
 
     def put(self, windows: np.ndarray, columns: Columns) -> None:

@@ -49,6 +49,9 @@ class TaskHead(Protocol):
 
     def columns(self, host: Columns) -> Columns: ...
 
+    # Embed and Score also ``merge`` a long text's windows into its row's values
+    # (--on-long chunk; ``outputs.Windows``).
+
 
 class Embed:
     """Sentence embedding as sentence-transformers computes it: pooling in the
