@@ -280,6 +280,7 @@ class ActorStats:
     windows: int = 0  # the windows of those rows
     tokens: int = 0
     micro_batches: int = 0
+    batched: int = 0  # rows run in micro-batches (windows, under --on-long chunk)
     busy_seconds: float = 0.0  # in __call__, host work included
     device_seconds: float = 0.0  # the model's own time on its device
     min_rows: int = 0
@@ -299,6 +300,7 @@ class ActorStats:
     def add_batch(self, rows: int, tokens: int) -> None:
         self.tokens += tokens
         self.micro_batches += 1
+        self.batched += rows
         self.min_rows = rows if self.micro_batches == 1 else min(self.min_rows, rows)
         self.max_rows = max(self.max_rows, rows)
 

@@ -122,7 +122,7 @@ class Summary:
             stages = (s.describe(self.seconds) for s in self.stages)
             out.append("stages " + "; ".join(stages))
         for a in self.actors:
-            mean = a["rows"] / max(1, a["micro_batches"])
+            mean = a["batched"] / max(1, a["micro_batches"])
             out.append(
                 f"actor {a['actor'][:12]} node {a['node'][:8]} {a['device']} "
                 f"{a['precision']} "

@@ -88,6 +88,8 @@ def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
     got = np.array(out["embedding"].to_pylist())
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     assert chunked >= 15 and actor.stats.chunked == chunked
+    # The summary's rows per micro-batch count windows: what the batches held.
+    assert actor.stats.batched == actor.stats.windows + len(TEXTS) - chunked
     assert actor.stats.truncated == 0 and actor.stats.micro_batches > len(TEXTS)
     # The windows' mean, not the first window's alone: what truncating would give.
     cut = SentenceTransformer(path, device="cpu")
