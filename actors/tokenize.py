@@ -271,10 +271,11 @@ def encode(
 
 
 def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
-    """Each text as consecutive windows of at most ``max_length`` tokens, back to
-    back. A text that fits is tokenized as --on-long truncate tokenizes it; a longer
-    one is cut into pieces, each with the prompt before it and the model's special
-    tokens around (``split``), so that every window reads as a whole text would."""
+    """Each text as windows of at most ``max_length`` tokens, back to back: score's
+    overlap (``strided``); embed's are consecutive. A text that fits is tokenized as
+    --on-long truncate tokenizes it; a longer one is cut into pieces, each with the
+    prompt before it and the model's special tokens around (``split``), so that
+    every window reads as a whole text would."""
     if config.continuation:  # score
         return strided(texts, config)
     whole = encode(texts, replace(config, on_long="truncate"))
