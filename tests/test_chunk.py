@@ -13,6 +13,7 @@ from helpers import run_job
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as st
 from test_sentence_transformers import build
+from test_serve import post, serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmbatch.actors.model_info import ModelSpec, inspect_model
@@ -261,13 +262,19 @@ def _mean(model, windows: list[list[int]], prompt_length: int) -> np.ndarray:
     return (total / sum(map(len, windows))).numpy()
 
 
-def test_serve_embeds_long_texts_in_windows_too(models):
-    from lmbatch.jobs.serve import endpoint_config, prepare_serve
-    from lmbatch.jobs.spec import ServeSpec
-
-    spec = ServeSpec(model=models["normalized"], task="embed", on_long="chunk")
-    config = endpoint_config(prepare_serve(spec), threads=1, device="cpu")
-    assert config.predictor.chunk and config.tokenize.on_long == "chunk"
+def test_serve_reads_long_texts_whole_too(models):
+    """Real HTTP to an `lmbatch serve --on-long chunk` process: each input's vector
+    is its windows' mean, as a job's row is."""
+    path = models["normalized"]
+    flags = ("--model", path, "--task", "embed", "--on-long", "chunk")
+    with serving(
+        *flags, "--max-length", "8", "--truncate-dim", "5", "--normalize"
+    ) as url:
+        status, answer = post(url, {"inputs": TEXTS})
+    assert status == 200, answer
+    got = np.array([r["embedding"] for r in answer["results"]])
+    want, _ = expected(path, TEXTS, 8)  # averaged first, then cut and normalised
+    np.testing.assert_allclose(got, _unit(want[:, :5]), atol=2e-5, rtol=1e-4)
 
 
 def test_a_rows_windows_add_up_and_are_greedy_only_all_together():
