@@ -77,6 +77,19 @@ def null_minilm(models: Path, tmp: Path) -> str:
     return str(out)
 
 
+def run_timed(command: list[str]) -> float:
+    """Seconds one tool's whole process takes (its output discarded), offline."""
+    started = time.perf_counter()
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return time.perf_counter() - started
+
+
 def append_results(title: str, lines: list[str]) -> None:
     """Print a section and append it to RESULTS.md with the command that made it."""
     script = Path(sys.argv[0]).name

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from common import (  # isort: skip
     embeddings,
     launcher,
     minilm,
+    run_timed,
 )
 
 TOOLS = ("lmbatch", "st", "transformers")
@@ -101,18 +100,6 @@ def command(tool: str, inp: Path, out: Path) -> list[str]:
     return [sys.executable, __file__, "--child", tool, str(inp), str(out)]
 
 
-def timed(tool: str, inp: Path, out: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run(
-        command(tool, inp, out),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000)
@@ -127,7 +114,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "input.parquet"
         corpus_rows(args.rows, inp)
-        seconds = {tool: timed(tool, inp, Path(tmp) / tool) for tool in TOOLS}
+        seconds = {
+            tool: run_timed(command(tool, inp, Path(tmp) / tool)) for tool in TOOLS
+        }
         reference = embeddings(Path(tmp) / "st")
         cosine = {}
         for tool in TOOLS:

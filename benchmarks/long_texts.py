@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import CORPUS, append_results, embeddings, launcher, minilm  # isort: skip
+from common import (  # isort: skip
+    CORPUS,
+    append_results,
+    embeddings,
+    launcher,
+    minilm,
+    run_timed,
+)
 
 TOOLS = ("lmbatch", "st", "truncated")
 WINDOW = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -88,18 +93,6 @@ def command(tool: str, inp: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def timed(tool: str, inp: Path, out: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run(
-        command(tool, inp, out),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=300)
@@ -114,7 +107,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "docs.parquet"
         documents(args.docs, args.words, inp)
-        seconds = {tool: timed(tool, inp, Path(tmp) / tool) for tool in TOOLS}
+        seconds = {
+            tool: run_timed(command(tool, inp, Path(tmp) / tool)) for tool in TOOLS
+        }
         reference = embeddings(Path(tmp) / "st")
         cosines = {}
         for tool in TOOLS:
