@@ -90,6 +90,25 @@ def run_timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def side_by_side(
+    tools: tuple[str, ...],
+    command: Callable[[str, Path], list[str]],
+    tmp: Path,
+    reference: str,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Each tool's whole process timed (``command(tool, tmp / tool)``, its output
+    there), and each output's cosine to the ``reference`` tool's, row by row; every
+    tool must write every row once."""
+    seconds = {tool: run_timed(command(tool, tmp / tool)) for tool in tools}
+    want = embeddings(tmp / reference)
+    cosines = {}
+    for tool in tools:
+        got = embeddings(tmp / tool)
+        assert got.keys() == want.keys(), f"{tool} lost or duplicated rows"
+        cosines[tool] = np.array([got[i] @ want[i] for i in want])
+    return seconds, cosines
+
+
 def append_results(title: str, lines: list[str]) -> None:
     """Print a section and append it to RESULTS.md with the command that made it."""
     script = Path(sys.argv[0]).name

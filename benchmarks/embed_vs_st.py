@@ -16,6 +16,7 @@ Usage: python benchmarks/embed_vs_st.py [--rows 20000]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -28,10 +29,9 @@ import pyarrow.parquet as pq
 from common import (  # isort: skip
     append_results,
     corpus_rows,
-    embeddings,
     launcher,
     minilm,
-    run_timed,
+    side_by_side,
 )
 
 TOOLS = ("lmbatch", "st", "transformers")
@@ -79,7 +79,7 @@ def write(ids: pa.ChunkedArray, emb: np.ndarray, out: str) -> None:
     pq.write_table(pa.table({"id": ids, "embedding": lists}), f"{out}/part-0.parquet")
 
 
-def command(tool: str, inp: Path, out: Path) -> list[str]:
+def command(tool: str, out: Path, inp: Path) -> list[str]:
     if tool == "lmbatch":
         exe = launcher()
         return [
@@ -114,17 +114,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "input.parquet"
         corpus_rows(args.rows, inp)
-        seconds = {
-            tool: run_timed(command(tool, inp, Path(tmp) / tool)) for tool in TOOLS
-        }
-        reference = embeddings(Path(tmp) / "st")
-        cosine = {}
-        for tool in TOOLS:
-            got = embeddings(Path(tmp) / tool)
-            assert got.keys() == reference.keys(), f"{tool} lost or duplicated rows"
-            ids = list(reference)
-            cosine[tool] = float(np.mean([got[i] @ reference[i] for i in ids]))
-    report(args.rows, seconds, cosine)
+        run = functools.partial(command, inp=inp)
+        seconds, cosines = side_by_side(TOOLS, run, Path(tmp), "st")
+    report(args.rows, seconds, {tool: float(c.mean()) for tool, c in cosines.items()})
 
 
 def report(rows: int, seconds: dict[str, float], cosine: dict[str, float]) -> None:

@@ -22,6 +22,7 @@ Usage: python benchmarks/long_texts.py [--docs 300] [--words 800]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -34,10 +35,9 @@ import pyarrow.parquet as pq
 from common import (  # isort: skip
     CORPUS,
     append_results,
-    embeddings,
     launcher,
     minilm,
-    run_timed,
+    side_by_side,
 )
 
 TOOLS = ("lmbatch", "st", "truncated")
@@ -83,7 +83,7 @@ def child_st(inp: str, out: str) -> None:
     pq.write_table(pa.table({"id": table["doc"], "embedding": lists}), f"{out}/0.pq")
 
 
-def command(tool: str, inp: Path, out: Path) -> list[str]:
+def command(tool: str, out: Path, inp: Path) -> list[str]:
     if tool == "st":
         return [sys.executable, __file__, "--child", str(inp), str(out)]
     chunk = ["--on-long", "chunk"] if tool == "lmbatch" else []
@@ -107,15 +107,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "docs.parquet"
         documents(args.docs, args.words, inp)
-        seconds = {
-            tool: run_timed(command(tool, inp, Path(tmp) / tool)) for tool in TOOLS
-        }
-        reference = embeddings(Path(tmp) / "st")
-        cosines = {}
-        for tool in TOOLS:
-            got = embeddings(Path(tmp) / tool)
-            assert got.keys() == reference.keys(), f"{tool} lost or duplicated rows"
-            cosines[tool] = np.array([got[i] @ reference[i] for i in reference])
+        run = functools.partial(command, inp=inp)
+        seconds, cosines = side_by_side(TOOLS, run, Path(tmp), "st")
     report(args, seconds, cosines)
 
 
