@@ -145,7 +145,8 @@ class Predictor:
         started = time.perf_counter()
         self.stats.rows_started += batch.num_rows
         self._report()  # were this process to die now, these rows were lost work
-        tokens, todo, out = self._inputs(batch)
+        given = np.flatnonzero(batch["_error"].is_null().to_numpy())  # rows to run
+        tokens, todo, out = self._inputs(batch, given)
         keys = row_keys(batch["id"].to_pylist()) if self.keyed else None
         too_big: set[int] = set()  # rows
         pending = None
@@ -163,7 +164,6 @@ class Predictor:
                 pending = (todo[rows], copy)
             if pending is not None:
                 self._collect(out, *pending)
-        given = np.flatnonzero(batch["_error"].is_null().to_numpy())
         done = np.setdiff1d(given, list(too_big))
         self.stats.errors += batch.num_rows - len(done)
         self.stats.truncated += _truncated(batch, done)
@@ -174,10 +174,11 @@ class Predictor:
         return self._table(batch, out, sorted(too_big))
 
     def _inputs(
-        self, batch: pa.Table
+        self, batch: pa.Table, given: np.ndarray
     ) -> tuple[TokenRows, np.ndarray, Outputs | Windows]:
         """What the model runs (each row's tokens, or each window's under --on-long
-        chunk), which of them to run, and where their results go."""
+        chunk), which of them to run (``given``: the rows without an error, whose
+        windows are all there are), and where their results go."""
         names = batch.column_names
         if WINDOWS.name in names:
             scored = batch[WINDOW_SCORED.name] if WINDOW_SCORED.name in names else None
@@ -191,8 +192,7 @@ class Predictor:
         tokens = TokenRows.from_arrow(
             batch["_ids"], batch[PAIR_TOKENS.name] if pairs else None
         )
-        todo = np.flatnonzero(batch["_error"].is_null().to_numpy())
-        return tokens, todo, Outputs(self.head.schema, batch.num_rows)
+        return tokens, given, Outputs(self.head.schema, batch.num_rows)
 
     def _collect(
         self, out: Outputs | Windows, rows: np.ndarray, copy: HostCopy
