@@ -36,10 +36,3 @@ def absolute(path: str) -> str:
 
 def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
-
-
-def holds_files(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether ``path`` is a directory with anything in it (an output to protect)."""
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return False
-    return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))

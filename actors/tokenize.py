@@ -125,6 +125,7 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )
+    check_room(tokenizer, config)
     if not tokenizer.is_fast or not type(tokenizer).__module__.startswith(
         "transformers."
     ):
@@ -134,6 +135,28 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
         backend=tokenizer.backend_tokenizer.to_str(),
         truncation_side=config.truncation_side or tokenizer.truncation_side,
     )
+
+
+def check_room(tokenizer, config: TokenizeConfig) -> None:
+    """Refuse a prompt that leaves no room for a text within ``--max-length``: cut
+    from the right, every text would be cut to nothing (its row the prompt's alone),
+    and ``--on-long chunk`` could put no token of a text in a window.
+
+    Raises:
+        UserError: naming ``--max-length``.
+    """
+    side = config.truncation_side or tokenizer.truncation_side
+    if not config.prefix or config.chat or side == "left":
+        return  # cut from the left (generate), a text keeps its end
+    prompt = len(tokenizer(config.prefix, add_special_tokens=False)["input_ids"])
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if config.max_length - special - prompt < 1:
+        raise UserError(
+            "--max-length",
+            f"{config.max_length} tokens leave no room for a text after the "
+            f"prompt's {prompt} tokens and the model's {special} special tokens; "
+            "give a longer --max-length or a shorter prompt",
+        )
 
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Table:
@@ -312,13 +335,7 @@ def split(texts: list[str], config: TokenizeConfig) -> list[list[list[int]]]:
     template = backend(config.backend, None, config.truncation_side)
     prompt = template.encode(config.prefix, add_special_tokens=False)
     room = config.max_length - template.num_special_tokens_to_add(False)
-    room -= len(prompt.ids)
-    if room < 1:
-        raise UserError(
-            "--max-length",
-            f"{config.max_length} leaves no room in a window for a text after the "
-            f"prompt's {len(prompt.ids)} tokens",
-        )
+    room -= len(prompt.ids)  # at least 1: check_room refused the job otherwise
     pieces = backend(config.backend, room, "right")  # no overlap between windows
     return [
         [

@@ -21,10 +21,10 @@ import ray
 import ray.data
 
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
-from lmbatch.actors.storage import holds_files
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, planned_precision, pool_gpus
 from lmbatch.jobs.lease import writer_lease
+from lmbatch.jobs.output import holds_output
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, footer_rows, progress, quiet_ray_data
 from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
@@ -90,7 +90,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     """What the job would do, from the checks and the pool sizing a run makes, with
     nothing written: no ``_job.json``, no lease, nothing deleted, no row read."""
     spec = plan.spec
-    held = holds_files(plan.output_fs, plan.output_path)
+    held = holds_output(plan.output_fs, plan.output_path)
     state = "--overwrite replaces the earlier job's output" if held else "new"
     with ray_session(address):
         pool, sized = size_pool(plan)
@@ -171,7 +171,7 @@ def replace_output(plan: InferPlan, tokenize: ray.ObjectRef) -> None:
     wait (the task's second or two) is skipped where there is nothing to delete, or
     where the same model wrote it: re-running a job does not pay it."""
     fs, path = plan.output_fs, plan.output_path
-    if holds_files(fs, path):
+    if holds_output(fs, path):
         if not same_model(plan):
             ray.get(tokenize)
         fs.delete_dir_contents(path)
@@ -188,17 +188,27 @@ def plan_total(plan: InferPlan) -> Callable[[], int | None]:
 
 @contextlib.contextmanager
 def data_context(checkpoint) -> Iterator[None]:
-    """Ray Data's settings for this job's dataset only: checkpointing on, and a
-    batch retried when its actor's node vanished mid-call (Ray reports the actor
-    unavailable, "may or may not have run": the output is written once either way)."""
+    """Ray Data's settings for this job's dataset only: checkpointing on; a batch
+    retried when its actor's node vanished mid-call (Ray reports the actor
+    unavailable, "may or may not have run": the output is written once either way);
+    and a task's own exception raised as it is, not inside Ray Data's
+    UserCodeException, whose cause does not cross the process: a UserError from a
+    tokenize task stays one line."""
     context = ray.data.DataContext.get_current()
-    before = (context.checkpoint_config, context.actor_task_retry_on_errors)
+    fields = (
+        "checkpoint_config",
+        "actor_task_retry_on_errors",
+        "raise_original_map_exception",
+    )
+    before = {name: getattr(context, name) for name in fields}
     context.checkpoint_config = checkpoint
     context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
+    context.raise_original_map_exception = True
     try:
         yield
     finally:
-        context.checkpoint_config, context.actor_task_retry_on_errors = before
+        for name, value in before.items():
+            setattr(context, name, value)
 
 
 def model_spec(spec: ModelFlags) -> ModelSpec:

@@ -14,8 +14,10 @@ import pyarrow.fs as pafs
 from lmbatch.actors.artifact import META_FILE
 from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import UserError
+from lmbatch.jobs.lease import WRITER_FILE
 
 JOB_FILE = "_job.json"  # an infer job's record, written before its first row
+CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset
 SUMMARY_FILE = "_summary.json"  # leading '_': Parquet readers skip it in the output
 INFER_MARKERS = (JOB_FILE, SUMMARY_FILE)
 OPTIMIZE_MARKERS = (META_FILE,)
@@ -45,9 +47,8 @@ def check_output(
     _check_apart_from_model(fs, path, output, model)
     if resume or kind != pafs.FileType.Directory:
         return fs, path
-    held = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    names = sorted(f.base_name for f in held)
-    if not names:
+    names = _names(fs, path)
+    if not names or (JOB_FILE in markers and _record_alone(fs, path, names)):
         return fs, path
     if not set(markers) & set(names):
         raise UserError(
@@ -61,6 +62,32 @@ def check_output(
             f"{output} already holds files; pass --overwrite to replace them",
         )
     return fs, path
+
+
+def holds_output(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether the infer output at ``path`` holds anything to protect."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    names = _names(fs, path)
+    return bool(names) and not _record_alone(fs, path, names)
+
+
+def _record_alone(fs: pafs.FileSystem, path: str, names: list[str]) -> bool:
+    """Whether ``names`` (of the files in ``path``) are the record of an infer job
+    that stopped before its first row: a user's mistake found by its tasks, a crash
+    while it started. A job may start afresh over it without ``--overwrite``, or
+    ``--resume``'s check of the earlier flags: no row is lost."""
+    if JOB_FILE not in names or set(names) - {JOB_FILE, CHECKPOINT_DIR, WRITER_FILE}:
+        return False
+    checkpoint = pafs.FileSelector(
+        f"{path}/{CHECKPOINT_DIR}", allow_not_found=True, recursive=True
+    )
+    return not fs.get_file_info(checkpoint)
+
+
+def _names(fs: pafs.FileSystem, path: str) -> list[str]:
+    held = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(f.base_name for f in held)
 
 
 def _check_apart_from_model(

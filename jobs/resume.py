@@ -21,12 +21,11 @@ from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import TASK_COLUMNS
-from lmbatch.actors.storage import absolute, holds_files
+from lmbatch.actors.storage import absolute
 from lmbatch.errors import UserError
-from lmbatch.jobs.output import JOB_FILE
+from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, holds_output
 from lmbatch.jobs.spec import InferPlan
 
-CHECKPOINT_DIR = "_checkpoint"  # Ray Data's; '_' keeps it out of the dataset
 PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
 
 
@@ -124,7 +123,7 @@ def begin_output(plan: InferPlan, device: str) -> int:
     """
     fs, path = plan.output_fs, plan.output_path
     record = job_record(plan, device)
-    if not plan.spec.resume or not holds_files(fs, path):  # a retry loop's first run
+    if not plan.spec.resume or not holds_output(fs, path):  # a retry's first run
         fs.create_dir(path, recursive=True)
         _write(fs, f"{path}/{JOB_FILE}", record)
         return 0

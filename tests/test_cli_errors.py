@@ -367,3 +367,48 @@ def test_a_task_failed_by_a_users_mistake_prints_only_its_line(base, no_tokenize
     printed = done.stdout + done.stderr  # Ray's console handler writes to stdout
     assert not [line for line in printed.splitlines() if "ERROR" in line], printed
     assert "Traceback" not in printed
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("on_long", ["truncate", "chunk"])
+def test_a_prompt_that_fills_max_length_is_one_line_and_frees_the_output(
+    base, corpus, tmp_path, on_long
+):
+    """A prompt of 6 words and BERT's 2 special tokens fill --max-length 8: cut from
+    the right, every text would be cut to nothing; chunked, no window could hold a
+    token of one. The tokenizer's task finds it while the job starts; the job stops
+    with its record written and no row, and the corrected job starts over that
+    record without --overwrite."""
+    args = [*base, "--on-long", on_long, "--prompt", "the a of and to in "]
+    assert_user_error(
+        run(*args, "--max-length", "8"),
+        "--max-length: 8 tokens leave no room for a text after the prompt's 6 "
+        "tokens and the model's 2 special tokens",
+    )
+    out = tmp_path / "out"
+    assert (out / "_job.json").exists()  # it failed in the job, not before it
+    done = run(*args, "--max-length", "9")
+    assert done.exit_code == 0, done.output
+    ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == pq.read_metadata(corpus["parquet"]).num_rows
+    # Rows written: the output is protected again.
+    assert_user_error(run(*args, "--max-length", "9"), "--output", "--overwrite")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_users_mistake_raised_in_a_map_task_is_found_under_rays_wrappers():
+    """Ray Data wraps a task's exception in a UserCodeException, whose cause does not
+    cross from the task's process; the job's data context has the task's own raised,
+    so that the CLI finds the UserError and prints its one line."""
+    import ray.data
+
+    from lmbatch.errors import UserError, find_user_error
+    from lmbatch.jobs.infer import data_context
+
+    def refuse(batch):
+        raise UserError("--on-long", "chunk needs a fast tokenizer")
+
+    with data_context(None), pytest.raises(Exception) as caught:
+        ray.data.range(2).map_batches(refuse).materialize()
+    found = find_user_error(caught.value)
+    assert str(found) == "--on-long: chunk needs a fast tokenizer"

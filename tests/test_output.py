@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from lmbatch.errors import UserError
-from lmbatch.jobs.output import INFER_MARKERS, OPTIMIZE_MARKERS, check_output
+from lmbatch.jobs.output import (
+    INFER_MARKERS,
+    OPTIMIZE_MARKERS,
+    check_output,
+    holds_output,
+)
 
 
 @pytest.fixture
@@ -82,3 +87,43 @@ def test_a_file_or_the_model_is_no_output(tmp_path, model):
         check_output(str(tmp_path / "file"), model, INFER_MARKERS, overwrite=True)
     with pytest.raises(UserError, match="holds --model"):
         check_output(str(tmp_path), model, INFER_MARKERS, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    ("left", "held"),
+    [
+        ({"_job.json": "{}"}, False),
+        ({"_job.json": "{}", "_checkpoint/": None, "_writer.json": "{}"}, False),
+        ({"_job.json": "{}", "_checkpoint/ids.parquet": "ids"}, True),
+        ({"_job.json": "{}", "part-0.parquet": "rows"}, True),
+        ({"_job.json": "{}", "_summary.json": "{}"}, True),  # a job of no rows, done
+        ({"_checkpoint/": None}, True),  # no record: not known to be lmbatch's
+    ],
+)
+def test_the_record_of_a_job_that_wrote_no_row_protects_nothing(
+    tmp_path, model, left, held
+):
+    """A job stopped before its first row (a user's mistake its tasks found) leaves
+    its record, Ray Data's empty checkpoint folder and, killed, its lease: the
+    corrected job starts there without --overwrite; any row, or a finished job's
+    summary, is an output to protect."""
+    out = tmp_path / "out"
+    for name, text in left.items():  # "dir/": a folder, empty
+        folder = out / name if text is None else (out / name).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if text is not None:
+            (out / name).write_text(text)
+    assert holds_output(*_local(out)) is held
+    if held and "_job.json" in left:
+        with pytest.raises(UserError, match="pass --overwrite"):
+            check_output(str(out), model, INFER_MARKERS)
+    elif not held:
+        check_output(str(out), model, INFER_MARKERS)
+        with pytest.raises(UserError, match="no lmbatch job wrote"):  # not optimize's
+            check_output(str(out), model, OPTIMIZE_MARKERS, overwrite=True)
+
+
+def _local(path):
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem(), str(path)
