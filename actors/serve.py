@@ -142,8 +142,10 @@ def parse_request(body: bytes, accepts: Accepts) -> Asked:
         data = json.loads(body)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
         raise BadRequest(f"the body is not JSON ({e}); {USAGE}") from None
-    if not isinstance(data, dict) or "inputs" not in data:
-        raise BadRequest(USAGE)
+    if not isinstance(data, dict):
+        raise BadRequest(f"the body is JSON {type(data).__name__}; {USAGE}")
+    if "inputs" not in data:
+        raise BadRequest(f"no 'inputs' field; {USAGE}")
     seed = data.get("seed")
     if seed is not None and not accepts.seed:
         raise BadRequest(

@@ -49,7 +49,7 @@ def endpoint(ray_local, tiny_models, tmp_path_factory):
     serve.shutdown()
 
 
-def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+def post(url: str, body: bytes | dict | list) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="POST")
     try:
@@ -92,7 +92,8 @@ def test_concurrent_requests_are_batched_together(endpoint):
     "body, says",
     [
         (b"{not json", "not JSON"),
-        ({"text": "one"}, '{"inputs"'),
+        ({"text": "one"}, "no 'inputs' field; expected a JSON object"),
+        (["one"], "the body is JSON list"),
         ({"inputs": []}, "non-empty list"),
         ({"inputs": ["one", 3]}, "inputs[1] is int"),
         ({"inputs": [["one", "two"]]}, "inputs[0] is list, not a string"),
