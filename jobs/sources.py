@@ -121,20 +121,20 @@ class _RowSource(FileBasedDatasource):
         derived = pc.binary_join_element_wise(
             f"{path}#", pc.cast(table["_row"], pa.string()), ""
         )
-        ids = derived
-        if c.id is not None:
+        ids, missing = derived, None
+        if c.id is not None:  # an empty id is none: CSV's missing value, no key
             given = pc.cast(table[c.id], pa.string())
-            ids = pc.if_else(pc.is_null(given), derived, given)
+            missing = pc.fill_null(pc.equal(given, ""), True)
+            ids = pc.if_else(missing, derived, given)
         text, error = check_text(table[c.text])
         pair = []
         if c.pair is not None:
             second, pair_error = check_text(table[c.pair], f"{c.pair!r}")
             error, pair = pc.coalesce(error, pair_error), [second]
-        if c.id is not None:
-            missing = pc.is_null(table[c.id])
+        if missing is not None:
             error = pc.if_else(
                 pc.and_(missing, pc.is_null(error)),
-                "null_id: no id, used file#row",
+                f"null_id: {c.id!r} is null or empty; the row's id is file#row",
                 error,
             )
         kept = []

@@ -200,6 +200,38 @@ def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_pa
     )
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_row_without_an_id_is_an_error_under_its_file_and_row(
+    fmt, tiny_models, tmp_path
+):
+    """An --id-column value that is null, absent or empty (CSV's missing cell) is no
+    key: two such rows would share one id, and --resume would skip the second. Each
+    is an error row under its ``file#row`` id; the others keep theirs."""
+    if fmt == "jsonl":
+        path = tmp_path / "rows.jsonl"
+        given = [{"doc": "d0"}, {"doc": None}, {}, {"doc": ""}, {"doc": ""}]
+        path.write_text(
+            "".join(
+                json.dumps({**row, "text": f"the word {i}"}) + "\n"
+                for i, row in enumerate(given)
+            )
+        )
+    else:
+        path = tmp_path / "rows.csv"
+        path.write_text("doc,text\nd0,the word 0\n,the word 1\n,the word 2\n")
+    rows, _ = run_job(
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed",
+        id_column="doc",
+    )  # fmt: skip
+    missing = {f"{path}#{i}" for i in range(1, 5 if fmt == "jsonl" else 3)}
+    assert set(rows) == {"d0"} | missing
+    assert rows["d0"]["error"] is None and rows["d0"]["embedding"] is not None
+    for id_ in missing:
+        assert rows[id_]["error"] == (
+            "null_id: 'doc' is null or empty; the row's id is file#row"
+        )
+
+
 def test_directories_globs_and_several_inputs(tiny_models, corpus, tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
