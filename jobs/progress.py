@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -174,7 +175,10 @@ PROGRESS_LOGGERS = {
 @contextlib.contextmanager
 def quiet_ray_data(verbose: bool) -> Iterator[None]:
     """Ray Data's own progress bars, tables and notes off for the job, and its notes
-    on a failed task off the console, unless ``verbose``. Its log files keep them."""
+    on a failed task off the console, unless ``verbose``. Its log files keep them.
+    So is its advice to raise ``override_num_blocks`` when the pool got fewer blocks
+    than actors (no row left to compute, on a resumed finished job or an empty
+    input): the job's blocks are sized already."""
     context = ray.data.DataContext.get_current()
     before = context.enable_progress_bars
     loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
@@ -187,7 +191,12 @@ def quiet_ray_data(verbose: bool) -> Iterator[None]:
         for failure in failures:
             failure.addFilter(off_console)
     try:
-        yield
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.filterwarnings(
+                    "ignore", message="The minimum number of concurrent actors"
+                )
+            yield
     finally:
         context.enable_progress_bars = before
         for logger, level in zip(loggers, levels, strict=True):

@@ -144,6 +144,21 @@ def test_empty_shards_have_no_rows(fmt, tiny_models, corpus, tmp_path):
     assert summary.rows == 120 and summary.errors == {}
 
 
+def test_inputs_of_no_rows_give_an_output_of_none(tiny_models, tmp_path):
+    """Parquet files with a schema and no row (a filter that kept nothing): the job
+    ends with its summary, 0 rows of 0, and no data file."""
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    out = tmp_path / "out"
+    rows, summary = run_job(out, model=tiny_models["bert"], inputs=str(empty),
+                            task="embed")  # fmt: skip
+    assert rows == {} and summary.rows == 0 and summary.errors == {}
+    assert "rows 0 of 0 input rows" in "\n".join(summary.lines())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_checkpoint", "_job.json", "_summary.json"
+    ]  # fmt: skip
+
+
 def test_parquet_text_stored_as_bytes_is_decoded(tiny_models, corpus, tmp_path):
     """Older Hive and Impala writers store strings as bytes without the UTF-8
     annotation; a value that is not UTF-8 is that row's error."""
