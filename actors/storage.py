@@ -7,6 +7,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import yaml
 
 from lmbatch.errors import UserError
 
@@ -27,6 +28,32 @@ def filesystem_of(given: str, flag: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(given)
     except (pa.ArrowInvalid, ValueError, OSError) as e:
         raise UserError(flag, f"cannot open {given}: {e}") from None
+
+
+def read_yaml(given: str, flag: str) -> object:
+    """A YAML file a user wrote (``--spec``, ``--recipe``), local or a URI,
+    safe-loaded: data, never code.
+
+    Raises:
+        UserError: naming ``flag``, in one line: no such file, one that cannot be
+            read, or not YAML (the line and what is wrong there).
+    """
+    fs, where = filesystem_of(given, flag)
+    try:
+        with fs.open_input_stream(where) as f:
+            return yaml.safe_load(f.read().decode())
+    except FileNotFoundError:
+        raise UserError(flag, f"no such file: {given}") from None
+    except OSError as e:
+        reason = e.strerror or str(e).splitlines()[0]
+        raise UserError(flag, f"cannot read {given}: {reason}") from None
+    except UnicodeDecodeError:
+        raise UserError(flag, f"{given} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(flag, f"{given} is not valid YAML{at}: {problem}") from None
 
 
 def absolute(path: str) -> str:

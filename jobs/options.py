@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
-import yaml
 from click.core import ParameterSource
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from lmbatch.actors.storage import filesystem_of
+from lmbatch.actors.storage import read_yaml
 from lmbatch.errors import Loc, UserError, UserModel, from_validation
 
 
@@ -128,20 +127,7 @@ def read_spec_file(path: str, spec: type[Spec]) -> dict[str, Any]:
     Raises:
         UserError: naming ``--spec``, the file and the key.
     """
-    fs, where = filesystem_of(path, "--spec")
-    try:
-        with fs.open_input_stream(where) as f:
-            data = yaml.safe_load(f.read().decode())
-    except FileNotFoundError:
-        raise UserError("--spec", f"no such file: {path}") from None
-    except OSError as e:
-        reason = e.strerror or str(e).splitlines()[0]
-        raise UserError("--spec", f"cannot read {path}: {reason}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError("--spec", f"{path} is not valid YAML{at}: {problem}") from None
+    data = read_yaml(path, "--spec")
     if not isinstance(data, dict):
         raise UserError("--spec", f"{path} must map flags to values (task: embed)")
     names = _file_keys(spec)

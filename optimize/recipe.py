@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lmbatch.actors.storage import filesystem_of
+from lmbatch.actors.storage import read_yaml
 from lmbatch.errors import FieldError, UserError, UserModel, dotted, from_validation
 
 # Module-name globs: a list in YAML, kept as a tuple.
@@ -241,15 +240,7 @@ class Recipe(UserModel):
 def load_recipe(path: str) -> list[Step]:
     """Read and validate a recipe file, local or a URI (YAML, safe-loaded: data,
     never code)."""
-    fs, where = filesystem_of(path, "--recipe")
-    try:
-        with fs.open_input_stream(where) as f:
-            data = yaml.safe_load(f.read().decode())
-    except OSError as e:
-        reason = e.strerror or str(e).splitlines()[0]
-        raise UserError("--recipe", f"cannot read {path}: {reason}") from None
-    except yaml.YAMLError as e:
-        raise UserError("--recipe", f"{path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "--recipe")
     if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
         raise UserError("--recipe", f"{path} needs a top-level list `steps`")
     extra = set(data) - {"steps"}

@@ -132,16 +132,19 @@ def test_recipe_file_errors(tmp_path):
     extra.write_text("steps: [{distill: {}}]\nname: x\n")
     code = tmp_path / "code.yaml"  # YAML tags that would build objects are refused
     code.write_text("steps: !!python/object/apply:os.system ['true']\n")
+    binary = tmp_path / "model.safetensors"  # the wrong file given
+    binary.write_bytes(b"\x89\xff\x00 weights")
     for path, message in [
-        (tmp_path / "missing.yaml", "--recipe: cannot read"),
-        (bad_yaml, "is not valid YAML"),
+        (tmp_path / "missing.yaml", "--recipe: no such file"),
+        (bad_yaml, "is not valid YAML at line 2: expected ',' or ']'"),
         (no_steps, "needs a top-level list `steps`"),
         (extra, "unknown top-level key 'name'"),
-        (code, "is not valid YAML"),
+        (code, "is not valid YAML at line 1: could not determine a constructor"),
+        (binary, "is not UTF-8 text"),
     ]:
         with pytest.raises(UserError, match="--recipe") as e:
             load_recipe(str(path))
-        assert message in str(e.value)
+        assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_defaults_fill_in_and_round_trip(tmp_path):
