@@ -27,6 +27,9 @@ class UserError(ValueError):
     """
 
     def __init__(self, where: str, message: str) -> None:
+        # One line, always: a library's message quoted here may run on (PyYAML's
+        # marks, a server's body); its first line says what went wrong.
+        message = message.strip().split("\n", 1)[0].rstrip()
         super().__init__(f"{where}: {message}")
         self.where = where
         self.message = message

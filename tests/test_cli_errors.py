@@ -412,3 +412,15 @@ def test_a_users_mistake_raised_in_a_map_task_is_found_under_rays_wrappers():
         ray.data.range(2).map_batches(refuse).materialize()
     found = find_user_error(caught.value)
     assert str(found) == "--on-long: chunk needs a fast tokenizer"
+
+
+def test_a_users_error_is_one_line_whatever_a_library_said():
+    """A library's message quoted in a UserError may run over lines (PyYAML's marks,
+    a server's reply); the error keeps its first, in the driver and across a task."""
+    import pickle
+
+    from lmbatch.errors import UserError
+
+    error = UserError("--address", "no dashboard at x: 404\n<html>\n  <body>\n")
+    assert str(error) == "--address: no dashboard at x: 404"
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
