@@ -89,6 +89,11 @@ def connect(address: str | None, insecure: bool = False):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    if not address:
+        raise UserError(
+            "--address",
+            "required: the cluster's dashboard, http://HOST:8265 (or RAY_ADDRESS)",
+        )
     if not is_jobs_address(address):
         raise UserError(
             "--address",

@@ -133,6 +133,19 @@ def test_non_loopback_without_token_is_refused_before_any_request(tmp_path):
     assert "no Ray auth token found" in done.stderr and "--insecure" in done.stderr
 
 
+def test_a_jobs_command_without_an_address_says_it_needs_one(tmp_path):
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}  # no RAY_ADDRESS either
+    done = subprocess.run(
+        [str(LMBATCH), "jobs", "list"], capture_output=True, text=True, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "Error: --address: required: the cluster's dashboard, http://HOST:8265 "
+        "(or RAY_ADDRESS)"
+    )
+
+
 def test_submit_only_flags_need_a_cluster_address(tiny_models, corpus, tmp_path):
     done = subprocess.run(
         [
