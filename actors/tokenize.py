@@ -138,24 +138,34 @@ def with_backend(config: TokenizeConfig) -> TokenizeConfig:
 
 
 def check_room(tokenizer, config: TokenizeConfig) -> None:
-    """Refuse a prompt that leaves no room for a text within ``--max-length``: cut
-    from the right, every text would be cut to nothing (its row the prompt's alone),
-    and ``--on-long chunk`` could put no token of a text in a window.
+    """Refuse a ``--max-length`` that leaves no room for a text after the model's
+    special tokens and the prompt (cut from the right, every text would be cut to
+    nothing, its row the prompt's alone; ``--on-long chunk`` could put no token of a
+    text in a window), or one shorter than the task needs (score: 2 tokens).
 
     Raises:
         UserError: naming ``--max-length``.
     """
+    if config.chat:
+        return  # the template's own tokens: counted where each row is rendered
     side = config.truncation_side or tokenizer.truncation_side
-    if not config.prefix or config.chat or side == "left":
-        return  # cut from the left (generate), a text keeps its end
-    prompt = len(tokenizer(config.prefix, add_special_tokens=False)["input_ids"])
+    prompt = 0  # cut from the left (generate), a text keeps its end, not the prompt
+    if config.prefix and side != "left":
+        prompt = len(tokenizer(config.prefix, add_special_tokens=False)["input_ids"])
     special = tokenizer.num_special_tokens_to_add(pair=False)
+    before = f"the prompt's {prompt} tokens and " if prompt else ""
     if config.max_length - special - prompt < 1:
         raise UserError(
             "--max-length",
-            f"{config.max_length} tokens leave no room for a text after the "
-            f"prompt's {prompt} tokens and the model's {special} special tokens; "
-            "give a longer --max-length or a shorter prompt",
+            f"{config.max_length} tokens leave no room for a text after "
+            f"{before}the model's {special} special tokens; give a longer "
+            f"--max-length{' or a shorter prompt' if prompt else ''}",
+        )
+    if config.max_length < config.min_tokens:
+        raise UserError(
+            "--max-length",
+            f"{config.max_length} tokens, fewer than the {config.min_tokens} this "
+            "task needs of a row",
         )
 
 

@@ -375,6 +375,39 @@ def test_a_text_cut_from_the_left_keeps_its_end_in_both_engines(tiny_models, mod
     assert load_tokenizer(tiny_models[model], False, False).truncation_side == "right"
 
 
+@pytest.mark.parametrize(
+    ("model", "flags", "says"),
+    [
+        ("bert", {"max_length": 2}, "2 tokens leave no room for a text after the "
+         "model's 2 special tokens; give a longer --max-length"),
+        ("bert", {"max_length": 5, "prefix": "the a of "}, "5 tokens leave no room "
+         "for a text after the prompt's 3 tokens and the model's 2 special tokens; "
+         "give a longer --max-length or a shorter prompt"),
+        ("gpt2", {"max_length": 1, "min_tokens": 2}, "1 tokens, fewer than the 2 "
+         "this task needs of a row"),
+        ("llama", {"max_length": 1, "truncation_side": "left"}, "1 tokens leave no "
+         "room for a text after the model's 1 special tokens; give a longer "
+         "--max-length"),
+        ("llama", {"max_length": 2, "prefix": "the a of ", "truncation_side": "left"},
+         None),  # generate keeps a prompt's end: the text's
+        ("bert", {"max_length": 6, "prefix": "the a of "}, None),
+    ],
+)  # fmt: skip
+def test_a_max_length_with_no_room_for_a_text_is_refused(
+    tiny_models, model, flags, says
+):
+    # The tokenizer's task checks it while the job starts, before any row is read.
+    from lmbatch.actors.tokenize import TokenizeConfig, with_backend
+
+    config = TokenizeConfig(tiny_models[model], **flags)
+    if says is None:
+        assert with_backend(config).backend is not None
+        return
+    with pytest.raises(UserError) as refused:
+        with_backend(config)
+    assert str(refused.value) == f"--max-length: {says}"
+
+
 def test_tokenize_tasks_import_neither_torch_nor_transformers():
     # Each task process imports this module; torch's import was what held the first
     # tokenize tasks back on a GPU node.
