@@ -88,12 +88,16 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
 
 def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     """What the job would do, from the checks and the pool sizing a run makes, with
-    nothing written: no ``_job.json``, no lease, nothing deleted, no row read."""
+    nothing written: no ``_job.json``, no lease, nothing deleted, no row read. The
+    tokenizer loads as a run loads it (a task, a few seconds): what only it can
+    tell, a model without one or a --max-length with no room for a text, is found."""
     spec = plan.spec
     held = holds_output(plan.output_fs, plan.output_path)
     state = "--overwrite replaces the earlier job's output" if held else "new"
     with ray_session(address):
+        tokenize = tokenize_config(plan)
         pool, sized = size_pool(plan)
+        ray.get(tokenize)
         if spec.resume and held:
             kept = begin_output(plan, pool.device)  # checks; writes nothing here
             state = f"--resume keeps its {kept} finished rows"

@@ -210,6 +210,13 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
     lines = launch("infer", InferSpec(dry_run=True, overwrite=True, **flags), None)
     assert f"output {out}: --overwrite replaces the earlier job's output" in lines
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    # What only the tokenizer tells, as a run finds it while it starts.
+    with pytest.raises(UserError, match="--max-length: 2 tokens leave no room"):
+        launch(
+            "infer",
+            InferSpec(dry_run=True, max_length=2, overwrite=True, **flags),
+            None,
+        )
 
 
 def test_rows_out_against_rows_in_where_the_inputs_say():
