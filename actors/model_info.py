@@ -30,6 +30,9 @@ PAIR_TASKS = ("classify", "score")
 # Tasks that can read each text as a user's message in a chat template: generate
 # answers it; score scores a given answer to it (a text pair's second text).
 CHAT_TASKS = ("generate", "score")
+# Tasks that can read a long text whole (--on-long chunk): embed averages its windows'
+# vectors, score scores every token once in strided windows.
+CHUNK_TASKS = ("embed", "score")
 DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 # What each task writes besides id and error (the heads' schemas, actors/tasks.py).
 TASK_COLUMNS = {

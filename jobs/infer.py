@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import ray
 import ray.data
 
-from lmbatch.actors.model_info import ModelInfo, ModelSpec
+from lmbatch.actors.model_info import CHUNK_TASKS, ModelInfo, ModelSpec
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu, planned_precision, pool_gpus
 from lmbatch.jobs.lease import writer_lease
@@ -82,6 +82,7 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
         summary.input_rows, summary.limit = total(), plan.spec.limit
         summary.max_length = plan.max_length
+        summary.can_chunk = plan.spec.task in CHUNK_TASKS
         write_summary(plan.output_fs, plan.output_path, summary)
     return summary
 

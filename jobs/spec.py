@@ -20,6 +20,7 @@ from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     CHAT_TASKS,
+    CHUNK_TASKS,
     DEVICES,
     PAIR_TASKS,
     PRECISIONS,
@@ -439,7 +440,7 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
                      "--normalize": spec.normalize or None,
                      "--embedding-precision":
                          spec.embedding_precision != "float32" or None},
-        ("embed", "score"): {"--on-long chunk": spec.on_long == "chunk" or None},
+        CHUNK_TASKS: {"--on-long chunk": spec.on_long == "chunk" or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
         ("generate",): {"--temperature": spec.temperature or None,
                         "--stop": spec.stop or None},

@@ -93,6 +93,7 @@ class Summary:
     # count: a batch retried after its actor died counts again, as its tokens do).
     truncated: int = 0
     max_length: int | None = None  # tokens a row is cut to (--on-long truncate)
+    can_chunk: bool = False  # the task reads long texts whole with --on-long chunk
     # --on-long chunk: rows longer than one window of --max-length, and their windows.
     chunked: int = 0
     windows: int = 0
@@ -149,10 +150,11 @@ class Summary:
         if not self.truncated:
             return []
         share = self.truncated / max(1, self.computed)
+        whole = "--on-long chunk reads each whole, " if self.can_chunk else ""
         return [
             f"truncated {_rows(self.truncated)} ({share:.1%} of those computed) to "
-            f"--max-length {self.max_length} tokens; --on-long error makes each an "
-            "error instead"
+            f"--max-length {self.max_length} tokens; {whole}--on-long error makes "
+            "each an error instead"
         ]
 
     def _chunked(self) -> list[str]:

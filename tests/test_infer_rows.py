@@ -431,6 +431,11 @@ def test_a_ten_megabyte_text_is_truncated_not_a_crash(
     assert summary.truncated == 1  # the job says what it cut, and how to refuse it
     assert (
         "truncated 1 row (33.3% of those computed) to --max-length 64 tokens; "
+        "--on-long chunk reads each whole, --on-long error makes each an error instead"
+    ) in summary.lines()
+    summary.can_chunk = False  # classify, generate: no chunk to offer
+    assert (
+        "truncated 1 row (33.3% of those computed) to --max-length 64 tokens; "
         "--on-long error makes each an error instead"
     ) in summary.lines()
     fault_report(
