@@ -9,7 +9,9 @@ the network is a choice, not a default.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,10 +130,31 @@ def replica_resources(plan: ServePlan) -> tuple[str, dict]:
     return device, {"num_cpus": cpus, "num_gpus": gpu_fraction(packed)}
 
 
+def check_listen(host: str, port: int) -> None:
+    """Whether this machine can listen on ``host:port``, before Ray starts: Serve's
+    proxy binds it only after Ray and the replicas are up, and fails with a
+    traceback (another server on the port, an address not this machine's).
+
+    Raises:
+        UserError: naming ``--port`` or ``--host``.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+            reason = e.strerror or str(e)
+            raise UserError(flag, f"cannot listen on {host}:{port}: {reason}") from None
+
+
 def run_serve(plan: ServePlan, address: str | None, echo: Callable) -> None:
-    """Serve until interrupted, then take the endpoint down."""
+    """Serve until interrupted, then take the endpoint down. On an embedded Ray
+    (no ``address``) the proxy listens here: its address is checked first."""
     from ray import serve
 
+    if address is None:
+        check_listen(plan.spec.host, plan.spec.port)
     if not is_loopback_host(plan.spec.host):
         echo(
             f"warning: --host {plan.spec.host} exposes the model to the network; "

@@ -152,6 +152,27 @@ def test_bad_flags_are_named(tiny_models, flags, where):
     assert e.value.where == where
 
 
+def test_an_address_this_machine_cannot_listen_on_is_one_line(tiny_models):
+    """Checked before Ray starts: Serve's proxy would bind it only once Ray and the
+    replicas were up, and fail with a traceback."""
+    from click.testing import CliRunner
+
+    from lmbatch.jobs.cli import cli
+
+    base = ["serve", "--model", tiny_models["bert"], "--task", "embed"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = CliRunner().invoke(cli, [*base, "--port", str(port)])
+    assert done.exit_code != 0 and "Traceback" not in done.output
+    assert done.output.strip() == (
+        f"Error: --port: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    done = CliRunner().invoke(cli, [*base, "--host", "203.0.113.9"])  # TEST-NET-3
+    assert done.output.startswith("Error: --host: cannot listen on 203.0.113.9:")
+
+
 def continuations(path: str, texts: list[str], new_tokens: int) -> list[str]:
     """Each text's greedy continuation by transformers itself, alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
