@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.tokenize import load_tokenizer
+from lmbatch.errors import UserError
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
 from lmbatch.optimize.calibrate import Row, make_batches
 from lmbatch.optimize.context import Context, embed_head
@@ -76,6 +78,7 @@ def run_recipe(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = load_model(spec, device)
     teacher.requires_grad_(False)
+    check_skips(teacher, steps)
     tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
     ctx = Context(
         teacher=teacher,
@@ -133,6 +136,25 @@ def run_recipe(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def check_skips(model: torch.nn.Module, steps: list[Step]) -> None:
+    """A ``skip`` glob that matches none of the model's layers (a recipe written for
+    another model, a typo) is refused before the first step: the step would change
+    the layers it was to keep, and the run would take minutes to show it.
+
+    Raises:
+        UserError: naming the step's ``skip``.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for i, step in enumerate(steps):
+        for glob in getattr(step, "skip", ()):
+            if not any(fnmatch(name, glob) for name in names):
+                raise UserError(
+                    f"steps[{i}].{STEP_NAMES[type(step)]}.skip",
+                    f"{glob!r} matches no layer of this model (its {len(names)} "
+                    f"layers are named like {names[0]!r}, {names[-1]!r})",
+                )
 
 
 def scores_of(spec: ModelSpec) -> str:

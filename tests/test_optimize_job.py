@@ -180,6 +180,18 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     assert_user_error(
         optimize(*args), "steps[0].distill.student: ", "pass --allow-pickle"
     )
+    other = tmp_path / "other-model.yaml"  # written for a 32-block model
+    other.write_text(
+        "steps:\n  - prune: {method: magnitude, skip: ['*pooler*']}\n"
+        "  - quantize: {method: cpu-int8, skip: ['*layers.31.mlp*']}\n"
+    )
+    args = [*base, "--recipe", str(other), "--calibration", corpus["parquet"]]
+    assert_user_error(
+        optimize(*args),
+        "steps[1].quantize.skip: '*layers.31.mlp*' matches no layer of this model "
+        "(its 13 layers are named like 'encoder.layer.0.attention.self.query', "
+        "'pooler.dense')",
+    )
     search = tmp_path / "search.yaml"
     search.write_text("steps:\n  - search: {floor: {cosine: 0.99}}\n")
     classify = [
