@@ -149,13 +149,21 @@ def launch(kind: str, spec_class: type, flags: dict) -> None:
 
 
 def interrupted(kind: str, output: str) -> str:
-    """What a job stopped by Ctrl-C leaves, and how to go on."""
-    if kind == "infer":
-        return (
-            f"interrupted: the rows written to {output} are kept; the same command "
-            "with --resume (not --overwrite) goes on from them"
-        )
-    return f"interrupted: no artifact was written to {output}"
+    """What a job stopped by Ctrl-C leaves, and how to go on: an infer job's rows
+    committed (Ray Data's checkpoint, what --resume keeps), counted."""
+    if kind != "infer":
+        return f"interrupted: no artifact was written to {output}"
+    from lmbatch.actors.storage import filesystem_of
+    from lmbatch.jobs.resume import CHECKPOINT_DIR, committed_rows
+
+    fs, path = filesystem_of(output, "--output")
+    kept = committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
+    if not kept:
+        return f"interrupted before a row was written to {output}: run it again"
+    return (
+        f"interrupted: {kept:,} rows written to {output} are kept; the same command "
+        "with --resume (not --overwrite) goes on from them"
+    )
 
 
 @cli.command()

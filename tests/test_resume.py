@@ -104,11 +104,12 @@ def test_ctrl_c_stops_a_job_in_one_line_and_leaves_it_resumable(tiny_models, tmp
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130, err[-3000:]
     assert "Traceback" not in err.decode()
+    kept = pads.dataset(committed(out), format="parquet").count_rows()
+    assert kept > 0 and not (out / WRITER_FILE).exists()
     assert err.decode().strip().splitlines()[-1] == (
-        f"interrupted: the rows written to {out} are kept; the same command with "
-        "--resume (not --overwrite) goes on from them"
+        f"interrupted: {kept:,} rows written to {out} are kept; the same command "
+        "with --resume (not --overwrite) goes on from them"
     )
-    assert committed(out) and not (out / WRITER_FILE).exists()
     deadline = time.monotonic() + 30  # the Ray it started stops with it
     while running := [p for p in tree if _runs(p)]:
         if time.monotonic() > deadline:
@@ -116,6 +117,19 @@ def test_ctrl_c_stops_a_job_in_one_line_and_leaves_it_resumable(tiny_models, tmp
                 p.kill()
             pytest.fail(f"left running: {[p.name() for p in running]}")
         time.sleep(0.5)
+
+
+def test_an_interrupt_before_any_row_says_to_run_it_again(tmp_path):
+    """Its output holds the job's record alone, which the same command starts over
+    without --overwrite or --resume (tests/test_output.py)."""
+    from lmbatch.jobs.cli import interrupted
+
+    out = tmp_path / "out"
+    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    (out / JOB_FILE).write_text("{}")
+    assert interrupted("infer", str(out)) == (
+        f"interrupted before a row was written to {out}: run it again"
+    )
 
 
 def _runs(process: psutil.Process) -> bool:
