@@ -174,7 +174,9 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
     if glob_at:
         base = path[: min(glob_at)].rsplit("/", 1)[0] or "/"
         pattern = re.compile(glob_translate(path))
-        found = [p for p in _listing(fs, base) if pattern.fullmatch(p)]
+        found = _hf_data_files(
+            fs, [p for p in _listing(fs, base) if pattern.fullmatch(p)]
+        )  # data/* in a datasets folder: its data files, not its JSON metadata
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:

@@ -240,6 +240,8 @@ def test_a_hugging_face_dataset_folder_reads_its_data_files(tmp_path):
     assert got.schema.field("n").type == pa.int64()
     one = resolve_inputs([str(tmp_path / "hf" / "train")], None, "text", None)
     assert len(one.paths) == 2
+    globbed = resolve_inputs([str(tmp_path / "hf" / "train" / "*")], None, "text", None)
+    assert globbed.paths == one.paths  # not its state.json and dataset_info.json
     got = read_texts((str(tmp_path / "hf"),), "text", 100, "--calibration")
     assert got == texts[20:] + texts[:20]  # files in order: test/ before train/
 
