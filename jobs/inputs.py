@@ -123,7 +123,12 @@ def first_schema(
     for path in paths:
         if not empty_shard(fs, path, fmt):
             return path, read_schema(fs, path, fmt)
-    return paths[0], read_schema(fs, paths[0], fmt)  # every one empty: say so
+    which = (
+        f"all {len(paths):,} input files are empty (0 bytes; {paths[0]} first)"
+        if len(paths) > 1
+        else f"{paths[0]} is empty (0 bytes)"
+    )
+    raise UserError("--input", f"{which}: no rows, no columns to read")
 
 
 def empty_shard(fs: pafs.FileSystem, path: str, fmt: str) -> bool:

@@ -264,3 +264,18 @@ def test_feather_and_arrow_files_in_either_ipc_layout(tmp_path):
     (tmp_path / "rows.arrow.gz").write_bytes(b"")  # Arrow compresses inside
     with pytest.raises(UserError, match="cannot tell the format"):
         resolve_inputs([str(tmp_path / "rows.arrow.gz")], None, "text", None)
+
+
+def test_inputs_that_are_all_empty_shards_say_so(tmp_path):
+    """Zero-byte JSONL or CSV files (a partition with no rows) beside others are
+    skipped; all of them empty, there is no column to read."""
+    for name in ("part-0.jsonl", "part-1.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        resolve_inputs([str(tmp_path / "part-0.jsonl")], None, "text", None)
+    assert str(e.value) == (
+        f"--input: {tmp_path}/part-0.jsonl is empty (0 bytes): no rows, no columns "
+        "to read"
+    )
+    with pytest.raises(UserError, match=r"all 2 input files are empty \(0 bytes; "):
+        resolve_inputs([str(tmp_path)], None, "text", None)
