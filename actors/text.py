@@ -22,6 +22,18 @@ def is_text(kind: pa.DataType) -> bool:
     )
 
 
+def may_hold_text(kind: pa.DataType) -> bool:
+    """Whether a typed column (Parquet's, Arrow's) can hold text: text, bytes (decoded
+    as UTF-8 by the readers) or nulls alone. Any other type makes every row an error:
+    a wrong --text-column, refused before the job."""
+    return (
+        is_text(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_null(kind)
+    )
+
+
 def check_text(
     column: pa.ChunkedArray, what: str = "text"
 ) -> tuple[pa.Array, pa.Array]:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
 from lmbatch.actors.storage import filesystem_of
+from lmbatch.actors.text import may_hold_text
 from lmbatch.errors import UserError
 
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -112,6 +113,11 @@ def resolve_inputs(
     ):
         if column is not None and column not in columns:
             raise UserError(flag, no_column(column, first, columns))
+    texts = (("--text-column", text_column), ("--pair-column", pair_column))
+    for flag, column in texts if fmt in SEEKABLE else ():  # JSONL's: row by row
+        kind = None if column is None else schema.field(column).type
+        if kind is not None and not may_hold_text(kind):
+            raise UserError(flag, f"{column!r} is {kind} in {first}, not text")
     return ResolvedInputs(paths, fmt, filesystem, schema)
 
 

@@ -279,3 +279,20 @@ def test_inputs_that_are_all_empty_shards_say_so(tmp_path):
     )
     with pytest.raises(UserError, match=r"all 2 input files are empty \(0 bytes; "):
         resolve_inputs([str(tmp_path)], None, "text", None)
+
+
+def test_a_typed_column_that_cannot_hold_text_is_refused(tmp_path):
+    """Parquet and Arrow say a column's type: numbers or lists as --text-column would
+    make every row an error. Bytes (decoded as UTF-8) and a column of nulls alone (a
+    partition of null texts) are read, row by row."""
+    path = tmp_path / "rows.parquet"
+    table = pa.table({"text": ["a"], "n": [1], "tags": [["x"]], "raw": [b"a"],
+                      "none": pa.nulls(1)})  # fmt: skip
+    pq.write_table(table, path)
+    with pytest.raises(UserError) as e:
+        resolve_inputs([str(path)], None, "n", None)
+    assert str(e.value) == f"--text-column: 'n' is int64 in {path}, not text"
+    with pytest.raises(UserError, match="--pair-column: 'tags' is list<"):
+        resolve_inputs([str(path)], None, "text", None, pair_column="tags")
+    for column in ("text", "raw", "none"):
+        resolve_inputs([str(path)], None, column, None)
