@@ -20,7 +20,7 @@ from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import PAIR_TASKS, ModelInfo, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.serve import Endpoint, EndpointConfig
-from lmbatch.actors.tokenize import with_backend
+from lmbatch.actors.tokenize import TokenizeConfig, with_backend
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device, per_gpu
@@ -43,6 +43,7 @@ class ServePlan:
     info: ModelInfo
     model_dir: str  # --model, or its weights-free copy on this machine (a URI)
     max_length: int
+    tokenize: TokenizeConfig  # with the tokenizer's definition (with_backend)
     prompt: str = ""  # put before every text (embed; prompt_of)
 
 
@@ -59,7 +60,11 @@ def prepare_serve(spec: ServeSpec) -> ServePlan:
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     check_task_flags(spec, info)
     check_tokenizer(spec, model_dir)
-    return ServePlan(spec, info, model_dir, max_length, prompt_of(spec, info))
+    prompt = prompt_of(spec, info)
+    # What only the tokenizer tells (no room for a text), before Ray starts: serve's
+    # driver imports torch anyway (the Endpoint's Predictor).
+    tokenize = with_backend(tokenize_settings(spec, info, max_length, prompt))
+    return ServePlan(spec, info, model_dir, max_length, tokenize, prompt)
 
 
 def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfig:
@@ -79,10 +84,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             stop=spec.stop,
             actors_per_node=spec.replicas,
         ),
-        # Its driver imports torch anyway (the Endpoint's Predictor).
-        tokenize=with_backend(
-            tokenize_settings(spec, plan.info, plan.max_length, plan.prompt)
-        ),
+        tokenize=plan.tokenize,
         max_batch_size=spec.max_batch_size,
         batch_wait_ms=spec.batch_wait_ms,
     )

@@ -140,6 +140,7 @@ def test_bound_to_loopback_only(endpoint):
         ({"port": 70000}, "--port"),
         ({"max_batch_size": 0}, "--max-batch-size"),
         ({"precision": "fp8"}, "--precision"),
+        ({"max_length": 2}, "--max-length"),  # the tokenizer's: no room for a text
     ],
 )
 def test_bad_flags_are_named(tiny_models, flags, where):
