@@ -153,20 +153,24 @@ def check_room(tokenizer, config: TokenizeConfig) -> None:
     if config.prefix and side != "left":
         prompt = len(tokenizer(config.prefix, add_special_tokens=False)["input_ids"])
     special = tokenizer.num_special_tokens_to_add(pair=False)
-    before = f"the prompt's {prompt} tokens and " if prompt else ""
+    before = f"the prompt's {_tokens(prompt)} and " if prompt else ""
     if config.max_length - special - prompt < 1:
         raise UserError(
             "--max-length",
-            f"{config.max_length} tokens leave no room for a text after "
-            f"{before}the model's {special} special tokens; give a longer "
-            f"--max-length{' or a shorter prompt' if prompt else ''}",
+            f"{_tokens(config.max_length)}: no room for a text after {before}the "
+            f"model's {_tokens(special, 'special ')}; give a longer --max-length"
+            f"{' or a shorter prompt' if prompt else ''}",
         )
     if config.max_length < config.min_tokens:
         raise UserError(
             "--max-length",
-            f"{config.max_length} tokens, fewer than the {config.min_tokens} this "
+            f"{_tokens(config.max_length)}, fewer than the {config.min_tokens} this "
             "task needs of a row",
         )
+
+
+def _tokens(n: int, kind: str = "") -> str:
+    return f"{n} {kind}token" if n == 1 else f"{n} {kind}tokens"
 
 
 def tokenize_batch(batch: pa.Table, config: TokenizeConfig | ObjectRef) -> pa.Table:

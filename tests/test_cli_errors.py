@@ -382,8 +382,8 @@ def test_a_prompt_that_fills_max_length_is_one_line_and_frees_the_output(
     args = [*base, "--on-long", on_long, "--prompt", "the a of and to in "]
     assert_user_error(
         run(*args, "--max-length", "8"),
-        "--max-length: 8 tokens leave no room for a text after the prompt's 6 "
-        "tokens and the model's 2 special tokens",
+        "--max-length: 8 tokens: no room for a text after the prompt's 6 tokens "
+        "and the model's 2 special tokens",
     )
     out = tmp_path / "out"
     assert (out / "_job.json").exists()  # it failed in the job, not before it

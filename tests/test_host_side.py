@@ -378,15 +378,15 @@ def test_a_text_cut_from_the_left_keeps_its_end_in_both_engines(tiny_models, mod
 @pytest.mark.parametrize(
     ("model", "flags", "says"),
     [
-        ("bert", {"max_length": 2}, "2 tokens leave no room for a text after the "
+        ("bert", {"max_length": 2}, "2 tokens: no room for a text after the "
          "model's 2 special tokens; give a longer --max-length"),
-        ("bert", {"max_length": 5, "prefix": "the a of "}, "5 tokens leave no room "
-         "for a text after the prompt's 3 tokens and the model's 2 special tokens; "
-         "give a longer --max-length or a shorter prompt"),
-        ("gpt2", {"max_length": 1, "min_tokens": 2}, "1 tokens, fewer than the 2 "
+        ("bert", {"max_length": 5, "prefix": "the a of "}, "5 tokens: no room for a "
+         "text after the prompt's 3 tokens and the model's 2 special tokens; give a "
+         "longer --max-length or a shorter prompt"),
+        ("gpt2", {"max_length": 1, "min_tokens": 2}, "1 token, fewer than the 2 "
          "this task needs of a row"),
-        ("llama", {"max_length": 1, "truncation_side": "left"}, "1 tokens leave no "
-         "room for a text after the model's 1 special tokens; give a longer "
+        ("llama", {"max_length": 1, "truncation_side": "left"}, "1 token: no room "
+         "for a text after the model's 1 special token; give a longer "
          "--max-length"),
         ("llama", {"max_length": 2, "prefix": "the a of ", "truncation_side": "left"},
          None),  # generate keeps a prompt's end: the text's

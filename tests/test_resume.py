@@ -225,7 +225,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
     assert f"output {out}: --overwrite replaces the earlier job's output" in lines
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     # What only the tokenizer tells, as a run finds it while it starts.
-    with pytest.raises(UserError, match="--max-length: 2 tokens leave no room"):
+    with pytest.raises(UserError, match="--max-length: 2 tokens: no room for a text"):
         launch(
             "infer",
             InferSpec(dry_run=True, max_length=2, overwrite=True, **flags),
