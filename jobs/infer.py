@@ -70,15 +70,11 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
             ),
         ):
             ds = build_dataset(plan, pool, tokenize, sink)
-            try:
-                ds.write_parquet(
-                    plan.output_path,
-                    filesystem=plan.output_fs,
-                    min_rows_per_file=plan.spec.rows_per_file,
-                )
-            except Exception:
-                ray.get(tokenize)  # a tokenizer that does not load: its own UserError
-                raise
+            ds.write_parquet(
+                plan.output_path,
+                filesystem=plan.output_fs,
+                min_rows_per_file=plan.spec.rows_per_file,
+            )
         summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
         summary.input_rows, summary.limit = total(), plan.spec.limit
         summary.max_length = plan.max_length
