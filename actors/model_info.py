@@ -44,6 +44,13 @@ TASK_COLUMNS = {
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
+def outcome_columns(on_long: str) -> tuple[str, ...]:
+    """What every row has after its task's columns: its error, and where the job
+    truncates (the predictor writes it where the tokenizer flags cut rows), whether
+    the row lost tokens to --max-length."""
+    return ("error", "truncated") if on_long == "truncate" else ("error",)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to hold a model: what the actor needs to call ``load_model``."""

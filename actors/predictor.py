@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from lmbatch.actors.batching import TokenBudget, probe_budget, run_batched
@@ -164,9 +165,7 @@ class Predictor:
                 pending = (todo[rows], copy)
             if pending is not None:
                 self._collect(out, *pending)
-        done = np.setdiff1d(given, list(too_big))
-        self.stats.errors += batch.num_rows - len(done)
-        self.stats.truncated += _truncated(batch, done)
+        self.stats.errors += batch.num_rows - len(given) + len(too_big)
         self.stats.finish_call(
             batch.num_rows, time.perf_counter() - started, self.budget
         )
@@ -255,10 +254,14 @@ class Predictor:
                 values[row] = "out_of_memory: row does not fit even alone"
             errors = pa.array(values, pa.string())
         kept = [f for f in batch.schema if f.name not in PIPELINE_COLUMNS]
-        schema = pa.schema(
-            [("id", pa.string()), *self.head.schema, ("error", pa.string()), *kept]
-        )
-        arrays = [batch["id"], *out.arrays(), errors, *(batch[f.name] for f in kept)]
+        outcome = [("error", pa.string())]
+        arrays = [batch["id"], *out.arrays(), errors]
+        if TRUNCATED.name in batch.column_names:  # the job truncates: which rows were
+            outcome.append(("truncated", pa.bool_()))
+            ok = pc.is_null(errors)
+            arrays.append(pc.if_else(ok, batch[TRUNCATED.name], None))
+        schema = pa.schema([("id", pa.string()), *self.head.schema, *outcome, *kept])
+        arrays += [batch[f.name] for f in kept]
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -275,7 +278,6 @@ class ActorStats:
     rows: int = 0
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
     errors: int = 0  # rows given an error value
-    truncated: int = 0  # rows computed on their first --max-length tokens only
     chunked: int = 0  # --on-long chunk: rows longer than one window
     windows: int = 0  # the windows of those rows
     tokens: int = 0
@@ -337,14 +339,6 @@ def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory
     if device.type == "cuda":
         return CudaMemory(device, _gpu_share())
     return CpuMemory(config.memory_limit or default_cpu_limit(config.actors_per_node))
-
-
-def _truncated(batch: pa.Table, rows: np.ndarray) -> int:
-    """How many of ``rows`` (those given an output) lost tokens to --max-length."""
-    if TRUNCATED.name not in batch.column_names:
-        return 0
-    flags = batch[TRUNCATED.name].to_numpy(zero_copy_only=False)
-    return int(np.count_nonzero(flags[rows]))
 
 
 def _dtype_bytes(model) -> int:

@@ -36,8 +36,8 @@ TOKEN_SCHEMA = pa.schema(
 )
 # A text pair's row: how many of its last tokens are the second text's (type 1).
 PAIR_TOKENS = pa.field("_pair_tokens", pa.int32())
-# Where the job truncates: whether a row lost tokens to --max-length (the actors count
-# them for the summary).
+# Where the job truncates: whether a row lost tokens to --max-length (the output's
+# ``truncated`` column).
 TRUNCATED = pa.field("_truncated", pa.bool_())
 # --on-long chunk: the tokens of each window of --max-length a row's ``_ids`` holds,
 # back to back, each window with the model's special tokens.

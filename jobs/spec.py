@@ -29,6 +29,7 @@ from lmbatch.actors.model_info import (
     ModelInfo,
     check_runs_on_gpu,
     inspect_model,
+    outcome_columns,
 )
 from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import EMBEDDING_PRECISIONS, Encoding, resolve_prompt
@@ -533,9 +534,6 @@ def prompt_of(spec: ModelFlags, info: ModelInfo) -> str:
     return resolve_prompt(info.sentence, spec.prompt, spec.prompt_name)
 
 
-RESERVED = ("error", *PIPELINE_COLUMNS)  # the pipeline's own columns
-
-
 def kept_columns(spec: InferSpec, schema: pa.Schema) -> dict[str, pa.DataType]:
     """``--keep-columns`` resolved against the first input file: name -> type.
 
@@ -544,7 +542,11 @@ def kept_columns(spec: InferSpec, schema: pa.Schema) -> dict[str, pa.DataType]:
             output already has.
     """
     names = schema.names if spec.keep_columns == ("*",) else spec.keep_columns
-    taken = {*RESERVED, *TASK_COLUMNS[spec.task]}
+    taken = {
+        *PIPELINE_COLUMNS,
+        *TASK_COLUMNS[spec.task],
+        *outcome_columns(spec.on_long),
+    }
     for name in names:
         if name not in schema.names:
             raise UserError(

@@ -89,8 +89,8 @@ class Summary:
     # that rows out = rows in. None where it is not known.
     input_rows: int | None = None
     limit: int | None = None  # --limit: rows this run was to compute at most
-    # Rows this run computed on their first --max-length tokens only (the actors'
-    # count: a batch retried after its actor died counts again, as its tokens do).
+    # Rows of the output computed on their first --max-length tokens only (its
+    # ``truncated`` column; rows an earlier run of a resumed job wrote included).
     truncated: int = 0
     max_length: int | None = None  # tokens a row is cut to (--on-long truncate)
     can_chunk: bool = False  # the task reads long texts whole with --on-long chunk
@@ -149,10 +149,10 @@ class Summary:
     def _truncated(self) -> list[str]:
         if not self.truncated:
             return []
-        share = self.truncated / max(1, self.computed)
+        share = self.truncated / max(1, self.rows)
         whole = "--on-long chunk reads each whole, " if self.can_chunk else ""
         return [
-            f"truncated {_rows(self.truncated)} ({share:.1%} of those computed) to "
+            f"truncated {_rows(self.truncated)} ({share:.1%} of {self.rows:,}) to "
             f"--max-length {self.max_length} tokens; {whole}--on-long error makes "
             "each an error instead"
         ]
@@ -255,7 +255,8 @@ def build_summary(
     ``restored``: rows an earlier run of a resumed job had written; speeds count only
     the rows this run computed."""
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    rows, errors, finished = count_outcomes(dataset)
+    found = count_outcomes(dataset)
+    rows = found.rows
     tokens = sum(a["tokens"] for a in actors)
     computed = rows - restored
     return Summary(
@@ -264,10 +265,10 @@ def build_summary(
         seconds=round(seconds, 3),
         rows_per_second=round(computed / seconds, 2) if seconds else 0.0,
         tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
-        errors=errors,
+        errors=dict(found.errors),
         actors=actors,
-        finished=finished,
-        truncated=sum(a["truncated"] for a in actors),
+        finished=dict(found.finished),
+        truncated=found.truncated,
         chunked=sum(a["chunked"] for a in actors),
         windows=sum(a["windows"] for a in actors),
         output=path,
@@ -278,28 +279,42 @@ def build_summary(
     )
 
 
-def count_outcomes(
-    dataset: pads.Dataset,
-) -> tuple[int, dict[str, int], dict[str, int]]:
-    """(rows, errors by kind, rows by ``finish_reason``) of an output, in one pass
-    over its ``error`` column (and ``finish_reason``, generate's), counted by Arrow
-    compute batch by batch: a kind is the ``error`` value up to its first colon. No
-    loop over rows, so a hundred million rows count in the time it takes to read
-    the columns."""
+# The output columns that say how each row came out (finish_reason: generate's;
+# truncated: where the job truncates).
+OUTCOME_COLUMNS = ("error", "finish_reason", "truncated")
+
+
+@dataclass
+class Outcomes:
+    """What an output's rows came to, counted from the output itself: a batch
+    retried after its actor died is written once, so counted once."""
+
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)  # by kind
+    finished: Counter = field(default_factory=Counter)  # generate's, by finish_reason
+    truncated: int = 0  # rows that lost tokens to --max-length
+
+
+def count_outcomes(dataset: pads.Dataset) -> Outcomes:
+    """Rows, errors by kind, rows by ``finish_reason`` (generate's) and rows
+    truncated, in one pass over those columns, counted by Arrow compute batch by
+    batch: a kind is the ``error`` value up to its first colon. No loop over rows,
+    so a hundred million rows count in the time it takes to read the columns."""
+    found = Outcomes()
     if "error" not in dataset.schema.names:  # no data file: the inputs held no row
-        return 0, {}, {}
-    finish = "finish_reason" in dataset.schema.names
-    columns = ["error", "finish_reason"] if finish else ["error"]
-    rows, kinds, finished = 0, Counter(), Counter()
+        return found
+    columns = [c for c in OUTCOME_COLUMNS if c in dataset.schema.names]
     for batch in dataset.to_batches(columns=columns):
-        rows += batch.num_rows
-        errors = batch.column(0).drop_null()
+        found.rows += batch.num_rows
+        errors = batch.column("error").drop_null()
         if len(errors):
             kind = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
-            _tally(kinds, kind)
-        if finish:
-            _tally(finished, batch.column(1).drop_null())
-    return rows, dict(kinds), dict(finished)
+            _tally(found.errors, kind)
+        if "finish_reason" in columns:
+            _tally(found.finished, batch.column("finish_reason").drop_null())
+        if "truncated" in columns:
+            found.truncated += pc.sum(batch.column("truncated")).as_py() or 0
+    return found
 
 
 def _tally(counts: Counter, values: pa.Array) -> None:

@@ -91,7 +91,8 @@ def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
     assert chunked >= 15 and actor.stats.chunked == chunked
     # The summary's rows per micro-batch count windows: what the batches held.
     assert actor.stats.batched == actor.stats.windows + len(TEXTS) - chunked
-    assert actor.stats.truncated == 0 and actor.stats.micro_batches > len(TEXTS)
+    assert "truncated" not in out.column_names  # no row is cut
+    assert actor.stats.micro_batches > len(TEXTS)
     # The windows' mean, not the first window's alone: what truncating would give.
     cut = SentenceTransformer(path, device="cpu")
     cut.max_seq_length = 8

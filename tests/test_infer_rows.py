@@ -428,14 +428,16 @@ def test_a_ten_megabyte_text_is_truncated_not_a_crash(
     )
     assert summary.rows == 3 and summary.errors == {}
     assert rows[f"{path}#1"]["num_tokens"] == 63
-    assert summary.truncated == 1  # the job says what it cut, and how to refuse it
+    # The row says it was cut; the job says how many, and how to refuse it.
+    assert [rows[f"{path}#{i}"]["truncated"] for i in range(3)] == [False, True, False]
+    assert summary.truncated == 1
     assert (
-        "truncated 1 row (33.3% of those computed) to --max-length 64 tokens; "
+        "truncated 1 row (33.3% of 3) to --max-length 64 tokens; "
         "--on-long chunk reads each whole, --on-long error makes each an error instead"
     ) in summary.lines()
     summary.can_chunk = False  # classify, generate: no chunk to offer
     assert (
-        "truncated 1 row (33.3% of those computed) to --max-length 64 tokens; "
+        "truncated 1 row (33.3% of 3) to --max-length 64 tokens; "
         "--on-long error makes each an error instead"
     ) in summary.lines()
     fault_report(
@@ -448,6 +450,7 @@ def test_a_ten_megabyte_text_is_truncated_not_a_crash(
         on_long="error",
     )  # fmt: skip
     assert errors[f"{path}#1"]["error"].startswith("too_long")
+    assert "truncated" not in errors[f"{path}#0"]  # nothing is cut: no such column
     assert refused.truncated == 0
     assert not any("truncated" in line for line in refused.lines())
 

@@ -184,6 +184,9 @@ def test_a_long_prompt_keeps_its_end_which_generation_continues(
     tok.truncation_side = "left"  # transformers' own cut from the start, specials kept
     long = [i for i, t in enumerate(corpus["texts"]) if len(tok(t)["input_ids"]) > 6]
     assert summary.truncated == len(long) > 20
+    assert [
+        i for i in range(len(corpus["texts"])) if rows[f"doc-{i:03d}"]["truncated"]
+    ] == long
     for i in long[:8]:
         ids = tok(corpus["texts"][i], truncation=True, max_length=6,
                   return_tensors="pt")["input_ids"]  # fmt: skip

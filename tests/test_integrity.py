@@ -145,12 +145,20 @@ def test_star_keeps_every_column_and_collisions_are_refused(
             task="embed", keep_columns=("nope",),
         )  # fmt: skip
     clash = tmp_path / "clash.parquet"
-    pq.write_table(pa.table({"text": ["the day"], "embedding": ["x"]}), clash)
-    with pytest.raises(UserError, match="'embedding' is a column of the output"):
-        run_job(
-            tmp_path / "o3", model=tiny_models["bert"], inputs=str(clash),
-            task="embed", keep_columns=("embedding",),
-        )  # fmt: skip
+    table = pa.table({"text": ["the day"], "embedding": ["x"], "truncated": [1]})
+    pq.write_table(table, clash)
+    for name in ("embedding", "truncated"):
+        with pytest.raises(UserError, match=f"'{name}' is a column of the output"):
+            run_job(
+                tmp_path / "o3", model=tiny_models["bert"], inputs=str(clash),
+                task="embed", keep_columns=(name,),
+            )  # fmt: skip
+    # Where nothing is cut there is no truncated column: the input's may be kept.
+    rows, _ = run_job(
+        tmp_path / "o4", model=tiny_models["bert"], inputs=str(clash),
+        task="embed", keep_columns=("truncated",), on_long="error",
+    )  # fmt: skip
+    assert next(iter(rows.values()))["truncated"] == 1
 
 
 @ray_job
@@ -282,10 +290,13 @@ def test_errors_are_counted_by_arrow_compute(tmp_path):
     kinds = ["bad_json: x", "too_long: 9 tokens > --max-length 8", None, None,
              "bad_json: line is not an object"]  # fmt: skip
     errors = [kinds[i % len(kinds)] for i in range(200_000)]
-    pq.write_table(pa.table({"error": errors}), tmp_path / "part.parquet")
-    rows, counted, _ = count_outcomes(pads.dataset(tmp_path, format="parquet"))
+    cut = [None if e else i % 3 == 0 for i, e in enumerate(errors)]
+    table = pa.table({"error": errors, "truncated": pa.array(cut, pa.bool_())})
+    pq.write_table(table, tmp_path / "part.parquet")
+    found = count_outcomes(pads.dataset(tmp_path, format="parquet"))
     want = Counter(e.split(":", 1)[0] for e in errors if e)
-    assert rows == 200_000 and counted == dict(want)
+    assert found.rows == 200_000 and found.errors == want
+    assert found.truncated == sum(c is True for c in cut) > 0
 
 
 def test_task_columns_name_what_the_heads_write(tiny_models):

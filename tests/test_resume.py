@@ -188,7 +188,7 @@ def test_a_sample_with_limit_then_the_rest_with_resume(
 ):
     out = tmp_path / "out"
     flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed",
-                 batch_rows=16, rows_per_file=16)  # fmt: skip
+                 batch_rows=16, rows_per_file=16, max_length=8)  # fmt: skip
     _, summary = run_job(out, limit=50, **flags)
     assert (summary.rows, summary.computed, summary.missing()) == (50, 50, [])
     assert summary.lines()[2].startswith("rows 50 of 120 input rows (--limit 50)  ")
@@ -198,9 +198,12 @@ def test_a_sample_with_limit_then_the_rest_with_resume(
     assert (summary.restored, summary.computed, summary.missing()) == (100, 20, [])
     ids = ids_in(out)
     assert len(ids) == 120 and set(ids) == set(rows) and len(set(ids)) == 120
-    full, _ = run_job(tmp_path / "whole", **flags)
+    full, whole = run_job(tmp_path / "whole", **flags)
     for key, row in rows.items():
         assert row["embedding"] == pytest.approx(full[key]["embedding"], abs=1e-5)
+        assert row["truncated"] == full[key]["truncated"]
+    # The rows cut, counted over the whole output: the earlier runs' rows too.
+    assert summary.truncated == whole.truncated > 0
 
 
 def test_a_dry_run_checks_and_plans_but_writes_nothing(

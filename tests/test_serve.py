@@ -106,10 +106,13 @@ def test_bad_requests_get_400_and_one_line(endpoint, body, says):
 
 
 def test_a_bad_text_gets_its_error_not_a_failed_request(endpoint):
-    status, body = post(endpoint[0], {"inputs": ["one", "  "]})
+    status, body = post(endpoint[0], {"inputs": ["one", "  ", "one " * 1000]})
     assert status == 200
     assert body["results"][0]["error"] is None
     assert body["results"][1]["error"].startswith("empty_text")
+    # A text cut to --max-length says so; an error row was not cut, nor computed.
+    cut = [r["truncated"] for r in body["results"]]
+    assert cut == [False, None, True]
 
 
 def test_get_is_refused_with_405(endpoint):
