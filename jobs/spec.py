@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import AfterValidator, Field, model_validator
 
+from lmbatch.actors.footprint import model_bytes
 from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
@@ -418,6 +419,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )
     check_no_writer(output_fs, output_path, spec.output)
     check_task_flags(spec, info)
+    check_actor_memory(spec, info, model_dir)
     check_tokenizer(spec, model_dir)
     return InferPlan(
         spec, inputs, info, model_dir, max_length, output_fs, output_path, keep,
@@ -431,10 +433,19 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
     Raises:
         UserError: naming an embed flag (``--prompt``, ``--prompt-name``,
             ``--truncate-dim``, ``--normalize``, ``--embedding-precision``),
-            ``--chat-template``, ``--temperature``, ``--stop`` or ``--on-long
-            chunk`` on another task, more dimensions than the model's embeddings
-            have, or a chat template the model lacks.
+            ``--chat-template``, ``--temperature``, ``--stop``,
+            ``--max-new-tokens`` or ``--on-long chunk`` on another task,
+            ``--int8-threshold`` on another precision, more dimensions than the
+            model's embeddings have, or a chat template the model lacks.
     """
+
+    def given(name: str) -> bool | None:  # a flag with a default, set by the user
+        return name in spec.model_fields_set or None
+
+    if given("int8_threshold") and spec.precision != "int8":
+        raise UserError(
+            "--int8-threshold", f"applies to --precision int8, not {spec.precision}"
+        )
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,
                      "--truncate-dim": spec.truncate_dim,
@@ -444,7 +455,8 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
         CHUNK_TASKS: {"--on-long chunk": spec.on_long == "chunk" or None},
         CHAT_TASKS: {"--chat-template": spec.chat_template or None},
         ("generate",): {"--temperature": spec.temperature or None,
-                        "--stop": spec.stop or None},
+                        "--stop": spec.stop or None,
+                        "--max-new-tokens": given("max_new_tokens")},
     }  # fmt: skip
     for tasks, flags in only.items():
         for flag, value in flags.items():
@@ -464,6 +476,37 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             f"{spec.model} has no chat template (none in tokenizer_config.json, no "
             "chat_template.jinja)",
         )
+
+
+def check_actor_memory(spec: InferSpec, info: ModelInfo, model_dir: str) -> None:
+    """An ``--actor-memory`` that cannot hold the model's weights (``1KB`` for
+    ``1GB``) would make every actor run each row alone over its limit, counted as an
+    out-of-memory retry, and tell Ray to reserve nothing.
+
+    Raises:
+        UserError: naming ``--actor-memory``.
+    """
+    if spec.actor_memory is None:
+        return
+    if spec.device == "cuda":
+        raise UserError(
+            "--actor-memory",
+            "applies to CPU actors; a GPU actor's batches fit its share of the GPU",
+        )
+    # On CPU, auto is fp32; cpu-int8 loads in fp32 before quantising.
+    loads = {"auto": "fp32", "cpu-int8": "fp32"}.get(spec.precision, spec.precision)
+    precision = info.precision or loads
+    weights = model_bytes(model_dir, precision, "cpu")
+    if spec.actor_memory <= weights:
+        raise UserError(
+            "--actor-memory",
+            f"{_size(spec.actor_memory)} would not hold the model's weights alone "
+            f"({_size(weights)} in {precision}), let alone Python, torch and a batch",
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes" if n < 2**20 else f"{n / 2**20:,.0f} MiB"
 
 
 def check_tokenizer(spec: ModelFlags, model_dir: str) -> None:

@@ -143,9 +143,10 @@ def submit(kind: str, spec: Spec, options: SubmitOptions, echo: Callable) -> int
     client = connect(options.address, options.insecure)
     # A loopback address may still be a tunnel to a remote cluster (`ray dashboard`).
     spec = cluster_paths(spec, here=runs_here(client), shared=shared)
-    entrypoint = (
-        f"python -m lmbatch.jobs.run {kind} {shlex.quote(spec.model_dump_json())}"
-    )
+    # The flags as given, not every default: the job checks which were given (a
+    # flag of another task) as the command line's own run does.
+    given = spec.model_dump_json(exclude_unset=True)
+    entrypoint = f"python -m lmbatch.jobs.run {kind} {shlex.quote(given)}"
     with tempfile.TemporaryDirectory(prefix="lmbatch-ship-") as tmp:
         runtime_env: dict[str, Any] = {"py_modules": [str(ship_package(Path(tmp)))]}
         if options.pip:

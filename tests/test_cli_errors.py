@@ -144,6 +144,7 @@ def test_classify_with_a_causal_lm(base, tiny_models):
         ("generate", ["--prompt", "query: "]),
         ("embed", ["--chat-template"]),
         ("embed", ["--pair-column", "text"]),
+        ("score", ["--max-new-tokens", "8"]),  # a flag with a default, given
     ],
 )
 def test_a_flag_of_another_task_is_named(base, tiny_models, task, flag):
@@ -151,6 +152,24 @@ def test_a_flag_of_another_task_is_named(base, tiny_models, task, flag):
     args = with_flag(base, "--task", task)
     args = with_flag(args, "--model", tiny_models[model.get(task, "bert")])
     assert_user_error(run(*args, *flag), flag[0], "applies to --task")
+
+
+def test_a_flag_of_another_precision_is_named(base):
+    assert_user_error(
+        run(*base, "--int8-threshold", "3"),
+        "--int8-threshold: applies to --precision int8, not auto",
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--actor-memory", "1KB"], "1,000 bytes would not hold the model's weights"),
+        (["--actor-memory", "2GiB", "--device", "cuda"], "applies to CPU actors"),
+    ],
+)
+def test_an_actor_memory_that_cannot_hold_the_model_is_refused(base, flags, says):
+    assert_user_error(run(*base, *flags), "--actor-memory", says)
 
 
 def test_unknown_task(base):
