@@ -70,6 +70,8 @@ class TokenizeConfig:
     # "left" for generate, whose prompt goes on from its end.
     truncation_side: str | None = None
     continuation: bool = False  # score: a pair's second text continues its first
+    # Each row a text pair in the tokenizer's pair template (classify's --pair-column).
+    pairs: bool = False
 
 
 class Encoded(NamedTuple):
@@ -152,12 +154,14 @@ def check_room(tokenizer, config: TokenizeConfig) -> None:
     prompt = 0  # cut from the left (generate), a text keeps its end, not the prompt
     if config.prefix and side != "left":
         prompt = len(tokenizer(config.prefix, add_special_tokens=False)["input_ids"])
-    special = tokenizer.num_special_tokens_to_add(pair=False)
+    special = tokenizer.num_special_tokens_to_add(pair=config.pairs)
     before = f"the prompt's {_tokens(prompt)} and " if prompt else ""
-    if config.max_length - special - prompt < 1:
+    texts = 2 if config.pairs else 1  # cut longest first, each keeps a token
+    if config.max_length - special - prompt < texts:
         raise UserError(
             "--max-length",
-            f"{_tokens(config.max_length)}: no room for a text after {before}the "
+            f"{_tokens(config.max_length)}: no room for "
+            f"{'a text pair' if config.pairs else 'a text'} after {before}the "
             f"model's {_tokens(special, 'special ')}; give a longer --max-length"
             f"{' or a shorter prompt' if prompt else ''}",
         )

@@ -271,6 +271,7 @@ def tokenize_settings(
         trust_remote_code=spec.trust_remote_code,
         lowercase=info.sentence.lowercase,
         continuation=spec.task == "score",
+        pairs=getattr(spec, "pair_column", None) is not None and spec.task != "score",
         # A prompt too long keeps its end, which the new tokens continue (and a chat
         # template's turn for the answer); vLLM's truncate_prompt_tokens keeps it too.
         truncation_side="left" if spec.task == "generate" else None,

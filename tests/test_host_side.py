@@ -391,6 +391,9 @@ def test_a_text_cut_from_the_left_keeps_its_end_in_both_engines(tiny_models, mod
         ("llama", {"max_length": 2, "prefix": "the a of ", "truncation_side": "left"},
          None),  # generate keeps a prompt's end: the text's
         ("bert", {"max_length": 6, "prefix": "the a of "}, None),
+        ("bert_cls", {"max_length": 4, "pairs": True}, "4 tokens: no room for a "
+         "text pair after the model's 3 special tokens; give a longer --max-length"),
+        ("bert_cls", {"max_length": 5, "pairs": True}, None),  # a token each
     ],
 )  # fmt: skip
 def test_a_max_length_with_no_room_for_a_text_is_refused(
