@@ -72,6 +72,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)
+    _check_lengths(spec, steps, info.max_positions)
     texts = _texts(spec, steps)
     fs, path = check_output(spec.output, spec.model, OPTIMIZE_MARKERS, spec.overwrite)
     folder, lease = _lease(path)
@@ -172,6 +173,25 @@ def _check_students(steps: list[Step], allow_pickle: bool) -> None:
                 check_weights(Path(step.student), allow_pickle)
             except UserError as e:  # it names --model; the student is the recipe's
                 raise UserError(f"steps[{i}].distill.student", e.message) from None
+
+
+def _check_lengths(
+    spec: OptimizeSpec, steps: list[Step], positions: int | None
+) -> None:
+    """A row length given longer than the model's positions, which would fail on
+    the first long text (its position ids past the embedding table). Defaults are
+    cut to fit instead (``make_batches``)."""
+    given = {"--max-length": spec} | {
+        f"steps[{i}].distill.max_length": step
+        for i, step in enumerate(steps)
+        if isinstance(step, Distill)
+    }
+    for where, model in given.items():
+        length = model.max_length if "max_length" in model.model_fields_set else 0
+        if positions and length > positions:
+            raise UserError(
+                where, f"{length} is more than the model's {positions} positions"
+            )
 
 
 def _check_floors(steps: list[Step], task: str, info: ModelInfo) -> None:

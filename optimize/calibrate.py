@@ -38,7 +38,8 @@ def make_batches(
             pairs,
             padding=True,
             truncation=True,
-            max_length=max_length,
+            # no more than the model's positions (run_recipe sets the tokenizer's)
+            max_length=min(max_length, tokenizer.model_max_length),
             return_tensors="pt",
         )
         keys = ["input_ids", "attention_mask"]

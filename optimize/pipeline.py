@@ -80,6 +80,11 @@ def run_recipe(
     teacher.requires_grad_(False)
     check_skips(teacher, steps)
     tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    positions = inspect_model(
+        model_dir, task, spec.trust_remote_code, spec.allow_pickle
+    ).max_positions
+    if positions:  # every step's rows fit the model (calibrate.make_batches)
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     ctx = Context(
         teacher=teacher,
         tokenizer=tokenizer,

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import sentences
 from helpers import run_job
 from ray_head import LMBATCH
 from test_cli_errors import assert_user_error
@@ -192,6 +195,17 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         "(its 13 layers are named like 'encoder.layer.0.attention.self.query', "
         "'pooler.dense')",
     )
+    calibrated = [*base, "--calibration", corpus["parquet"]]
+    assert_user_error(  # the tiny models have 64 positions
+        optimize(*calibrated, "--recipe", recipe, "--max-length", "65"),
+        "--max-length: 65 is more than the model's 64 positions",
+    )
+    long_rows = tmp_path / "long-rows.yaml"
+    long_rows.write_text("steps:\n  - distill: {steps: 2, max_length: 100}\n")
+    assert_user_error(
+        optimize(*calibrated, "--recipe", str(long_rows)),
+        "steps[0].distill.max_length: 100 is more than the model's 64 positions",
+    )
     search = tmp_path / "search.yaml"
     search.write_text("steps:\n  - search: {floor: {cosine: 0.99}}\n")
     classify = [
@@ -211,6 +225,24 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     )
     assert (taken / "x").read_text() == "keep me"
     assert not Path(tmp_path / "o").exists()
+
+
+def test_default_row_lengths_are_cut_to_the_models_positions(
+    ray_local, tiny_models, tmp_path
+):
+    """--max-length's and distill's default of 128 tokens, on a model of 64
+    positions and texts longer than that: rows are cut to 64, not an IndexError
+    from GPT-2's position table."""
+    texts = [" ".join([t] * 4) for t in sentences(80, max_words=30)]
+    calibration = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"text": texts}), calibration)
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text("steps:\n  - distill: {steps: 2}\n")
+    done = optimize(
+        "--model", tiny_models["gpt2"], "--recipe", str(recipe),
+        "--calibration", str(calibration), "--output", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
 
 
 def pickled_embedder(tiny_models, path: Path) -> str:
