@@ -13,7 +13,13 @@ import pyarrow.parquet as pq
 
 from lmbatch.actors.text import is_text
 from lmbatch.errors import UserError
-from lmbatch.jobs.inputs import SEEKABLE, arrow_batches, empty_shard, resolve_inputs
+from lmbatch.jobs.inputs import (
+    SEEKABLE,
+    arrow_batches,
+    delimited,
+    empty_shard,
+    resolve_inputs,
+)
 
 if TYPE_CHECKING:
     from lmbatch.optimize.calibrate import Row
@@ -46,7 +52,8 @@ def read_texts(
             with opened(path) as f:
                 table = {
                     "parquet": lambda: pq.read_table(f, columns=names),
-                    "csv": lambda: pacsv.read_csv(f),
+                    "csv": lambda: pacsv.read_csv(f, parse_options=delimited("csv")),
+                    "tsv": lambda: pacsv.read_csv(f, parse_options=delimited("tsv")),
                     "jsonl": lambda: pajson.read_json(f),
                     "arrow": lambda: _arrow_columns(f, names),
                 }[inputs.format]()

@@ -27,6 +27,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "parquet": (".parquet", ".pq"),
     "jsonl": (".jsonl", ".ndjson", ".json"),
     "csv": (".csv",),
+    "tsv": (".tsv", ".tab"),  # CSV's rules, tab-separated
     # Arrow IPC: Hugging Face datasets' save_to_disk (stream), Feather v2 (file).
     "arrow": (".arrow", ".feather", ".ipc"),
 }
@@ -40,10 +41,17 @@ ARROW_FILE_MAGIC = b"ARROW1"
 HF_STATE = "state.json"
 HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 GLOB_CHARS = "*?["
-# A bad line is the reader's to report as a row; quoted values may span lines.
-CSV_PARSE = pacsv.ParseOptions(
-    invalid_row_handler=lambda row: "skip", newlines_in_values=True
-)
+DELIMITERS = {"csv": ",", "tsv": "\t"}  # the delimited formats, read as CSV
+
+
+def delimited(fmt: str, invalid_row_handler=None) -> pacsv.ParseOptions:
+    """How a CSV or TSV file parses: quoted values may span lines, and a bad line
+    is the row reader's to report (``invalid_row_handler``), skipped elsewhere."""
+    return pacsv.ParseOptions(
+        delimiter=DELIMITERS[fmt],
+        newlines_in_values=True,
+        invalid_row_handler=invalid_row_handler or (lambda row: "skip"),
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,9 @@ def resolve_inputs(
         ("--pair-column", pair_column),
     ):
         if column is not None and column not in columns:
-            raise UserError(flag, no_column(column, first, columns))
+            tabs = fmt == "csv" and len(columns) == 1 and "\t" in columns[0]
+            hint = "; its header is tab-separated: --input-format tsv" if tabs else ""
+            raise UserError(flag, no_column(column, first, columns) + hint)
     texts = (("--text-column", text_column), ("--pair-column", pair_column))
     for flag, column in texts if fmt in SEEKABLE else ():  # JSONL's: row by row
         kind = None if column is None else schema.field(column).type
@@ -305,8 +315,8 @@ def read_schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema:
             with fs.open_input_file(path) as f:
                 return arrow_batches(f)[0]
         with fs.open_input_stream(path) as f:
-            if fmt == "csv":
-                names = pacsv.open_csv(f, parse_options=CSV_PARSE).schema.names
+            if fmt in DELIMITERS:
+                names = pacsv.open_csv(f, parse_options=delimited(fmt)).schema.names
                 return pa.schema([(n, pa.string()) for n in names])
             return _jsonl_schema(_head_lines(f))
     except (

@@ -29,7 +29,7 @@ import ray.data
 from ray.data.datasource import FileBasedDatasource
 
 from lmbatch.actors.text import check_text
-from lmbatch.jobs.inputs import ResolvedInputs, arrow_batches
+from lmbatch.jobs.inputs import ResolvedInputs, arrow_batches, delimited
 
 ROW_FIELDS = [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
 PAIR_FIELD = ("_pair", pa.string())  # a text pair's second text
@@ -222,6 +222,7 @@ class CSVRows(_RowSource):
     comes back as an error row at its own position."""
 
     _FILE_EXTENSIONS = ["csv"]
+    FORMAT = "csv"
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         columns = self._columns.names
@@ -235,9 +236,7 @@ class CSVRows(_RowSource):
             reader = pacsv.open_csv(
                 f,
                 read_options=pacsv.ReadOptions(use_threads=False),
-                parse_options=pacsv.ParseOptions(
-                    invalid_row_handler=skip, newlines_in_values=True
-                ),
+                parse_options=delimited(self.FORMAT, skip),
                 convert_options=pacsv.ConvertOptions(
                     column_types=dict.fromkeys(columns, pa.binary())
                 ),
@@ -441,9 +440,18 @@ def _not_string(value: object, name: str, text_column: str) -> str | None:
     return f"not_string: {what} is {type(value).__name__}"
 
 
+class TSVRows(CSVRows):
+    """Tab-separated values, read as CSV is (quoting included, as pandas and
+    Python's ``excel-tab`` read them)."""
+
+    _FILE_EXTENSIONS = ["tsv"]
+    FORMAT = "tsv"
+
+
 SOURCES: dict[str, type[_RowSource]] = {
     "parquet": ParquetRows,
     "csv": CSVRows,
+    "tsv": TSVRows,
     "jsonl": JSONLRows,
     "arrow": ArrowRows,
 }

@@ -214,7 +214,7 @@ class InferSpec(ModelFlags):
     ] = ()  # fmt: skip
     input_format: Literal[FORMAT_NAMES] | None = Field(
         None,
-        description="Default: from the file suffix; JSONL and CSV may be "
+        description="Default: from the file suffix; JSONL, CSV and TSV may be "
         "compressed (.jsonl.gz, .csv.zst; .bz2, .lz4).",
     )
     actors: Annotated[

@@ -199,6 +199,9 @@ def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
     assert got == ["first", "second"]
     got = read_texts((str(tmp_path / "b.parquet"),), "text", 10, "--eval")
     assert got == ["third", "fourth"]
+    (tmp_path / "c.tsv").write_text('id\ttext\n1\tfifth, sixth\n2\t"seventh"\n')
+    got = read_texts((str(tmp_path / "c.tsv"),), "text", 10, "--eval")
+    assert got == ["fifth, sixth", "seventh"]
 
 
 def test_calibration_pairs_keep_rows_whose_both_texts_are_there(tmp_path):

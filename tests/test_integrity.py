@@ -39,22 +39,33 @@ ray_job = pytest.mark.usefixtures("ray_local")
 
 
 @ray_job
+@pytest.mark.parametrize("suffix, sep", [("csv", ","), ("tsv", "\t")])
 def test_a_malformed_csv_line_is_one_bad_row_and_the_file_goes_on(
-    tiny_models, tmp_path
+    tiny_models, tmp_path, suffix, sep
 ):
-    path = tmp_path / "rows.csv"
-    path.write_text(
-        'text,key\nthe day,a\n"a long\nday",b\nthe,way,extra\none way,d\nmy word,e\n'
-    )
+    path = tmp_path / f"rows.{suffix}"
+    lines = ["text,key", "the day,a", '"a long\nday",b', "the,way,extra",
+             "one way,d", "my word,e"]  # fmt: skip
+    path.write_text("".join(line.replace(",", sep) + "\n" for line in lines))
     rows, summary = run_job(
-        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed"
-    )
+        tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed",
+        keep_columns=("key",),
+    )  # fmt: skip
     assert summary.rows == 5 and summary.errors == {"bad_csv": 1}
     bad = rows[f"{path}#2"]
     assert bad["error"] == "bad_csv: line has 3 fields, expected 2"
     # The rows after it keep their positions: as if the bad line were a row.
     assert {f"{path}#{i}" for i in (0, 1, 3, 4)} <= rows.keys()
     assert rows[f"{path}#3"]["error"] is None and rows[f"{path}#3"]["embedding"]
+    assert rows[f"{path}#1"]["key"] == "b"  # the quoted text spans two lines
+    if sep == "\t":  # read as CSV, a tab-separated header is one column
+        with pytest.raises(
+            UserError, match="header is tab-separated: --input-format tsv"
+        ):
+            run_job(
+                tmp_path / "o2", model=tiny_models["bert"], inputs=str(path),
+                task="embed", input_format="csv",
+            )  # fmt: skip
 
 
 @ray_job
