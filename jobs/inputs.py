@@ -110,7 +110,12 @@ def resolve_inputs(
     if input_format is None:
         others = [p for p in paths if _suffix_format(p) != fmt]
         if others:
-            raise UserError("--input", f"mixed formats: {others[0]} is not {fmt}")
+            folder = others[0].rsplit("/", 1)[0]
+            raise UserError(
+                "--input",
+                f"mixed formats: {others[0]} is not {fmt}; give the files of one, "
+                f"such as {folder}/*{FORMATS[fmt][0]}",
+            )
     paths = sorted(dict.fromkeys(paths))
     first, schema = first_schema(filesystem, paths, fmt)
     columns = schema.names

@@ -87,14 +87,16 @@ def main(model: str, data: str, output: str, *rest: str) -> None:
         with warnings.catch_warnings():  # deprecated in 2.60, still honoured
             warnings.simplefilter("ignore")
             context.execution_options.actor_locality_enabled = False
+        task = flags.get("task", "embed")
+        generate = {"max_new_tokens": int(flags.get("max_new_tokens", 8))}
         spec = InferSpec(
             model=model,
             inputs=(data,),
-            task=flags.get("task", "embed"),
+            task=task,
             output=output,
             id_column=flags.get("id_column"),
-            max_new_tokens=int(flags.get("max_new_tokens", 8)),
             batch_rows=int(flags.get("batch_rows", 8)),  # every actor gets some
+            **(generate if task == "generate" else {}),
         )
         removed: list[str] = []
         done = threading.Event()

@@ -58,6 +58,15 @@ def test_mixed_formats_refused(tmp_path):
         resolve_inputs(
             [str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")], None, "text", None
         )
+    folder = tmp_path / "data"
+    touch_csv(folder / "a.csv")
+    (folder / "schema.json").write_text("{}\n")  # metadata beside the data
+    with pytest.raises(UserError) as refused:
+        resolve_inputs([str(folder)], None, "text", None)
+    assert refused.value.message == (
+        f"mixed formats: {folder / 'schema.json'} is not csv; give the files of "
+        f"one, such as {folder}/*.csv"
+    )
 
 
 def test_compressed_jsonl_and_csv_are_found_by_their_inner_suffix(tmp_path):

@@ -233,10 +233,11 @@ def serving(*flags: str) -> Iterator[str]:
 
 @pytest.mark.parametrize("task", ["classify", "generate"])
 def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
-    model = tiny_models["gpt2"]
+    flags = ["--model", tiny_models["gpt2"], "--task", task, "--max-new-tokens", "4"]
     if task == "classify":
         model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
-    with serving("--model", model, "--task", task, "--max-new-tokens", "4") as url:
+        flags = ["--model", model, "--task", task]
+    with serving(*flags) as url:
         status, body = post(url, {"inputs": TEXTS})
         assert status == 200, body
         results = body["results"]
