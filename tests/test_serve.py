@@ -233,7 +233,8 @@ def serving(*flags: str) -> Iterator[str]:
 
 @pytest.mark.parametrize("task", ["classify", "generate"])
 def test_lmbatch_serve_command_serves_until_ctrl_c(tiny_models, task, tmp_path):
-    flags = ["--model", tiny_models["gpt2"], "--task", task, "--max-new-tokens", "4"]
+    model = tiny_models["gpt2"]
+    flags = ["--model", model, "--task", task, "--max-new-tokens", "4"]
     if task == "classify":
         model = wide_classifier(tiny_models, tmp_path / "nli", labels=3)
         flags = ["--model", model, "--task", task]
