@@ -45,10 +45,11 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def outcome_columns(on_long: str) -> tuple[str, ...]:
-    """What every row has after its task's columns: its error, and where the job
-    truncates (the predictor writes it where the tokenizer flags cut rows), whether
-    the row lost tokens to --max-length."""
-    return ("error", "truncated") if on_long == "truncate" else ("error",)
+    """What every row has after its task's columns (the predictor's ``_table``):
+    its error; where the job truncates, whether the row lost tokens to
+    --max-length; under --on-long chunk, how many windows it was read in."""
+    per_mode = {"truncate": ("truncated",), "chunk": ("windows",)}
+    return ("error", *per_mode.get(on_long, ()))
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,6 @@ class Predictor:
             tokens, owner = TokenRows.windows(
                 batch["_ids"], batch[WINDOWS.name], scored
             )
-            self.stats.count_windows(owner)
             out = Windows(self.head, owner, tokens.lengths, batch.num_rows)
             return tokens, np.arange(len(owner)), out
         pairs = PAIR_TOKENS.name in names and self.marks_pairs
@@ -256,10 +255,14 @@ class Predictor:
         kept = [f for f in batch.schema if f.name not in PIPELINE_COLUMNS]
         outcome = [("error", pa.string())]
         arrays = [batch["id"], *out.arrays(), errors]
+        ok = pc.is_null(errors)
         if TRUNCATED.name in batch.column_names:  # the job truncates: which rows were
             outcome.append(("truncated", pa.bool_()))
-            ok = pc.is_null(errors)
             arrays.append(pc.if_else(ok, batch[TRUNCATED.name], None))
+        if isinstance(out, Windows):  # --on-long chunk: how many windows each row took
+            outcome.append(("windows", pa.int32()))
+            per_row = np.bincount(out.owner, minlength=batch.num_rows).astype(np.int32)
+            arrays.append(pc.if_else(ok, pa.array(per_row), None))
         schema = pa.schema([("id", pa.string()), *self.head.schema, *outcome, *kept])
         arrays += [batch[f.name] for f in kept]
         return pa.Table.from_arrays(arrays, schema=schema)
@@ -278,8 +281,6 @@ class ActorStats:
     rows: int = 0
     rows_started: int = 0  # more than rows while a call runs, or if it never ended
     errors: int = 0  # rows given an error value
-    chunked: int = 0  # --on-long chunk: rows longer than one window
-    windows: int = 0  # the windows of those rows
     tokens: int = 0
     micro_batches: int = 0
     batched: int = 0  # rows run in micro-batches (windows, under --on-long chunk)
@@ -305,13 +306,6 @@ class ActorStats:
         self.batched += rows
         self.min_rows = rows if self.micro_batches == 1 else min(self.min_rows, rows)
         self.max_rows = max(self.max_rows, rows)
-
-    def count_windows(self, owner: np.ndarray) -> None:
-        """Rows of more than one window, and their windows (``owner``: each
-        window's row)."""
-        per_row = np.bincount(owner)
-        self.chunked += int(np.count_nonzero(per_row > 1))
-        self.windows += int(per_row[per_row > 1].sum())
 
     def finish_call(self, rows: int, seconds: float, budget: TokenBudget) -> None:
         self.rows += rows

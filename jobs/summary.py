@@ -94,7 +94,8 @@ class Summary:
     truncated: int = 0
     max_length: int | None = None  # tokens a row is cut to (--on-long truncate)
     can_chunk: bool = False  # the task reads long texts whole with --on-long chunk
-    # --on-long chunk: rows longer than one window of --max-length, and their windows.
+    # --on-long chunk: rows longer than one window of --max-length, and their windows
+    # (the output's ``windows`` column: a retried batch counts once).
     chunked: int = 0
     windows: int = 0
 
@@ -269,8 +270,8 @@ def build_summary(
         actors=actors,
         finished=dict(found.finished),
         truncated=found.truncated,
-        chunked=sum(a["chunked"] for a in actors),
-        windows=sum(a["windows"] for a in actors),
+        chunked=found.chunked,
+        windows=found.windows,
         output=path,
         restored=restored,
         computed=computed,
@@ -280,8 +281,8 @@ def build_summary(
 
 
 # The output columns that say how each row came out (finish_reason: generate's;
-# truncated: where the job truncates).
-OUTCOME_COLUMNS = ("error", "finish_reason", "truncated")
+# truncated: where the job truncates; windows: under --on-long chunk).
+OUTCOME_COLUMNS = ("error", "finish_reason", "truncated", "windows")
 
 
 @dataclass
@@ -293,6 +294,8 @@ class Outcomes:
     errors: Counter = field(default_factory=Counter)  # by kind
     finished: Counter = field(default_factory=Counter)  # generate's, by finish_reason
     truncated: int = 0  # rows that lost tokens to --max-length
+    chunked: int = 0  # rows read in more than one window (--on-long chunk)
+    windows: int = 0  # the windows of those rows
 
 
 def count_outcomes(dataset: pads.Dataset) -> Outcomes:
@@ -314,6 +317,11 @@ def count_outcomes(dataset: pads.Dataset) -> Outcomes:
             _tally(found.finished, batch.column("finish_reason").drop_null())
         if "truncated" in columns:
             found.truncated += pc.sum(batch.column("truncated")).as_py() or 0
+        if "windows" in columns:
+            windows = batch.column("windows")
+            many = pc.filter(windows, pc.greater(windows, 1))
+            found.chunked += len(many)
+            found.windows += pc.sum(many).as_py() or 0
     return found
 
 

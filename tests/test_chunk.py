@@ -44,11 +44,13 @@ def models(tiny_models, tmp_path_factory) -> dict[str, str]:
     }
 
 
-def expected(path: str, texts: list[str], max_length: int) -> tuple[np.ndarray, int]:
+def expected(
+    path: str, texts: list[str], max_length: int
+) -> tuple[np.ndarray, list[int]]:
     """Each text's embedding from sentence-transformers alone: the vector of each of
     its windows (transformers' overflowing windows of ``max_length`` tokens), their
     mean weighted by tokens, L2-normalised where the model normalises; and how many
-    texts took more than one window."""
+    windows each text took."""
     model = SentenceTransformer(path, device="cpu")
     windows = model.tokenizer(
         texts, truncation=True, max_length=max_length, return_overflowing_tokens=True
@@ -68,7 +70,7 @@ def expected(path: str, texts: list[str], max_length: int) -> tuple[np.ndarray, 
         if isinstance(model[-1], st.Normalize):
             mean = torch.nn.functional.normalize(mean, dim=0)
         out.append(mean.numpy())
-    return np.array(out), sum(len(w) > 1 for w in rows.values())
+    return np.array(out), [len(rows[i]) for i in range(len(texts))]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -85,12 +87,13 @@ def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
     assert batch.equals(actor_batch(TEXTS, tokens))  # transformers' windows too
     out = actor(batch)
     assert out["error"].null_count == len(TEXTS)
-    want, chunked = expected(path, TEXTS, 8)
+    want, windows = expected(path, TEXTS, 8)
     got = np.array(out["embedding"].to_pylist())
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
-    assert chunked >= 15 and actor.stats.chunked == chunked
+    assert out["windows"].to_pylist() == windows  # each row says how many it took
+    assert sum(n > 1 for n in windows) >= 15
     # The summary's rows per micro-batch count windows: what the batches held.
-    assert actor.stats.batched == actor.stats.windows + len(TEXTS) - chunked
+    assert actor.stats.batched == sum(windows)
     assert "truncated" not in out.column_names  # no row is cut
     assert actor.stats.micro_batches > len(TEXTS)
     # The windows' mean, not the first window's alone: what truncating would give.
@@ -129,11 +132,14 @@ def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
         tmp_path / "out", model=path, inputs=corpus["parquet"], task="embed",
         id_column="doc", max_length=8, on_long="chunk",
     )  # fmt: skip
-    want, chunked = expected(path, corpus["texts"], 8)
+    want, windows = expected(path, corpus["texts"], 8)
     got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert [rows[f"doc-{i:03d}"]["windows"] for i in range(120)] == windows
     assert summary.errors == {} and summary.truncated == 0
+    chunked = sum(n > 1 for n in windows)
     assert summary.chunked == chunked > 0
+    assert summary.windows == sum(n for n in windows if n > 1)
     line = f"chunked {chunked} rows into {summary.windows} windows of --max-length 8"
     assert any(x.startswith(line) for x in summary.lines())
     with pytest.raises(UserError, match="another --on-long"):
