@@ -203,6 +203,7 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
         found = _hf_data_files(
             fs, [p for p in _listing(fs, base) if pattern.fullmatch(p)]
         )  # data/* in a datasets folder: its data files, not its JSON metadata
+        _check_not_metadata(given, found)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
@@ -214,6 +215,24 @@ def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
     if not found:
         raise UserError("--input", f"no input files matched {given}")
     return fs, found
+
+
+def _check_not_metadata(given: str, found: list[str]) -> None:
+    """A glob over a ``DatasetDict`` folder (``my_dataset/*``) matches its
+    ``dataset_dict.json`` alone (``*`` does not enter the splits' folders): not
+    rows, and not JSONL to refuse for a missing column.
+
+    Raises:
+        UserError: naming ``--input`` and the folder to give instead.
+    """
+    names = {p.rpartition("/")[2] for p in found}
+    if names and names <= set(HF_METADATA):
+        raise UserError(
+            "--input",
+            f"{given} matches Hugging Face datasets metadata only "
+            f"({', '.join(sorted(names))}); give the dataset's folder, "
+            f"{found[0].rpartition('/')[0]}, to read its data files",
+        )
 
 
 def _hf_data_files(fs: pafs.FileSystem, found: list[str]) -> list[str]:

@@ -254,6 +254,13 @@ def test_a_hugging_face_dataset_folder_reads_its_data_files(tmp_path):
     assert len(one.paths) == 2
     globbed = resolve_inputs([str(tmp_path / "hf" / "train" / "*")], None, "text", None)
     assert globbed.paths == one.paths  # not its state.json and dataset_info.json
+    with pytest.raises(UserError) as metadata:  # * does not enter the splits
+        resolve_inputs([str(tmp_path / "hf" / "*")], None, "text", None)
+    assert str(metadata.value) == (
+        f"--input: {tmp_path}/hf/* matches Hugging Face datasets metadata only "
+        f"(dataset_dict.json); give the dataset's folder, {tmp_path}/hf, to read its "
+        "data files"
+    )
     got = read_texts((str(tmp_path / "hf"),), "text", 100, "--calibration")
     assert got == texts[20:] + texts[:20]  # files in order: test/ before train/
 
