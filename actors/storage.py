@@ -3,6 +3,7 @@ filesystem and a path on it. The one place a flag's path becomes a filesystem.""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pyarrow as pa
@@ -10,6 +11,8 @@ import pyarrow.fs as pafs
 import yaml
 
 from lmbatch.errors import UserError
+
+GCS_PROBE_SECONDS = 5  # how long the first request to a gs:// URI may retry
 
 
 def is_uri(path: str) -> bool:
@@ -25,9 +28,36 @@ def filesystem_of(given: str, flag: str) -> tuple[pafs.FileSystem, str]:
     if not is_uri(given):
         return pafs.LocalFileSystem(), os.path.abspath(given)
     try:
-        return pafs.FileSystem.from_uri(given)
+        found = pafs.FileSystem.from_uri(given)
     except (pa.ArrowInvalid, ValueError, OSError) as e:
         raise UserError(flag, f"cannot open {given}: {e}") from None
+    if isinstance(found[0], pafs.GcsFileSystem):
+        _check_reachable(given, flag)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _check_reachable(given: str, flag: str) -> None:
+    """One request to Google Cloud Storage that gives up in seconds: without
+    credentials (or a network), pyarrow's client retries its token lookup for
+    minutes on every call (a job still silent when killed at 120 s). The job's own
+    filesystem keeps those retries, which ride out a transient error mid-read.
+
+    Raises:
+        UserError: naming ``flag``, with the client's reason.
+    """
+    sep = "&" if "?" in given else "?"
+    fs, path = pafs.FileSystem.from_uri(
+        f"{given}{sep}retry_limit_seconds={GCS_PROBE_SECONDS}"
+    )
+    try:
+        fs.get_file_info(path)
+    except OSError as e:
+        reason = str(e).splitlines()[0]
+        reason = reason.split("last message of ", 1)[-1].split(". ")[0]
+        if "access token" in reason:  # no credentials here
+            reason += " (gcloud auth application-default login; or ?anonymous=true)"
+        raise UserError(flag, f"cannot reach {given}: {reason}") from None
 
 
 def read_yaml(given: str, flag: str) -> object:

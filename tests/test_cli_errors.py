@@ -60,6 +60,14 @@ def test_missing_input(base, tmp_path):
     )
 
 
+def test_a_gs_uri_this_machine_cannot_reach_is_one_line_in_seconds(base):
+    """Without Google Cloud credentials, pyarrow's client retried for minutes before
+    a word; the first request now gives up in seconds. (With credentials, the
+    bucket does not exist: no such file, also one line.)"""
+    given = "gs://lmbatch-no-such-bucket/rows.parquet"
+    assert_user_error(run(*with_flag(base, "--input", given)), "--input", given)
+
+
 def test_glob_matching_nothing(base, tmp_path):
     assert_user_error(
         run(*with_flag(base, "--input", str(tmp_path / "*.parquet"))),
