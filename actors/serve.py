@@ -157,8 +157,12 @@ def parse_request(body: bytes, accepts: Accepts) -> Asked:
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; {USAGE}")
     texts = data["inputs"]
+    if isinstance(texts, str):  # one text, as text-embeddings-inference takes it
+        texts = [texts]
     if not isinstance(texts, list) or not texts:
-        raise BadRequest(f"inputs must be a non-empty list of strings; {USAGE}")
+        raise BadRequest(
+            f"inputs must be a string or a non-empty list of them; {USAGE}"
+        )
     if len(texts) > MAX_INPUTS:
         raise BadRequest(
             f"{len(texts)} inputs; at most {MAX_INPUTS} per request "

@@ -70,6 +70,10 @@ def test_answers_match_the_infer_job(endpoint):
     for got, want in zip(body["results"], expected, strict=True):
         assert got["error"] is None
         assert got["embedding"] == pytest.approx(list(want["embedding"]), abs=1e-5)
+    status, body = post(url, {"inputs": TEXTS[0]})  # one text, not in a list
+    assert status == 200 and len(body["results"]) == 1
+    want = list(expected[0]["embedding"])
+    assert body["results"][0]["embedding"] == pytest.approx(want, abs=1e-5)
 
 
 def test_concurrent_requests_are_batched_together(endpoint):
