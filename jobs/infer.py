@@ -108,6 +108,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         f"model {spec.model} ({arch}): {spec.task}, {precision} on {pool.device}",
         f"inputs {len(plan.inputs.paths)} {plan.inputs.format} files, {rows}{limit}",
         f"output {spec.output}: {state}",
+        f"columns {', '.join(plan.columns)}",
         f"pool {sized}",
         *([f"prompt {plan.prompt!r}"] if plan.prompt else []),
         *(

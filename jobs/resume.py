@@ -20,7 +20,6 @@ from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from lmbatch.actors.model_files import fingerprint
-from lmbatch.actors.model_info import TASK_COLUMNS, outcome_columns
 from lmbatch.actors.storage import absolute
 from lmbatch.errors import UserError
 from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, holds_output
@@ -156,8 +155,7 @@ def check_columns(plan: InferPlan) -> None:
         UserError: naming ``--resume`` and the columns that differ.
     """
     fs, path = plan.output_fs, plan.output_path
-    spec = plan.spec
-    wants = {"id", *TASK_COLUMNS[spec.task], *outcome_columns(spec.on_long), *plan.keep}
+    wants = set(plan.columns)
     found = fs.get_file_info(pafs.FileSelector(path))
     for data in (f.path for f in found if f.path.endswith(".parquet")):
         try:

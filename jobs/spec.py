@@ -391,6 +391,17 @@ class InferPlan:
     keep: dict[str, pa.DataType]  # --keep-columns and their types
     prompt: str = ""  # put before every text (embed; prompt_of)
 
+    @property
+    def columns(self) -> list[str]:
+        """What each output row holds, in order (the predictor's ``_table``)."""
+        spec = self.spec
+        return [
+            "id",
+            *TASK_COLUMNS[spec.task],
+            *outcome_columns(spec.on_long),
+            *self.keep,
+        ]
+
 
 def prepare_infer(spec: InferSpec) -> InferPlan:
     """Check every flag against files and model; nothing is started or written.

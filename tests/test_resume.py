@@ -220,7 +220,10 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
     assert lines[1].endswith(": embed, fp32 (auto on CPU) on cpu"), lines[1]
     assert "inputs 1 parquet files, 120 rows; --limit 7 new rows at most" in lines
     assert f"output {out}: new" in lines and not out.exists()
+    assert "columns id, embedding, error, truncated" in lines
     run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    written = pads.dataset(out, format="parquet").schema.names
+    assert written == ["id", "embedding", "error", "truncated"]  # as planned
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     lines = launch("infer", InferSpec(dry_run=True, resume=True, **flags), None)
     assert f"output {out}: --resume keeps its 120 finished rows" in lines
