@@ -22,21 +22,48 @@ log = logging.getLogger("lmbatch")
 NO_GPU = "the cluster has no GPU, and no node type of its autoscaler has one"
 
 
-def choose_device(asked: str, precision: str, info: ModelInfo, view: GpuView) -> str:
+def choose_device(
+    asked: str,
+    precision: str,
+    info: ModelInfo,
+    view: GpuView,
+    gpu_flags: dict[str, object] | None = None,
+) -> str:
     """cuda or cpu. ``auto`` takes GPUs where the cluster has them or its autoscaler
     can add them, unless the model runs on CPU kernels only (cpu-int8, a cpu-int8
     artifact).
 
+    Args:
+        gpu_flags: flags that size a pool of GPUs (``--gpus``), by name; one given
+            (not None) asks for GPUs, so a pool on CPU would ignore it.
+
     Raises:
         UserError: naming ``--device`` when cuda is asked of a cluster that can have
-            no GPU.
+            no GPU, or a GPU flag given for a pool that runs on CPU.
     """
     if asked == "cuda" and not view.most:
         raise UserError("--device", f"cuda asked for; {NO_GPU}")
     cpu_only = precision in CPU_ONLY_PRECISIONS or info.cpu_only
-    if asked == "cpu" or not view.most or cpu_only:
-        return "cpu"
-    return "cuda"
+    if asked != "cpu" and view.most and not cpu_only:
+        return "cuda"
+    given = [flag for flag, value in (gpu_flags or {}).items() if value is not None]
+    if given:
+        raise UserError(
+            given[0],
+            "applies to a pool of GPUs; this one runs on CPU: "
+            + _on_cpu_because(asked, precision, info),
+        )
+    return "cpu"
+
+
+def _on_cpu_because(asked: str, precision: str, info: ModelInfo) -> str:
+    if asked == "cpu":
+        return "--device cpu"
+    if precision in CPU_ONLY_PRECISIONS:
+        return f"--precision {precision} runs on CPU kernels"
+    if info.cpu_only:
+        return "the artifact's layers run on CPU kernels"
+    return NO_GPU
 
 
 def pool_gpus(asked: int | None, view: GpuView) -> int:

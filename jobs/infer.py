@@ -230,7 +230,8 @@ def size_pool(plan: InferPlan) -> tuple[PoolPlan, str]:
     autoscaler may still have to start)."""
     spec = plan.spec
     view = gpu_view()
-    device = choose_device(spec.device, spec.precision, plan.model, view)
+    gpu_flags = {"--gpus": spec.gpus, "--actors-per-gpu": spec.actors_per_gpu}
+    device = choose_device(spec.device, spec.precision, plan.model, view, gpu_flags)
     gpus, packed = 0, 1
     if device == "cuda":
         gpus = pool_gpus(spec.gpus, view)

@@ -110,3 +110,30 @@ def test_nodes_each_get_actors_and_one_keeps_a_cpu_for_reads():
     mixed = plan_pool({"CPU": 18.0}, None, node_cpus=[16.0, 2.0])
     assert (mixed.max_actors, mixed.threads) == (5, 3)
     assert 16.0 - 5 * mixed.num_cpus >= 1.0
+
+
+@pytest.mark.parametrize(
+    "device, precision, gpus, why",
+    [
+        ("auto", "auto", 0, "the cluster has no GPU, and no node type"),
+        ("cpu", "auto", 2, "--device cpu"),
+        ("auto", "cpu-int8", 2, "--precision cpu-int8 runs on CPU kernels"),
+    ],
+)
+def test_a_gpu_flag_for_a_pool_that_runs_on_cpu_is_refused(
+    tiny_models, device, precision, gpus, why
+):
+    """--gpus or --actors-per-gpu asks for GPUs: a pool on CPU would ignore it."""
+    from lmbatch.actors.model_info import inspect_model
+    from lmbatch.jobs.cluster import GpuView
+    from lmbatch.jobs.gpus import choose_device
+
+    info = inspect_model(tiny_models["bert"], "embed")
+    view = GpuView(now=gpus, most=gpus, memory_bytes=None, smallest="", cpus_per_gpu=8)
+    for flag in ("--gpus", "--actors-per-gpu"):
+        with pytest.raises(UserError) as refused:
+            choose_device(device, precision, info, view, {flag: 2})
+        assert str(refused.value).startswith(
+            f"{flag}: applies to a pool of GPUs; this one runs on CPU: {why}"
+        )
+    assert choose_device(device, precision, info, view, {"--gpus": None}) == "cpu"
