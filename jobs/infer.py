@@ -155,8 +155,9 @@ def summarise(
     ray.kill(sink)  # named actors outlive their handles
     for a in actors:  # stamped on the sink's node, the driver's: one clock
         a["ready_seconds"] = round(a.pop("ready_at") - started, 3)
+    own = set(plan.columns) - set(plan.keep)
     summary = build_summary(
-        plan.output_fs, plan.output_path, seconds, actors, restored, sized
+        plan.output_fs, plan.output_path, seconds, actors, restored, sized, own
     )
     one_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
     summary.stages = stage_times(ds, started, one_node)

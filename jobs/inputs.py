@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -44,7 +44,9 @@ GLOB_CHARS = "*?["
 DELIMITERS = {"csv": ",", "tsv": "\t"}  # the delimited formats, read as CSV
 
 
-def delimited(fmt: str, invalid_row_handler=None) -> pacsv.ParseOptions:
+def delimited(
+    fmt: str, invalid_row_handler: Callable[[pacsv.InvalidRow], str] | None = None
+) -> pacsv.ParseOptions:
     """How a CSV or TSV file parses: quoted values may span lines, and a bad line
     is the row reader's to report (``invalid_row_handler``), skipped elsewhere."""
     return pacsv.ParseOptions(

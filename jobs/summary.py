@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -54,6 +55,9 @@ class StatsSink:
 
 
 SINK_PREFIX = "lmbatch-stats-"
+# The output columns that say how each row came out (finish_reason: generate's;
+# truncated: where the job truncates; windows: under --on-long chunk).
+OUTCOME_COLUMNS = ("error", "finish_reason", "truncated", "windows")
 
 
 def start_sink():
@@ -250,13 +254,15 @@ def build_summary(
     actors: list[dict],
     restored: int = 0,
     pool: str = "",
+    own: Collection[str] = OUTCOME_COLUMNS,
 ) -> Summary:
     """Count rows and errors in the written output and merge the actors' stats.
 
     ``restored``: rows an earlier run of a resumed job had written; speeds count only
-    the rows this run computed."""
+    the rows this run computed. ``own``: the job's own columns, not an input's kept
+    under the same name (``count_outcomes``)."""
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    found = count_outcomes(dataset)
+    found = count_outcomes(dataset, own)
     rows = found.rows
     tokens = sum(a["tokens"] for a in actors)
     computed = rows - restored
@@ -280,11 +286,6 @@ def build_summary(
     )
 
 
-# The output columns that say how each row came out (finish_reason: generate's;
-# truncated: where the job truncates; windows: under --on-long chunk).
-OUTCOME_COLUMNS = ("error", "finish_reason", "truncated", "windows")
-
-
 @dataclass
 class Outcomes:
     """What an output's rows came to, counted from the output itself: a batch
@@ -298,15 +299,19 @@ class Outcomes:
     windows: int = 0  # the windows of those rows
 
 
-def count_outcomes(dataset: pads.Dataset) -> Outcomes:
+def count_outcomes(
+    dataset: pads.Dataset, own: Collection[str] = OUTCOME_COLUMNS
+) -> Outcomes:
     """Rows, errors by kind, rows by ``finish_reason`` (generate's) and rows
-    truncated, in one pass over those columns, counted by Arrow compute batch by
-    batch: a kind is the ``error`` value up to its first colon. No loop over rows,
-    so a hundred million rows count in the time it takes to read the columns."""
+    truncated or chunked, in one pass over those columns, counted by Arrow compute
+    batch by batch: a kind is the ``error`` value up to its first colon. No loop
+    over rows, so a hundred million rows count in the time it takes to read the
+    columns. Only the job's ``own`` columns count: an embed job's kept input column
+    ``truncated`` is data, not an outcome."""
     found = Outcomes()
     if "error" not in dataset.schema.names:  # no data file: the inputs held no row
         return found
-    columns = [c for c in OUTCOME_COLUMNS if c in dataset.schema.names]
+    columns = [c for c in OUTCOME_COLUMNS if c in own and c in dataset.schema.names]
     for batch in dataset.to_batches(columns=columns):
         found.rows += batch.num_rows
         errors = batch.column("error").drop_null()
