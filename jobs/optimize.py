@@ -69,6 +69,12 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
             f"optimize reads text pairs for --task classify (a cross-encoder's, an "
             f"NLI model's), not {task}",
         )
+    if spec.pair_column is not None and spec.pair_column == spec.text_column:
+        raise UserError(
+            "--pair-column",
+            f"{spec.pair_column!r} is --text-column too: each text would be paired "
+            "with itself",
+        )
     info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)

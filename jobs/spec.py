@@ -284,6 +284,12 @@ class InferSpec(ModelFlags):
                 "pair_column",
                 f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
             )
+        if self.pair_column is not None and self.pair_column == self.text_column:
+            raise FieldError(
+                "pair_column",
+                f"{self.pair_column!r} is --text-column too: each text would be "
+                "paired with itself",
+            )
         if self.pair_column is not None and self.on_long == "chunk":
             raise FieldError(
                 "on_long",

@@ -180,6 +180,15 @@ def test_an_actor_memory_that_cannot_hold_the_model_is_refused(base, flags, says
     assert_user_error(run(*base, *flags), "--actor-memory", says)
 
 
+def test_a_text_paired_with_itself_is_refused(base, tiny_models):
+    args = with_flag(base, "--task", "classify")
+    args = with_flag(args, "--model", tiny_models["bert_cls"])
+    assert_user_error(
+        run(*args, "--pair-column", "text"),
+        "--pair-column: 'text' is --text-column too: each text would be paired",
+    )
+
+
 def test_unknown_task(base):
     assert_user_error(run(*with_flag(base, "--task", "translate")), "--task")
 

@@ -196,6 +196,12 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         "'pooler.dense')",
     )
     calibrated = [*base, "--calibration", corpus["parquet"]]
+    cross = ["--model", tiny_models["bert_cls"], "--output", str(tmp_path / "o")]
+    assert_user_error(
+        optimize(*cross, "--recipe", recipe, "--calibration", corpus["parquet"],
+                 "--pair-column", "text"),
+        "--pair-column: 'text' is --text-column too",
+    )  # fmt: skip
     assert_user_error(  # the tiny models have 64 positions
         optimize(*calibrated, "--recipe", recipe, "--max-length", "65"),
         "--max-length: 65 is more than the model's 64 positions",
