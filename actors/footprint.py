@@ -27,6 +27,18 @@ FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 NOT_QUANTISED = re.compile(r"embed|wte|wpe|lm_head|classifier|score|pooler")
 
 
+def footprint_precision(artifact: str | None, precision: str, device: str) -> str:
+    """The precision the weights will be held in on ``device``: an artifact's own
+    (``artifact``), or the one asked for; auto is bf16 or fp16 on a GPU (two bytes a
+    weight either way) and fp32 on CPU, where cpu-int8 loads in fp32 before
+    quantising."""
+    if artifact not in (None, "fp32", "mixed"):
+        return artifact
+    if device == "cpu" and precision in ("auto", "cpu-int8"):
+        return "fp32"
+    return "fp16" if precision == "auto" else precision
+
+
 def model_bytes(path: str, precision: str, device: str = "cuda") -> int:
     """Bytes the weights of ``path`` take once loaded at ``precision`` on ``device``.
 

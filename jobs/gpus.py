@@ -12,7 +12,11 @@ import logging
 
 import ray
 
-from lmbatch.actors.footprint import gpu_total_bytes, model_bytes
+from lmbatch.actors.footprint import (
+    footprint_precision,
+    gpu_total_bytes,
+    model_bytes,
+)
 from lmbatch.actors.model_info import CPU_ONLY_PRECISIONS, ModelInfo
 from lmbatch.errors import UserError
 from lmbatch.jobs.cluster import GpuView
@@ -96,7 +100,8 @@ def per_gpu(
     if not gpu_bytes:  # the GPU node has no CUDA: its actors will run on CPU
         log.warning("a GPU node of this cluster finds no CUDA; one actor per GPU")
         return asked or 1
-    weights = model_bytes(model_dir, footprint_precision(info, precision), "cuda")
+    held = footprint_precision(info.precision, precision, "cuda")
+    weights = model_bytes(model_dir, held, "cuda")
     return actors_per_gpu(weights, gpu_bytes, asked)
 
 
@@ -111,11 +116,3 @@ def planned_precision(info: ModelInfo, precision: str, device: str) -> str:
     if device == "cpu":
         return "fp32 (auto on CPU)"
     return "bf16, or fp16 on GPUs older than Ampere (auto)"
-
-
-def footprint_precision(info: ModelInfo, precision: str) -> str:
-    """The precision the weights will take on a GPU: an artifact's own, or the one
-    asked for; auto is bf16 or fp16, two bytes a weight either way."""
-    if info.precision not in (None, "fp32", "mixed"):
-        return info.precision
-    return "fp16" if precision == "auto" else precision

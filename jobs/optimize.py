@@ -36,7 +36,7 @@ from lmbatch.jobs.gpus import choose_device
 from lmbatch.jobs.lease import check_no_writer, writer_lease
 from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
 from lmbatch.jobs.session import ray_session
-from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec
+from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, paired_with_itself
 from lmbatch.optimize.labels import label_metrics
 from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
 from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
@@ -69,12 +69,8 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
             f"optimize reads text pairs for --task classify (a cross-encoder's, an "
             f"NLI model's), not {task}",
         )
-    if spec.pair_column is not None and spec.pair_column == spec.text_column:
-        raise UserError(
-            "--pair-column",
-            f"{spec.pair_column!r} is --text-column too: each text would be paired "
-            "with itself",
-        )
+    if why := paired_with_itself(spec.text_column, spec.pair_column):
+        raise UserError("--pair-column", why)
     info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)

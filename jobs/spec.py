@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import AfterValidator, Field, model_validator
 
-from lmbatch.actors.footprint import model_bytes
+from lmbatch.actors.footprint import footprint_precision, model_bytes
 from lmbatch.actors.hub_cache import hub_snapshot
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
@@ -284,12 +284,8 @@ class InferSpec(ModelFlags):
                 "pair_column",
                 f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
             )
-        if self.pair_column is not None and self.pair_column == self.text_column:
-            raise FieldError(
-                "pair_column",
-                f"{self.pair_column!r} is --text-column too: each text would be "
-                "paired with itself",
-            )
+        if why := paired_with_itself(self.text_column, self.pair_column):
+            raise FieldError("pair_column", why)
         if self.pair_column is not None and self.on_long == "chunk":
             raise FieldError(
                 "on_long",
@@ -321,6 +317,16 @@ class ServeSpec(ModelFlags):
         description="Interface to listen on; 0.0.0.0 exposes the model to the network.",
     )
     port: int = Field(8000, ge=1, le=65535)
+
+
+def paired_with_itself(text_column: str, pair_column: str | None) -> str | None:
+    """What is wrong with a text pair of one column twice (infer's and optimize's
+    --pair-column), or None."""
+    if pair_column is None or pair_column != text_column:
+        return None
+    return (
+        f"{pair_column!r} is --text-column too: each text would be paired with itself"
+    )
 
 
 class OptimizeSpec(Spec):
@@ -510,9 +516,7 @@ def check_actor_memory(spec: InferSpec, info: ModelInfo, model_dir: str) -> None
             "--actor-memory",
             "applies to CPU actors; a GPU actor's batches fit its share of the GPU",
         )
-    # On CPU, auto is fp32; cpu-int8 loads in fp32 before quantising.
-    loads = {"auto": "fp32", "cpu-int8": "fp32"}.get(spec.precision, spec.precision)
-    precision = info.precision or loads
+    precision = footprint_precision(info.precision, spec.precision, "cpu")
     weights = model_bytes(model_dir, precision, "cpu")
     if spec.actor_memory <= weights:
         raise UserError(
