@@ -1,4 +1,5 @@
-"""What a model will hold on a GPU, read off its weight files' headers: no load.
+"""What a model will hold on a GPU (or a CPU actor), read off its weight files' headers:
+no load.
 
 The pool's GPU fraction must be known before any actor starts. Loading the model on a
 GPU to measure it cost a whole model load (tens of seconds for a large model) before
