@@ -2,8 +2,9 @@
 
 An optimize job writes it (``optimize/artifact.py``); ``load_model`` reads it to know
 the artifact's precision, the modules it must rebuild and the bitsandbytes settings
-to re-apply. Reading needs nothing but JSON, so the driver can check an artifact
-before any actor starts.
+(which an artifact written before it stored quantised weights is quantised by at
+load). Reading needs nothing but JSON, so the driver can check an artifact before
+any actor starts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ArtifactMeta:
     rebuild: dict[str, dict] = field(default_factory=dict)  # module -> kind, shapes
     sparse: dict[str, list[int]] = field(default_factory=dict)  # bitmask tensors
     aliases: dict[str, str] = field(default_factory=dict)  # tied tensor -> kept name
-    quantization: dict | None = None  # bitsandbytes settings for load_model
+    quantization: dict | None = None  # bitsandbytes settings (method, skip, threshold)
     steps: list[dict] = field(default_factory=list)  # per-step metrics
     format: int = 1
 
@@ -45,12 +46,7 @@ class ArtifactMeta:
         Raises:
             UserError: naming ``--precision``.
         """
-        if self.precision != "fp32" and asked not in ("auto", "fp32", self.precision):
-            raise UserError(
-                "--precision",
-                f"{path} is an artifact already in {self.precision}; "
-                "leave --precision out",
-            )
+        check_own_precision(path, self.precision, asked, "an artifact")
         runs = asked if self.precision == "fp32" else self.precision
         if runs in ("int8", "nf4") and (self.rebuild or self.sparse):
             raise UserError(
@@ -65,3 +61,45 @@ class ArtifactMeta:
         if not file.is_file():
             return None
         return cls(**json.loads(file.read_text()))
+
+
+def check_own_precision(path: str, own: str, asked: str, what: str) -> None:
+    """A model that holds its weights in a precision of its own runs in it: asking
+    for another is refused (auto, and fp32, "as saved", take it).
+
+    Raises:
+        UserError: naming ``--precision``.
+    """
+    if own != "fp32" and asked not in ("auto", "fp32", own):
+        raise UserError(
+            "--precision", f"{path} is {what} already in {own}; leave --precision out"
+        )
+
+
+def stored_precision(path: str, asked: str) -> str | None:
+    """int8 or nf4 where config.json says bitsandbytes stored the weights quantised
+    (an lmbatch int8/nf4 artifact, or a hub's ``*-bnb-4bit`` checkpoint): they load
+    as stored, as an artifact's do. None where ``--precision`` chooses.
+
+    Raises:
+        UserError: naming ``--model``, for weights stored by another method, or
+            ``--precision``, ``asked`` being another.
+    """
+    file = Path(path) / "config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    stored = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(stored, dict):
+        return None
+    method = stored.get("quant_method", "an unnamed method")
+    if method == "bitsandbytes":
+        kind = stored.get("bnb_4bit_quant_type", "fp4")
+        own = "int8" if stored.get("load_in_8bit") else kind
+        if own in ("int8", "nf4"):
+            check_own_precision(path, own, asked, "quantised by bitsandbytes")
+            return own
+        method = f"bitsandbytes in 4-bit {kind}"
+    raise UserError(
+        "--model",
+        f"{path} holds weights quantised by {method}; lmbatch runs checkpoints "
+        "stored in full precision or by bitsandbytes in int8 or nf4",
+    )

@@ -9,6 +9,7 @@ An lmbatch artifact is rebuilt here too (``load_artifact``), from the format
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lmbatch.actors.artifact import META_FILE, ArtifactMeta
+from lmbatch.actors.artifact import (
+    META_FILE,
+    ArtifactMeta,
+    stored_precision,
+)
 from lmbatch.actors.layers import rebuild, replace_module
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
@@ -51,6 +56,13 @@ TASK_MODEL_CLASSES = {
 # reach the result directly, and poolers.
 SKIP_QUANTIZE = ["lm_head", "classifier", "score", "pooler"]
 NF4_CPU_BLOCK = 64  # input features bitsandbytes' 4-bit CPU kernels pack together
+# Two warnings of bitsandbytes on CPU, about nothing a job can change: its 4-bit
+# backend could not fetch a faster kernel from the Hugging Face hub (the `kernels`
+# package; its own kernel runs instead, the one every CPU figure here was measured
+# with), once per actor; and LLM.int8 casts fp32 inputs to fp16 before quantising
+# them, once per layer per micro-batch: 360 lines for a 300-row MiniLM job.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
@@ -87,17 +99,43 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> PreTrainedModel:
             cls.from_pretrained(spec.path, dtype=torch.float32, **kwargs)
         )
     else:
-        model = cls.from_pretrained(
-            spec.path,
-            quantization_config=bnb_config(
-                spec, device, [*skip, *_unpackable_linears(cls, spec, device)]
-            ),
-            # bitsandbytes computes in fp32 on CPU (give it explicitly), fp16 on GPU.
-            dtype=torch.float32 if device == "cpu" else torch.float16,
-            device_map={"": device},
-            **kwargs,
-        )
+        model = _load_bitsandbytes(cls, spec, device, skip, kwargs)
     return model.eval()
+
+
+def _load_bitsandbytes(
+    cls, spec: ModelSpec, device: str, skip: list[str], kwargs: dict
+) -> PreTrainedModel:
+    """Quantised as it loads; or, where config.json says its weights are stored
+    quantised already (an int8/nf4 artifact, a hub's ``*-bnb-4bit``), loaded as
+    stored, computing in this device's dtype."""
+    config = AutoConfig.from_pretrained(
+        spec.path, trust_remote_code=spec.trust_remote_code
+    )
+    stored = getattr(config, "quantization_config", None)
+    quantization = None
+    if stored:
+        config.quantization_config = {
+            **stored,
+            "bnb_4bit_compute_dtype": compute_dtype(device),
+        }
+    else:
+        unpackable = _unpackable_linears(cls, spec, device)
+        quantization = bnb_config(spec, device, [*skip, *unpackable])
+    return cls.from_pretrained(
+        spec.path,
+        config=config,
+        quantization_config=quantization,
+        dtype=compute_dtype(device),
+        device_map={"": device},
+        **kwargs,
+    )
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """What bitsandbytes computes in, and holds its unquantised tensors in: fp32 on
+    CPU (given explicitly), fp16 on GPU."""
+    return torch.float32 if device == "cpu" else torch.float16
 
 
 def _check_config(spec: ModelSpec) -> None:
@@ -132,13 +170,16 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def _artifact_spec(spec: ModelSpec, device: str):
-    """An lmbatch artifact carries its precision: ``--precision`` may only repeat it,
-    or pick one for an artifact saved in fp32; ``auto`` (and fp32, what ``ModelSpec``
-    means by "as saved") take the artifact's own.
+    """An lmbatch artifact carries its precision, as a checkpoint bitsandbytes
+    stored does: ``--precision`` may only repeat it, or pick one for an artifact
+    saved in fp32; ``auto`` (and fp32, what ``ModelSpec`` means by "as saved") take
+    the model's own.
     Returns (spec with a concrete precision, bnb skips, meta)."""
     meta = ArtifactMeta.read(spec.path)
     if meta is not None:
         meta.check_precision(spec.path, spec.precision)
+    elif stored := stored_precision(spec.path, spec.precision):
+        return replace(spec, precision=stored), [], None
     if meta is None or meta.precision == "fp32":
         precision = resolve_precision(spec.precision, device)
         return replace(spec, precision=precision), [], meta
@@ -164,7 +205,6 @@ def _load_rebuilt(spec: ModelSpec, cls, artifact, device: str) -> PreTrainedMode
 
 def bnb_config(spec: ModelSpec, device: str, skip: list[str]) -> BitsAndBytesConfig:
     """LLM.int8, or NF4 double-quantised; heads, poolers and ``skip`` stay full."""
-    compute = torch.float32 if device == "cpu" else torch.float16
     if spec.precision == "int8":
         return BitsAndBytesConfig(
             load_in_8bit=True,
@@ -175,7 +215,7 @@ def bnb_config(spec: ModelSpec, device: str, skip: list[str]) -> BitsAndBytesCon
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_compute_dtype=compute_dtype(device),
         llm_int8_skip_modules=[*SKIP_QUANTIZE, *skip],
     )
 

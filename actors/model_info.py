@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmbatch.actors.artifact import ArtifactMeta
+from lmbatch.actors.artifact import ArtifactMeta, stored_precision
 from lmbatch.actors.model_files import weight_names
 from lmbatch.actors.sentence import Sentence, read_sentence
 from lmbatch.errors import UserError
@@ -77,7 +77,9 @@ class ModelInfo:
     hidden_size: int | None = None  # config's width of a token state
     chat_template: bool = False  # generate, score: whether its tokenizer has one
     cpu_only: bool = False  # an artifact with layers on torch's int8 CPU kernels
-    precision: str | None = None  # an artifact's own precision; None: not an artifact
+    # The weights' own precision: an artifact's, or bitsandbytes' stored one; None:
+    # --precision chooses.
+    precision: str | None = None
 
 
 def inspect_model(
@@ -112,6 +114,9 @@ def inspect_model(
     artifact = ArtifactMeta.read(path)
     if artifact is not None:
         artifact.check_precision(path, precision)
+        own = artifact.precision
+    else:
+        own = stored_precision(path, precision)
     return ModelInfo(
         architectures=arch,
         max_positions=_max_positions(config),
@@ -123,7 +128,7 @@ def inspect_model(
         hidden_size=_first_int(config, ("hidden_size", "d_model", "n_embd")),
         chat_template=task in CHAT_TASKS and has_chat_template(Path(path)),
         cpu_only=artifact is not None and artifact.cpu_only,
-        precision=artifact.precision if artifact is not None else None,
+        precision=own,
     )
 
 

@@ -107,10 +107,11 @@ def per_gpu(
 
 def planned_precision(info: ModelInfo, precision: str, device: str) -> str:
     """The precision a job's weights will be held in, as far as the launcher can
-    know it before any actor runs (the dry run): an artifact's own, the one asked
-    for, or auto made concrete where the device decides it."""
+    know it before any actor runs (the dry run): the model's own (an artifact's, or
+    bitsandbytes' stored one), the one asked for, or auto made concrete where the
+    device decides it."""
     if info.precision not in (None, "fp32"):
-        return f"{info.precision} (the artifact's)"
+        return f"{info.precision} (the model's own)"
     if precision != "auto":
         return precision
     if device == "cpu":

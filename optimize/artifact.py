@@ -1,20 +1,23 @@
 """Writing artifacts: an optimized model as a directory ``lmbatch infer --model`` loads.
 
     config.json, tokenizer files, sentence-transformers pooling files (copied)
-    model.safetensors   compact tensors: factors, codebooks, int8 weights, bitmasks
+    model.safetensors   compact tensors: factors, codebooks, int8 weights, bitmasks,
+                        or bitsandbytes' own (int8/nf4)
     lmbatch.json        recipe, per-step metrics, base fingerprint, and what to rebuild
 
-Where nothing needs rebuilding (distilled, FFN-pruned, fp16/bf16) the directory is a
-plain transformers checkpoint. Otherwise ``actors.loading.load_artifact`` builds the
-model from its config, puts the recorded module kinds and shapes in place, then loads
-the tensors. Reading the format (``actors/artifact.py``) is the actors' business;
-writing it is this module's. Safetensors only: an artifact never holds a pickle.
+Where nothing needs rebuilding (distilled, FFN-pruned, fp16/bf16, int8/nf4) the
+directory is a plain transformers checkpoint. Otherwise
+``actors.loading.load_artifact`` builds the model from its config, puts the recorded
+module kinds and shapes in place, then loads the tensors. Reading the format
+(``actors/artifact.py``) is the actors' business; writing it is this module's.
+Safetensors only: an artifact never holds a pickle.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ from transformers import PreTrainedModel
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import module_meta
+from lmbatch.actors.loading import load_model
+from lmbatch.actors.model_info import ModelSpec
 from lmbatch.actors.sentence import module_folders
 from lmbatch.actors.tasks import module_weights
 
@@ -47,11 +52,13 @@ COPIED = (
 def save_artifact(
     model: PreTrainedModel,
     out: Path,
-    base: Path,
+    spec: ModelSpec,
     meta: ArtifactMeta,
     storage: dict[str, str],
 ) -> None:
-    """Write ``model`` and ``meta`` to ``out`` (created, or replaced if there)."""
+    """Write ``model`` and ``meta`` to ``out`` (created, or replaced if there);
+    ``spec`` is the original model's, whose tokenizer and modules it keeps."""
+    base = Path(spec.path)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -73,6 +80,22 @@ def save_artifact(
         shutil.copytree(base / folder, out / folder, ignore=_pickles)
         _unpickled(base / folder, out / folder)
     (out / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    if meta.quantization:
+        _store_quantised(out, spec)
+
+
+def _store_quantised(out: Path, spec: ModelSpec) -> None:
+    """Replace an int8/nf4 artifact's fp32 weights by bitsandbytes' own (int8 rows
+    and their scales; nf4 nibbles and block absmax): the file shrinks as the model
+    does, and loads with no quantising, as any pre-quantised checkpoint does.
+
+    Quantised on CPU wherever the recipe ran: its 4-bit kernels keep layers narrower
+    than their blocks in full precision, so the artifact runs on CPU and GPU alike.
+    Before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on
+    the first, and what it would save after that has lost precision.
+    """
+    model = load_model(replace(spec, path=str(out), precision="auto"), "cpu")
+    model.save_pretrained(out)
 
 
 def _pickles(folder: str, names: list[str]) -> list[str]:

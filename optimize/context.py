@@ -27,7 +27,7 @@ class Context:
     # fine-tuning cannot regrow what was pruned.
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     storage: dict[str, str] = field(default_factory=dict)  # weight name -> bitmask
-    quantization: dict | None = None  # bitsandbytes settings load_model re-applies
+    quantization: dict | None = None  # bitsandbytes settings the artifact stores by
     dtype: str = "fp32"  # the whole model's dtype after a fp16/bf16 quantize
     device: str = "cpu"  # where the model, the teacher and the batches live
     notes: list[str] = field(default_factory=list)  # said in the step's report line

@@ -122,10 +122,16 @@ def throughput(
 
 
 def sizes(model: nn.Module, path: Path, masks: dict[str, torch.Tensor]) -> dict:
-    """Parameters (non-zeros where pruned) and bytes of the weight files."""
+    """Parameters (non-zeros where pruned; a bitsandbytes weight's own count, not
+    its packed bytes' nor its scales') and bytes of the weight files."""
+    held = dict(model.named_parameters()) | dict(model.named_buffers())
     params = 0
-    for key, tensor in model.state_dict().items():
-        params += int(masks[key].sum()) if key in masks else tensor.numel()
+    for key in model.state_dict():
+        if key in masks:
+            params += int(masks[key].sum())
+        elif key in held:  # not bitsandbytes' quantisation state, stored beside
+            packed = getattr(held[key], "quant_state", None)  # nf4: two a byte
+            params += held[key].numel() if packed is None else packed.shape.numel()
     disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return {"parameters": params, "bytes": disk}
 

@@ -124,7 +124,7 @@ def run_recipe(
             meta.precision = _precision(model, ctx)
             meta.quantization = ctx.quantization
             previous, snapshot = snapshot, work / f"{i}-{name}"
-            save_artifact(model, snapshot, base, meta, ctx.storage)
+            save_artifact(model, snapshot, spec, meta, ctx.storage)
             if previous is not None:
                 shutil.rmtree(previous)
             result = measure(f"{i + 1}. {name}", snapshot, ctx, texts, ctx.notes)
@@ -134,7 +134,7 @@ def run_recipe(
         if ctx.search:
             meta.recipe[-1]["search"]["result"] = ctx.search
         whole = work / "artifact"  # renamed into place once whole: never half there
-        save_artifact(model, whole, base, meta, ctx.storage)
+        save_artifact(model, whole, spec, meta, ctx.storage)
         write_report(whole, task, results)
         shutil.rmtree(output, ignore_errors=True)
         whole.rename(output)

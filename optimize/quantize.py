@@ -2,8 +2,9 @@
 optionally quantization-aware fine-tuned), or bitsandbytes int8/nf4.
 
 ``skip`` globs keep chosen modules in fp32, making a mixed model. bitsandbytes layers
-are not built here: their settings go into the artifact and ``load_model`` re-applies
-them on the device that runs the job (its kernels are device-specific).
+are not built here: their settings go into the artifact, whose writer has
+``load_model`` quantise by them and stores what bitsandbytes holds
+(``optimize/artifact.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def apply_quantize(
             ],
             "int8_threshold": step.int8_threshold,
         }
-        ctx.notes.append(f"{step.method}: bitsandbytes layers built at load")
+        ctx.notes.append(f"{step.method}: bitsandbytes, quantised on CPU")
         return model
     if ctx.device != "cpu":
         raise UserError(

@@ -129,3 +129,33 @@ def test_nf4_on_cpu_keeps_narrow_layers_in_full_precision(tiny_models):
         got = model(input_ids=ids).last_hidden_state
         want = reference(input_ids=ids).last_hidden_state
     torch.testing.assert_close(got, want)  # nothing could be packed, so nothing changed
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_checkpoint_bitsandbytes_stored_runs_as_stored(
+    method, tiny_models, corpus, tmp_path
+):
+    """A plain checkpoint saved quantised (a hub's ``*-bnb-4bit``, no lmbatch.json)
+    runs in its own precision, with the values quantising at load gives; another
+    --precision is refused."""
+    import shutil
+
+    from lmbatch.actors.loading import load_model
+    from lmbatch.errors import UserError
+    from lmbatch.jobs.gpus import planned_precision
+
+    base = tiny_models["bert64"]
+    stored = tmp_path / "stored"
+    shutil.copytree(base, stored)
+    load_model(ModelSpec(base, "embed", method)).save_pretrained(stored)
+    info = inspect_model(str(stored), "embed")
+    assert planned_precision(info, "auto", "cpu") == f"{method} (the model's own)"
+    with pytest.raises(UserError, match=f"already in {method}; leave --precision out"):
+        inspect_model(str(stored), "embed", precision="fp16")
+    args = dict(inputs=corpus["parquet"], task="embed", id_column="doc")
+    got, summary = run_job(tmp_path / "as-stored", model=str(stored), **args)
+    assert summary.ran == [f"cpu in {method}"] and summary.errors == {}
+    want, _ = run_job(tmp_path / "at-load", model=base, precision=method, **args)
+    for key in want:
+        np.testing.assert_array_equal(got[key]["embedding"], want[key]["embedding"])

@@ -344,6 +344,34 @@ def test_a_precision_the_artifact_cannot_run_in_is_refused_before_ray(
     assert_user_error(run(*args, "--precision", precision), "--precision", message)
 
 
+@pytest.mark.parametrize(
+    "stored,precision,where,message",
+    [
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "fp16", "--precision",
+         "quantised by bitsandbytes already in nf4; leave --precision out"),
+        ({"load_in_8bit": True}, "nf4", "--precision", "already in int8"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "auto", "--model",
+         "quantised by bitsandbytes in 4-bit fp4; lmbatch runs checkpoints stored"),
+        ({"quant_method": "gptq", "bits": 4}, "auto", "--model",
+         "quantised by gptq; lmbatch runs"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_stored_quantised_is_checked_before_ray(
+    base, tiny_models, tmp_path, stored, precision, where, message
+):
+    """Read off config.json's quantization_config, as transformers reads it."""
+    import json
+
+    model = tmp_path / "stored"
+    shutil.copytree(tiny_models["bert"], model)
+    config = json.loads((model / "config.json").read_text())
+    quantization = {"quant_method": "bitsandbytes", **stored}
+    config["quantization_config"] = quantization
+    (model / "config.json").write_text(json.dumps(config))
+    args = with_flag(base, "--model", str(model))
+    assert_user_error(run(*args, "--precision", precision), where, message)
+
+
 def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):
     # Ray raises ConnectionError once its retries run out (about 20 s for an address
     # that resolves to nothing); raised at once here.

@@ -121,6 +121,35 @@ def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
     assert summary.ran[0].startswith("cuda (")
 
 
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_bitsandbytes_artifact_runs_on_cuda_as_quantising_at_load(
+    method, tiny_models, corpus, tmp_path
+):
+    """Its weights were quantised on CPU (optimize/artifact.py); on CUDA they load
+    as stored, computing in fp16, and give what quantising the original there
+    gives."""
+    from lmbatch.optimize.pipeline import Texts, run_recipe
+    from lmbatch.optimize.recipe import to_steps
+
+    steps = to_steps([{"quantize": {"method": method}}])
+    texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
+    out = tmp_path / "artifact"
+    run_recipe(ModelSpec(tiny_models["bert64"], "embed"), steps, out, texts)
+    got, summary = run_job(
+        tmp_path / "out",
+        model=str(out),
+        inputs=corpus["parquet"],
+        task="embed",
+        id_column="doc",
+        device="cuda",
+    )
+    assert summary.errors == {} and summary.ran[0].startswith("cuda (")
+    assert summary.ran[0].endswith(f" in {method}"), summary.ran
+    want, _ = job(tmp_path, tiny_models, corpus, "embed", method)
+    assert_close("embed", got, want, 1e-3)
+
+
 def test_gpu_size_from_nvidia_smi_is_what_cuda_says():
     from lmbatch.actors.footprint import gpu_total_bytes
 

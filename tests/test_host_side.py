@@ -177,7 +177,7 @@ def test_the_dry_run_names_the_precision_that_will_run(tiny_models):
     assert planned_precision(info, "auto", "cuda").startswith("bf16, or fp16 ")
     assert planned_precision(info, "nf4", "cuda") == "nf4"
     artifact = replace(info, precision="int8")
-    assert planned_precision(artifact, "auto", "cuda") == "int8 (the artifact's)"
+    assert planned_precision(artifact, "auto", "cuda") == "int8 (the model's own)"
 
 
 def _tokens(path: str, texts: list[str]) -> pa.Table:
