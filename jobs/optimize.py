@@ -72,6 +72,12 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     if why := paired_with_itself(spec.text_column, spec.pair_column):
         raise UserError("--pair-column", why)
     info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
+    if info.precision in ("int8", "nf4"):  # bitsandbytes' tensors take no gradient
+        raise UserError(
+            "--model",
+            f"{spec.model} holds its weights in {info.precision} (bitsandbytes); a "
+            "recipe starts from full-precision weights: give the model it was made of",
+        )
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)
     _check_lengths(spec, steps, info.max_positions)

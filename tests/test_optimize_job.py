@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -183,6 +184,17 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     assert_user_error(
         optimize(*args), "steps[0].distill.student: ", "pass --allow-pickle"
     )
+    quantised = tmp_path / "nf4"  # a checkpoint bitsandbytes stored: no gradients
+    shutil.copytree(tiny_models["bert"], quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", **nf4}
+    (quantised / "config.json").write_text(json.dumps(config))
+    args = ["--model", str(quantised), "--output", str(tmp_path / "o"),
+            "--recipe", recipe, "--calibration", corpus["parquet"]]  # fmt: skip
+    assert_user_error(
+        optimize(*args), "--model: ", "holds its weights in nf4 (bitsandbytes)"
+    )
     other = tmp_path / "other-model.yaml"  # written for a 32-block model
     other.write_text(
         "steps:\n  - prune: {method: magnitude, skip: ['*pooler*']}\n"
@@ -308,8 +320,6 @@ def test_optimize_a_model_with_its_own_code_with_trust_remote_code(
     """A model whose architecture is its own code (auto_map): optimize runs it only
     with --trust-remote-code, and the artifact keeps the code, so that infer, with
     the same flag, rebuilds it (a cpu-int8 artifact is rebuilt from its config)."""
-    import shutil
-
     import numpy as np
 
     base = tmp_path / "own-code"
