@@ -50,7 +50,21 @@ class Spec(UserModel):
         try:
             return cls.model_validate(flags)
         except ValidationError as e:
-            raise from_validation(e, cls.flag_at) from None
+            raise cls._with_choices(e) from None
+
+    @classmethod
+    def _with_choices(cls, e: ValidationError) -> UserError:
+        """pydantic's first error; a required choice (``--task``) missing says
+        what it may be."""
+        error = from_validation(e, cls.flag_at)
+        first = e.errors()[0]
+        field = cls.model_fields.get(str(first["loc"][0])) if first["loc"] else None
+        if first["type"] != "missing" or field is None:
+            return error
+        if typing.get_origin(field.annotation) is not Literal:
+            return error
+        choices = ", ".join(map(str, typing.get_args(field.annotation)))
+        return UserError(error.where, f"required: {choices}")
 
     @classmethod
     def from_command(cls, flags: dict[str, Any]):

@@ -69,7 +69,8 @@ class ModelFlags(Spec):
     task: str  # each command narrows it to the tasks it runs
     precision: Literal[PRECISIONS] = Field(
         "auto",
-        description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU. "
+        description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU; a "
+        "model's own (an artifact's, bitsandbytes' stored int8/nf4) where it has one. "
         "int8/nf4: bitsandbytes; cpu-int8: torch dynamic int8, fast on CPU.",
     )
     device: Literal[DEVICES] = Field(
@@ -458,8 +459,9 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
             ``--truncate-dim``, ``--normalize``, ``--embedding-precision``),
             ``--chat-template``, ``--temperature``, ``--stop``,
             ``--max-new-tokens`` or ``--on-long chunk`` on another task,
-            ``--int8-threshold`` on another precision, more dimensions than the
-            model's embeddings have, or a chat template the model lacks.
+            ``--int8-threshold`` on another precision or a model stored in int8,
+            more dimensions than the model's embeddings have, or a chat template
+            the model lacks.
     """
 
     def given(name: str) -> bool | None:  # a flag with a default, set by the user
@@ -468,6 +470,12 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
     if given("int8_threshold") and spec.precision != "int8":
         raise UserError(
             "--int8-threshold", f"applies to --precision int8, not {spec.precision}"
+        )
+    if given("int8_threshold") and info.precision == "int8":
+        raise UserError(
+            "--int8-threshold",
+            f"{spec.model} holds int8 weights with the threshold they were "
+            "quantised by; leave --int8-threshold out",
         )
     only = {
         ("embed",): {"--prompt": spec.prompt, "--prompt-name": spec.prompt_name,

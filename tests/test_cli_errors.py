@@ -350,6 +350,8 @@ def test_a_precision_the_artifact_cannot_run_in_is_refused_before_ray(
         ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "fp16", "--precision",
          "quantised by bitsandbytes already in nf4; leave --precision out"),
         ({"load_in_8bit": True}, "nf4", "--precision", "already in int8"),
+        ({"load_in_8bit": True}, "int8 --int8-threshold 3", "--int8-threshold",
+         "holds int8 weights with the threshold they were quantised by"),
         ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "auto", "--model",
          "quantised by bitsandbytes in 4-bit fp4; lmbatch runs checkpoints stored"),
         ({"quant_method": "gptq", "bits": 4}, "auto", "--model",
@@ -369,7 +371,7 @@ def test_a_checkpoint_stored_quantised_is_checked_before_ray(
     config["quantization_config"] = quantization
     (model / "config.json").write_text(json.dumps(config))
     args = with_flag(base, "--model", str(model))
-    assert_user_error(run(*args, "--precision", precision), where, message)
+    assert_user_error(run(*args, "--precision", *precision.split()), where, message)
 
 
 def test_an_address_where_no_ray_answers_is_one_line(monkeypatch):

@@ -57,7 +57,9 @@ JOB = {"model": "m", "task": "embed", "input": "in.parquet", "output": "out"}
          ["--spec", "actor-memory: expected a size"]),
         ("infer", {"task": "embed"}, ["--model: required"]),
         ("optimize", {"model": "m", "output": "o"}, ["--recipe: required"]),
-        ("serve", {"model": "m"}, ["--task: required"]),
+        ("serve", {"model": "m"}, ["--task: required: embed, score, classify"]),
+        ("infer", {"model": "m", "input": "i", "output": "o"},
+         ["--task: required: embed, score, classify, generate"]),
     ],
 )  # fmt: skip
 def test_a_mistake_in_a_spec_file_is_one_line(command, values, fragments, tmp_path):
