@@ -24,6 +24,7 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from lmbatch.actors.artifact import (
@@ -234,8 +235,16 @@ def _unpackable_linears(cls, spec: ModelSpec, device: str) -> list[str]:
     return [
         name
         for name, module in skeleton.named_modules()
-        if isinstance(module, torch.nn.Linear) and module.in_features % NF4_CPU_BLOCK
+        if _in_features(module) % NF4_CPU_BLOCK
     ]
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    """A Linear's input width, GPT-2's transposed ``Conv1D``'s too (bitsandbytes
+    quantises both); 0 for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    return module.nx if isinstance(module, Conv1D) else 0
 
 
 def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:

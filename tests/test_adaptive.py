@@ -131,6 +131,24 @@ def test_nf4_on_cpu_keeps_narrow_layers_in_full_precision(tiny_models):
     torch.testing.assert_close(got, want)  # nothing could be packed, so nothing changed
 
 
+def test_nf4_on_cpu_keeps_narrow_gpt2_conv1d_layers_in_full_precision(tiny_models):
+    """GPT-2's Linears are transposed ``Conv1D``s, which bitsandbytes quantises too:
+    the 32-wide ones stay, the 128-wide MLP projection is packed, and it runs."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from lmbatch.actors.loading import load_model
+
+    model = load_model(ModelSpec(tiny_models["gpt2"], "score", "nf4"))
+    block = model.transformer.h[0]
+    assert isinstance(block.attn.c_attn, Conv1D)
+    assert isinstance(block.mlp.c_proj, bnb.nn.Linear4bit)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.randint(6, 90, (2, 12))).logits
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_a_checkpoint_bitsandbytes_stored_runs_as_stored(
