@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 
+from lmbatch.actors.artifact import ArtifactMeta, stored_precision
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     CAUSAL_SUFFIXES,
@@ -39,7 +40,15 @@ from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, paired_with_itself
 from lmbatch.optimize.labels import label_metrics
 from lmbatch.optimize.pipeline import Texts, run_recipe, snapshots_dir
-from lmbatch.optimize.recipe import Distill, Prune, Quantize, Search, Step, load_recipe
+from lmbatch.optimize.recipe import (
+    BITSANDBYTES,
+    Distill,
+    Prune,
+    Quantize,
+    Search,
+    Step,
+    load_recipe,
+)
 
 EVAL_SHARE = 0.1  # of the calibration text held out when no --eval is given
 MIN_EVAL_ROWS = 16
@@ -72,12 +81,8 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     if why := paired_with_itself(spec.text_column, spec.pair_column):
         raise UserError("--pair-column", why)
     info = inspect_model(model_dir, task, spec.trust_remote_code, spec.allow_pickle)
-    if info.precision in ("int8", "nf4"):  # bitsandbytes' tensors take no gradient
-        raise UserError(
-            "--model",
-            f"{spec.model} holds its weights in {info.precision} (bitsandbytes); a "
-            "recipe starts from full-precision weights: give the model it was made of",
-        )
+    if info.precision in BITSANDBYTES:
+        raise UserError("--model", _untrainable(spec.model, info.precision))
     _check_students(steps, spec.allow_pickle)
     _check_floors(steps, task, info)
     _check_lengths(spec, steps, info.max_positions)
@@ -174,13 +179,27 @@ def _task_of(model: str, spec: OptimizeSpec) -> str:
 
 
 def _check_students(steps: list[Step], allow_pickle: bool) -> None:
-    """A distill step's student has weights the recipe's task may load."""
+    """A distill step's student has weights the recipe's task may load and train."""
     for i, step in enumerate(steps):
         if isinstance(step, Distill) and step.student:
+            where = f"steps[{i}].distill.student"
             try:
                 check_weights(Path(step.student), allow_pickle)
+                meta = ArtifactMeta.read(step.student)
+                own = meta.precision if meta else stored_precision(step.student, "auto")
             except UserError as e:  # it names --model; the student is the recipe's
-                raise UserError(f"steps[{i}].distill.student", e.message) from None
+                raise UserError(where, e.message) from None
+            if own in BITSANDBYTES:
+                raise UserError(where, _untrainable(step.student, own))
+
+
+def _untrainable(model: str, precision: str) -> str:
+    """bitsandbytes' int8 and nf4 tensors take no gradient, and a recipe's steps
+    change weights."""
+    return (
+        f"{model} holds its weights in {precision} (bitsandbytes); a recipe starts "
+        "from full-precision weights: give the model it was made of"
+    )
 
 
 def _check_lengths(

@@ -195,6 +195,11 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     assert_user_error(
         optimize(*args), "--model: ", "holds its weights in nf4 (bitsandbytes)"
     )
+    distill.write_text(f"steps:\n  - distill: {{student: {quantised}}}\n")
+    args = [*base, "--recipe", str(distill), "--calibration", corpus["parquet"]]
+    assert_user_error(
+        optimize(*args), "steps[0].distill.student: ", "in nf4 (bitsandbytes)"
+    )
     other = tmp_path / "other-model.yaml"  # written for a 32-block model
     other.write_text(
         "steps:\n  - prune: {method: magnitude, skip: ['*pooler*']}\n"
