@@ -31,8 +31,9 @@ PAIR_TASKS = ("classify", "score")
 # answers it; score scores a given answer to it (a text pair's second text).
 CHAT_TASKS = ("generate", "score")
 # Tasks that can read a long text whole (--on-long chunk): embed averages its windows'
-# vectors, score scores every token once in strided windows.
-CHUNK_TASKS = ("embed", "score")
+# vectors, classify their label scores, score scores every token once in strided
+# windows.
+CHUNK_TASKS = ("embed", "score", "classify")
 DEVICES = ("auto", "cuda", "cpu")  # auto: GPUs where the cluster has them
 # What each task writes besides id and error (the heads' schemas, actors/tasks.py).
 TASK_COLUMNS = {

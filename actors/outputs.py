@@ -55,7 +55,7 @@ class Outputs:
 class Windows:
     """An --on-long chunk call's output: each window's values, kept as micro-batches
     finish (a row's windows may fall in several); ``arrays`` gives each row's from
-    its windows' (``merge`` of the head: embed averages, score adds up)."""
+    its windows' (``merge`` of the head: embed and classify average, score adds up)."""
 
     def __init__(self, head, owner: np.ndarray, tokens: np.ndarray, rows: int) -> None:
         """``owner``: the row of each window, in row order; ``tokens``: each

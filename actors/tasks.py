@@ -49,8 +49,26 @@ class TaskHead(Protocol):
 
     def columns(self, host: Columns) -> Columns: ...
 
-    # Embed and Score also ``merge`` a long text's windows into its row's values
-    # (--on-long chunk; ``outputs.Windows``).
+    # Embed, Score and Classify also ``merge`` a long text's windows into its row's
+    # values (--on-long chunk; ``outputs.Windows``).
+
+
+def token_mean(
+    values: np.ndarray, first: np.ndarray, tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's mean of its windows' ``values``, weighted by their ``tokens``
+    (``first``: each row's first window): a row of one window keeps its own values,
+    with no loop and no sums over those. -> (means, the rows of several windows)"""
+    counts = np.diff(first, append=len(values))
+    out = values[first]
+    several = np.flatnonzero(counts > 1)
+    if len(several):
+        of_several = np.repeat(counts > 1, counts)
+        weights = tokens[of_several].astype(np.float64)
+        starts = np.cumsum(counts[several]) - counts[several]
+        mean = np.add.reduceat(values[of_several] * weights[:, None], starts)
+        out[several] = mean / np.add.reduceat(weights, starts)[:, None]
+    return out, several
 
 
 class Embed:
@@ -112,19 +130,10 @@ class Embed:
         vector; a longer text's is the mean of its windows' by tokens, L2-normalised
         again where the model's own last module normalises. Then encoded, on the
         host: the windows' vectors have left the device."""
-        vectors = windows["embedding"]
-        counts = np.diff(first, append=len(vectors))
-        out = vectors[first]
-        several = np.flatnonzero(counts > 1)
-        if len(several):  # no loop, and no sums over the rows of one window
-            of_several = np.repeat(counts > 1, counts)
-            weights = tokens[of_several].astype(np.float64)
-            starts = np.cumsum(counts[several]) - counts[several]
-            mean = np.add.reduceat(vectors[of_several] * weights[:, None], starts)
-            mean /= np.add.reduceat(weights, starts)[:, None]
-            if self.normalized:
-                mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
-            out[several] = mean
+        out, several = token_mean(windows["embedding"], first, tokens)
+        if self.normalized:
+            norms = np.linalg.norm(out[several], axis=1, keepdims=True)
+            out[several] /= norms.clip(1e-12)
         return {"embedding": self.encode(torch.from_numpy(out)).numpy()}
 
     def embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -329,6 +338,14 @@ class Classify:
             "score": host["score"],
             "probs": host["probs"],
         }
+
+    def merge(self, windows: Columns, first: np.ndarray, tokens: np.ndarray) -> Columns:
+        """Rows' scores from their windows' (--on-long chunk): each label's mean
+        over the windows, weighted by their tokens; the row's label, the highest."""
+        probs, _ = token_mean(windows["probs"], first, tokens)
+        top = probs.argmax(axis=1)
+        score = probs[np.arange(len(probs)), top]
+        return self.columns({"top": top, "score": score, "probs": probs})
 
 
 @dataclass(frozen=True)

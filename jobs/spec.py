@@ -90,7 +90,8 @@ class ModelFlags(Spec):
         "truncate",
         description="A text longer than --max-length: cut; an error row; or read "
         "whole in windows of --max-length (--task embed: their vectors averaged by "
-        "tokens; score: strided windows, every token scored once).",
+        "tokens; classify: their label scores so; score: strided windows, every "
+        "token scored once).",
     )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate)."
@@ -283,15 +284,20 @@ class InferSpec(ModelFlags):
         if self.pair_column is not None and self.task not in PAIR_TASKS:
             raise FieldError(
                 "pair_column",
-                f"applies to --task {' or '.join(PAIR_TASKS)}, not {self.task}",
+                f"applies to --task {either(PAIR_TASKS)}, not {self.task}",
             )
         if why := paired_with_itself(self.text_column, self.pair_column):
             raise FieldError("pair_column", why)
         if self.pair_column is not None and self.on_long == "chunk":
+            cut = {
+                "score": "a context too long is cut from the left, the continuation "
+                "kept whole",
+                "classify": "a pair too long is cut longest text first, as a "
+                "cross-encoder reads it",
+            }
             raise FieldError(
                 "on_long",
-                "chunk reads a long text whole; with --pair-column a context too "
-                "long is cut from the left, the continuation kept whole",
+                f"chunk reads a long text whole; with --pair-column {cut[self.task]}",
             )
         if self.chat_template and self.task == "score" and self.pair_column is None:
             raise FieldError(
@@ -451,6 +457,11 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     )  # fmt: skip
 
 
+def either(names: tuple[str, ...]) -> str:
+    """("embed", "score", "classify") -> "embed, score or classify"."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if names[:-1] else names)
+
+
 def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
     """The flags of one task, checked against the task asked for and the model.
 
@@ -493,7 +504,7 @@ def check_task_flags(spec: ModelFlags, info: ModelInfo) -> None:
         for flag, value in flags.items():
             if value is not None and spec.task not in tasks:
                 raise UserError(
-                    flag, f"applies to --task {' or '.join(tasks)}, not {spec.task}"
+                    flag, f"applies to --task {either(tasks)}, not {spec.task}"
                 )
     width = info.sentence.width(info.hidden_size) if info.hidden_size else None
     if spec.truncate_dim is not None and width and spec.truncate_dim > width:

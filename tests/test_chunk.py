@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import sentences
-from helpers import run_job
+from helpers import run_job, wide_classifier
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as st
 from test_sentence_transformers import build
 from test_serve import post, serving
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
@@ -151,18 +155,58 @@ def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
     assert "long texts read whole in windows of 8 tokens" in launch("infer", dry, None)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_a_long_text_is_classified_by_its_windows_mean_scores(
+    tiny_models, corpus, tmp_path
+):
+    """Each label's score is the mean of the windows' (transformers' overflowing
+    windows, each classified alone), weighted by their tokens; the label is the
+    highest's."""
+    path = wide_classifier(tiny_models, tmp_path / "model", labels=4)
+    rows, summary = run_job(
+        tmp_path / "out", model=path, inputs=corpus["parquet"], task="classify",
+        id_column="doc", max_length=8, on_long="chunk",
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    windows = tokenizer(
+        corpus["texts"], truncation=True, max_length=8, return_overflowing_tokens=True
+    )
+    of_row: dict[int, list] = {}
+    for row, ids in zip(
+        windows["overflow_to_sample_mapping"], windows["input_ids"], strict=True
+    ):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        of_row.setdefault(row, []).append((torch.softmax(logits, -1).numpy(), len(ids)))
+    for i, scored in of_row.items():
+        got = rows[f"doc-{i:03d}"]
+        want = sum(p * n for p, n in scored) / sum(n for _, n in scored)
+        np.testing.assert_allclose(got["probs"], want, atol=1e-5)
+        assert got["label"] == model.config.id2label[int(want.argmax())]
+        assert got["score"] == pytest.approx(want.max(), abs=1e-5)
+        assert got["windows"] == len(scored)
+    assert summary.chunked == sum(len(s) > 1 for s in of_row.values()) > 0
+    assert summary.errors == {} and summary.truncated == 0
+
+
 def test_chunk_is_refused_for_other_tasks_and_text_pairs(tiny_models):
-    spec = InferSpec(model=tiny_models["bert_cls"], inputs=("x",), output="o",
-                     task="classify", on_long="chunk")  # fmt: skip
+    spec = InferSpec(model=tiny_models["gpt2"], inputs=("x",), output="o",
+                     task="generate", on_long="chunk")  # fmt: skip
     with pytest.raises(UserError) as e:
         check_task_flags(spec, inspect_model(spec.model, spec.task))
     assert str(e.value) == (
-        "--on-long chunk: applies to --task embed or score, not classify"
+        "--on-long chunk: applies to --task embed, score or classify, not generate"
     )
     with pytest.raises(UserError, match="--on-long: chunk reads a long text whole"):
         InferSpec.from_flags(
             model=tiny_models["gpt2"], inputs=("x",), output="o", task="score",
             on_long="chunk", pair_column="a",
+        )  # fmt: skip
+    with pytest.raises(UserError, match="a pair too long is cut longest text first"):
+        InferSpec.from_flags(
+            model=tiny_models["bert_cls"], inputs=("x",), output="o",
+            task="classify", on_long="chunk", pair_column="a",
         )  # fmt: skip
 
 
