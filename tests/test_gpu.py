@@ -101,22 +101,29 @@ def test_actors_share_a_gpu_and_each_sizes_to_its_share(tiny_models, corpus, tmp
         assert actor["memory_limit_bytes"] == share_limit(total, 0.5)
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
+def artifact_job(step: dict, tiny_models, corpus, tmp_path):
+    """``step`` as a recipe of its own on bert64, then an embed job on CUDA of the
+    artifact it writes."""
     from lmbatch.optimize.pipeline import Texts, run_recipe
     from lmbatch.optimize.recipe import to_steps
 
-    steps = to_steps([{"lowrank": {"rank_ratio": 0.5, "min_saving": 0.0}}])
     texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
     out = tmp_path / "artifact"
-    run_recipe(ModelSpec(tiny_models["bert64"], "embed"), steps, out, texts)
-    rows, summary = run_job(
+    run_recipe(ModelSpec(tiny_models["bert64"], "embed"), to_steps([step]), out, texts)
+    return run_job(
         tmp_path / "out",
         model=str(out),
         inputs=corpus["parquet"],
         task="embed",
+        id_column="doc",
         device="cuda",
     )
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_lowrank_artifact_runs_on_cuda(tiny_models, corpus, tmp_path):
+    step = {"lowrank": {"rank_ratio": 0.5, "min_saving": 0.0}}
+    rows, summary = artifact_job(step, tiny_models, corpus, tmp_path)
     assert len(rows) == 120 and summary.errors == {}
     assert summary.ran[0].startswith("cuda (")
 
@@ -129,23 +136,12 @@ def test_a_bitsandbytes_artifact_runs_on_cuda_as_quantising_at_load(
     """Its weights were quantised on CPU (optimize/artifact.py); on CUDA they load
     as stored, computing in fp16, and give what quantising the original there
     gives."""
-    from lmbatch.optimize.pipeline import Texts, run_recipe
-    from lmbatch.optimize.recipe import to_steps
-
-    steps = to_steps([{"quantize": {"method": method}}])
-    texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
-    out = tmp_path / "artifact"
-    run_recipe(ModelSpec(tiny_models["bert64"], "embed"), steps, out, texts)
-    got, summary = run_job(
-        tmp_path / "out",
-        model=str(out),
-        inputs=corpus["parquet"],
-        task="embed",
-        id_column="doc",
-        device="cuda",
-    )
-    assert summary.errors == {} and summary.ran[0].startswith("cuda (")
-    assert summary.ran[0].endswith(f" in {method}"), summary.ran
+    step = {"quantize": {"method": method}}
+    got, summary = artifact_job(step, tiny_models, corpus, tmp_path)
+    assert summary.errors == {} and len(summary.ran) == 1, summary.ran
+    assert summary.ran[0].startswith("cuda (") and summary.ran[0].endswith(
+        f" in {method}"
+    ), summary.ran
     want, _ = job(tmp_path, tiny_models, corpus, "embed", method)
     assert_close("embed", got, want, 1e-3)
 
