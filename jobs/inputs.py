@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from fsspec.utils import glob_translate
 from lmbatch.actors.storage import filesystem_of
 from lmbatch.actors.text import may_hold_text
 from lmbatch.errors import UserError
+from lmbatch.jobs.output import JOB_FILE
+
+log = logging.getLogger("lmbatch")
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "parquet": (".parquet", ".pq"),
@@ -95,7 +99,7 @@ def resolve_inputs(
     filesystem, paths = None, []
     out = filesystem_of(output, "--output") if output is not None else None
     for given in inputs:
-        fs, found = _expand(given)
+        fs, found, outputs = _expand(given)
         if filesystem is not None and type(fs) is not type(filesystem):
             raise UserError(
                 "--input", f"{given!r} is on another filesystem than the rest"
@@ -103,7 +107,8 @@ def resolve_inputs(
         filesystem = fs
         if out is not None and type(out[0]) is type(fs):
             found = _outside(out[1], given, found, output)
-        paths += found
+            outputs = [o for o in outputs if o != out[1].rstrip("/")]
+        paths += _skip_outputs(given, found, outputs)
     fmt = input_format or _format_of(paths)
     if fmt not in FORMATS:
         raise UserError(
@@ -190,33 +195,61 @@ def _outside(out_path: str, given: str, found: list[str], output: str) -> list[s
     return kept
 
 
-def _expand(given: str) -> tuple[pafs.FileSystem, list[str]]:
+def _expand(given: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
     """One --input value -> its files, by the usual glob rules (fsspec's: ``*`` and
     ``?`` stay within a path component, ``**`` crosses directories). Below the
     directory or the glob's fixed part, any component starting with '.' or '_' is
     skipped at every depth (``_SUCCESS``, ``.crc``, an lmbatch output's
     ``_checkpoint/`` and ``_summary.json``), so an lmbatch output read as input gives
-    its data files only."""
+    its data files only. Also returned, for a directory: the lmbatch outputs below
+    it (``_skip_outputs``); a glob's matches are what the user chose."""
     fs, path = filesystem_of(given, "--input")
     glob_at = [path.find(c) for c in GLOB_CHARS if c in path]
+    outputs: list[str] = []
     if glob_at:
         base = path[: min(glob_at)].rsplit("/", 1)[0] or "/"
         pattern = re.compile(glob_translate(path))
+        files, _ = _listing(fs, base)
         found = _hf_data_files(
-            fs, [p for p in _listing(fs, base) if pattern.fullmatch(p)]
+            fs, [p for p in files if pattern.fullmatch(p)]
         )  # data/* in a datasets folder: its data files, not its JSON metadata
         _check_not_metadata(given, found)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            return fs, [path]
+            return fs, [path], []
         if info.type == pafs.FileType.NotFound:
             raise UserError("--input", f"no such file or directory: {given}")
-        found = _hf_data_files(fs, _listing(fs, path))
+        files, outputs = _listing(fs, path)
+        found = _hf_data_files(fs, files)
         found = [p for p in found if _suffix_format(p) is not None]
     if not found:
         raise UserError("--input", f"no input files matched {given}")
-    return fs, found
+    return fs, found, outputs
+
+
+def _skip_outputs(given: str, found: list[str], outputs: list[str]) -> list[str]:
+    """A directory's files without those of an earlier infer job's output inside it
+    (``--input data/`` after ``--output data/embeddings/``): read again, its rows
+    would be rows twice, under other ids. Said on the console; an output given as
+    an --input of its own is read.
+
+    Raises:
+        UserError: naming ``--input`` where nothing else is left.
+    """
+    for folder in outputs:
+        inside = f"{folder}/"
+        found = [p for p in found if not p.startswith(inside)]
+        log.warning(
+            "--input %s: skipping %s, an earlier lmbatch job's output (it holds %s); "
+            "give it as an --input of its own to read it",
+            given,
+            folder,
+            JOB_FILE,
+        )
+    if not found:
+        raise UserError("--input", f"{given} holds only lmbatch outputs: {outputs[0]}")
+    return found
 
 
 def _check_not_metadata(given: str, found: list[str]) -> None:
@@ -292,22 +325,27 @@ def arrow_batches(
     return reader.schema, iter(reader)
 
 
-def _listing(fs: pafs.FileSystem, base: str) -> list[str]:
+def _listing(fs: pafs.FileSystem, base: str) -> tuple[list[str], list[str]]:
     """Files under ``base`` (pyarrow's recursive listing) with no component below it
-    starting with '.' or '_'."""
+    starting with '.' or '_'; and the folders below ``base`` that hold an infer
+    job's output (its ``_job.json``), from the same listing."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    skip = (".", "_")
-    return [
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and not any(
-            part.startswith(skip) for part in i.path[len(base) :].split("/") if part
-        )
-    ]
+        return [], []
+    files = [i.path for i in infos if i.type == pafs.FileType.File]
+    below = {path: path[len(base) :].split("/") for path in files}
+    kept = [f for f, parts in below.items() if not any(map(_hidden, parts))]
+    outputs = sorted(
+        folder
+        for folder, _, name in (path.rpartition("/") for path in files)
+        if name == JOB_FILE and folder != base.rstrip("/")
+    )
+    return kept, outputs
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
 
 
 def _suffix_format(path: str) -> str | None:

@@ -121,6 +121,32 @@ def test_files_inside_the_output_are_never_inputs(tmp_path):
         resolve_inputs([str(data / "out")], None, "text", None, output=str(data))
 
 
+def test_an_earlier_output_inside_an_input_directory_is_skipped(tmp_path, caplog):
+    """Its rows would be read twice, under other ids; a glob that names it, or the
+    output given alone, reads it."""
+    data = tmp_path / "data"
+    kept = touch_csv(data / "a.csv")
+    earlier = data / "embeddings"
+    touch_csv(earlier / "part-0.csv")
+    (earlier / "_job.json").write_text("{}")
+    got = resolve_inputs([str(data)], None, "text", None)
+    assert got.paths == [kept]
+    assert f"--input {data}: skipping {earlier}, an earlier lmbatch job's output" in (
+        caplog.text
+    )
+    both = resolve_inputs([f"{data}/**/*.csv"], None, "text", None)
+    assert both.paths == [kept, str(earlier / "part-0.csv")]
+    alone = resolve_inputs([str(earlier)], None, "text", None)
+    assert alone.paths == [str(earlier / "part-0.csv")]
+    (data / "a.csv").unlink()
+    with pytest.raises(UserError, match=f"{data} holds only lmbatch outputs"):
+        resolve_inputs([str(data)], None, "text", None)
+    touch_csv(data / "a.csv")
+    caplog.clear()  # the job's own output: skipped as ever, and not said to be
+    own = resolve_inputs([str(data)], None, "text", None, output=str(earlier))
+    assert own.paths == [kept] and "skipping" not in caplog.text
+
+
 def test_forced_format_reads_any_suffix(tmp_path):
     path = tmp_path / "rows.txt"
     path.write_text('{"text": "x", "n": 1}\n')
