@@ -27,11 +27,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from lmbatch.actors.artifact import (
-    META_FILE,
-    ArtifactMeta,
-    stored_precision,
-)
+from lmbatch.actors.artifact import META_FILE, ArtifactMeta, stored_precision
 from lmbatch.actors.layers import rebuild, replace_module
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (

@@ -89,9 +89,9 @@ class ModelFlags(Spec):
     on_long: Literal[ON_LONG] = Field(
         "truncate",
         description="A text longer than --max-length: cut; an error row; or read "
-        "whole in windows of --max-length (--task embed: their vectors averaged by "
-        "tokens; classify: their label scores so; score: strided windows, every "
-        "token scored once).",
+        "whole in windows of --max-length (--task embed and classify: the "
+        "windows' vectors or label scores averaged by tokens; score: strided "
+        "windows, every token scored once).",
     )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate)."
