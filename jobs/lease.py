@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import pyarrow.fs as pafs
 
+from lmbatch.actors.storage import is_local
 from lmbatch.errors import UserError
 
 log = logging.getLogger("lmbatch")
@@ -112,8 +113,16 @@ def _heartbeat(fs: pafs.FileSystem, file: str, stop: threading.Event) -> None:
 
 
 def _write(fs: pafs.FileSystem, file: str) -> None:
-    with fs.open_output_stream(file) as f:
-        f.write(json.dumps(asdict(Writer.this_process())).encode())
+    """The lease whole or not at all: a reader between a truncation and the write
+    found no writer, and a second job took the output. On a local disk it is
+    written aside and renamed over the old one (a rename replaces at once); an
+    object store's put replaces the whole object already."""
+    record = json.dumps(asdict(Writer.this_process())).encode()
+    aside = f"{file}.{os.getpid()}.tmp" if is_local(fs) else file
+    with fs.open_output_stream(aside) as f:
+        f.write(record)
+    if aside != file:
+        fs.move(aside, file)
 
 
 def _alive(pid: int) -> bool:

@@ -109,3 +109,13 @@ def test_an_optimize_job_holds_its_lease_beside_its_output(
         f"--output: another lmbatch job is writing {tmp_path / 'artifact'}"
         in done.output
     )
+
+
+def test_a_renewal_is_never_seen_half_written(tmp_path, monkeypatch):
+    """A reader between the renewal's truncation and its write found no writer,
+    and a second job would have taken the output (seen once in a full run)."""
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.0)  # renewing all the time
+    with writer_lease(FS, str(tmp_path)):
+        missed = sum(read_writer(FS, str(tmp_path)) is None for _ in range(5000))
+    assert missed == 0
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing left aside
