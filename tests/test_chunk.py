@@ -123,6 +123,14 @@ def test_the_mean_is_then_cut_normalized_and_packed(models):
         np.testing.assert_allclose(got, expect, atol=2e-5, rtol=1e-4)
 
 
+def chunked_job(tmp_path, corpus, model: str, task: str):
+    """A job over the test corpus in windows of 8 tokens: (rows by id, summary)."""
+    return run_job(
+        tmp_path / "out", model=model, inputs=corpus["parquet"], task=task,
+        id_column="doc", max_length=8, on_long="chunk",
+    )  # fmt: skip
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -132,10 +140,7 @@ def test_a_chunked_job_embeds_every_row_and_says_how_many_were_chunked(
     models, corpus, tmp_path
 ):
     path = models["normalized"]
-    rows, summary = run_job(
-        tmp_path / "out", model=path, inputs=corpus["parquet"], task="embed",
-        id_column="doc", max_length=8, on_long="chunk",
-    )  # fmt: skip
+    rows, summary = chunked_job(tmp_path, corpus, path, "embed")
     want, windows = expected(path, corpus["texts"], 8)
     got = np.array([rows[f"doc-{i:03d}"]["embedding"] for i in range(120)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
@@ -163,10 +168,7 @@ def test_a_long_text_is_classified_by_its_windows_mean_scores(
     windows, each classified alone), weighted by their tokens; the label is the
     highest's."""
     path = wide_classifier(tiny_models, tmp_path / "model", labels=4)
-    rows, summary = run_job(
-        tmp_path / "out", model=path, inputs=corpus["parquet"], task="classify",
-        id_column="doc", max_length=8, on_long="chunk",
-    )  # fmt: skip
+    rows, summary = chunked_job(tmp_path, corpus, path, "classify")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     windows = tokenizer(
@@ -216,10 +218,7 @@ def test_a_long_text_is_scored_whole_in_strided_windows(
     tiny_models, corpus, tmp_path, name
 ):
     path = tiny_models[name]
-    rows, summary = run_job(
-        tmp_path / "out", model=path, inputs=corpus["parquet"], task="score",
-        id_column="doc", max_length=8, on_long="chunk",
-    )  # fmt: skip
+    rows, summary = chunked_job(tmp_path, corpus, path, "score")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     long = 0
