@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tokenizers import Encoding, Tokenizer, normalizers
+from tokenizers import Encoding, Tokenizer, normalizers, processors
 
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.text import check_text
@@ -59,6 +59,7 @@ class TokenizeConfig:
     model_path: str
     max_length: int  # tokens, special tokens included
     on_long: str = "truncate"  # truncate | error | chunk (into windows of max_length)
+    overlap: int | None = None  # chunk: tokens a window repeats; None, the task's own
     min_tokens: int = 1  # score needs 2: one to condition on, one to predict
     trust_remote_code: bool = False
     lowercase: bool = False  # sentence-transformers' do_lower_case
@@ -146,7 +147,8 @@ def check_room(tokenizer, config: TokenizeConfig) -> None:
     text in a window), or one shorter than the task needs (score: 2 tokens).
 
     Raises:
-        UserError: naming ``--max-length``.
+        UserError: naming ``--max-length``, or ``--chunk-overlap`` where it fills
+            a window.
     """
     if config.chat:
         return  # the template's own tokens: counted where each row is rendered
@@ -171,6 +173,25 @@ def check_room(tokenizer, config: TokenizeConfig) -> None:
             f"{_tokens(config.max_length)}, fewer than the {config.min_tokens} this "
             "task needs of a row",
         )
+    if config.on_long == "chunk" and config.overlap is not None:
+        _check_overlap(config, special, prompt)
+
+
+def _check_overlap(config: TokenizeConfig, special: int, prompt: int) -> None:
+    """Refuse a ``--chunk-overlap`` that fills a window's room for text: score's
+    windows are a text's own tokens; embed's and classify's have the model's special
+    tokens and the prompt as well."""
+    taken = [] if config.continuation else [(special, "special "), (prompt, "prompt ")]
+    room = config.max_length - sum(n for n, _ in taken)
+    if config.overlap < room:
+        return
+    less = " and ".join(_tokens(n, kind) for n, kind in taken if n)
+    raise UserError(
+        "--chunk-overlap",
+        f"{config.overlap} tokens leave no new token in a window, which holds "
+        f"{_tokens(room)} of text (--max-length {config.max_length}"
+        f"{f' less {less}' if less else ''})",
+    )
 
 
 def _tokens(n: int, kind: str = "") -> str:
@@ -313,7 +334,8 @@ def encode(
 
 def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
     """Each text as windows of at most ``max_length`` tokens, back to back: score's
-    overlap (``strided``); embed's are consecutive. A text that fits is tokenized as
+    overlap (``strided``); embed's and classify's repeat ``overlap`` tokens (none by
+    default). A text that fits is tokenized as
     --on-long truncate tokenizes it; a longer one is cut into pieces, each with the
     prompt before it and the model's special tokens around (``split``), so that
     every window reads as a whole text would."""
@@ -331,12 +353,14 @@ def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
 
 def strided(texts: list[str], config: TokenizeConfig) -> Encoded:
     """Score's windows of a long text, as Hugging Face's perplexity guide strides
-    them: each window ``max_length`` tokens long, ending half a window after the
-    one before, scoring the tokens no window before it scored, after the rest as
-    context. The first window scores all its tokens (but its first, which nothing
-    predicts), so every token after the first is scored once."""
+    them: each window ``max_length`` tokens long, ending ``overlap`` tokens (half a
+    window by default) before the one before ends, scoring the tokens no window
+    before it scored, after the rest as context. The first window scores all its
+    tokens (but its first, which nothing predicts), so every token after the first
+    is scored once."""
     whole = encode(texts, replace(config, on_long="error")).ids
-    length, stride = config.max_length, max(1, config.max_length // 2)
+    length = config.max_length
+    stride = max(1, length // 2) if config.overlap is None else length - config.overlap
     rows, scored = [], []
     for ids in whole:
         ends = [*range(length, len(ids), stride), len(ids)]
@@ -354,7 +378,7 @@ def split(texts: list[str], config: TokenizeConfig) -> list[list[list[int]]]:
     prompt = template.encode(config.prefix, add_special_tokens=False)
     room = config.max_length - template.num_special_tokens_to_add(False)
     room -= len(prompt.ids)  # at least 1: check_room refused the job otherwise
-    pieces = backend(config.backend, room, "right")  # no overlap between windows
+    pieces = backend(config.backend, room, "right", config.overlap or 0)
     return [
         [
             template.post_process(Encoding.merge([prompt, piece])).ids
@@ -382,6 +406,7 @@ def _split_by_transformers(
         texts,
         truncation=True,
         max_length=config.max_length,
+        stride=config.overlap or 0,
         return_overflowing_tokens=True,
         return_attention_mask=False,
     )
@@ -478,15 +503,22 @@ def fetched(ref: ObjectRef) -> TokenizeConfig:
 
 
 @lru_cache(maxsize=2)
-def backend(definition: str, max_length: int | None, side: str) -> Tokenizer:
+def backend(
+    definition: str, max_length: int | None, side: str, stride: int = 0
+) -> Tokenizer:
     """A tokenizer rebuilt once per task process, set as transformers sets it for a
-    call: no padding, truncation to ``max_length`` from ``side`` (or none)."""
+    call: no padding, truncation to ``max_length`` from ``side`` (or none), each
+    overflowing piece repeating ``stride`` tokens of the one before."""
     tokenizer = Tokenizer.from_str(definition)
     tokenizer.no_padding()
     if max_length is None:
         tokenizer.no_truncation()
-    else:
-        tokenizer.enable_truncation(max_length, direction=side)
+        return tokenizer
+    if stride:
+        # Pieces get no special tokens here (the template adds them to each), but
+        # the library would take them off the room a stride may fill.
+        tokenizer.post_processor = processors.Sequence([])
+    tokenizer.enable_truncation(max_length, stride=stride, direction=side)
     return tokenizer
 
 

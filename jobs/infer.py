@@ -125,7 +125,14 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         ),
         *([f"stops at {', '.join(map(repr, spec.stop))}"] if spec.stop else []),
         *(
-            [f"long texts read whole in windows of {plan.max_length} tokens"]
+            [
+                f"long texts read whole in windows of {plan.max_length} tokens"
+                + (
+                    f", each repeating {spec.chunk_overlap} of the one before"
+                    if spec.chunk_overlap
+                    else ""
+                )
+            ]
             if spec.on_long == "chunk"
             else []
         ),
@@ -270,6 +277,7 @@ def tokenize_settings(
         chat=spec.chat_template,
         system=spec.system_prompt,
         on_long=spec.on_long,
+        overlap=spec.chunk_overlap,
         min_tokens=2 if spec.task == "score" else 1,  # one to condition, one to score
         trust_remote_code=spec.trust_remote_code,
         lowercase=info.sentence.lowercase,

@@ -55,6 +55,7 @@ RECORD_FLAGS = {
     "max_length": "--max-length",
     "max_new_tokens": "--max-new-tokens",
     "on_long": "--on-long",
+    "chunk_overlap": "--chunk-overlap",
     "prompt": "--prompt or --prompt-name",
     "truncate_dim": "--truncate-dim",
     "normalize": "--normalize",
@@ -75,6 +76,7 @@ RECORD_DEFAULTS = {
     "sampling": None,
     "stop": [],
     "pair_column": None,
+    "chunk_overlap": None,
 }
 
 
@@ -98,6 +100,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "max_length": plan.max_length,
         "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
         "on_long": spec.on_long,
+        "chunk_overlap": spec.chunk_overlap,
         "prompt": plan.prompt,
         "truncate_dim": spec.truncate_dim,
         "normalize": spec.normalize,

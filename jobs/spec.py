@@ -93,6 +93,11 @@ class ModelFlags(Spec):
         "windows' vectors or label scores averaged by tokens; score: strided "
         "windows, every token scored once).",
     )
+    chunk_overlap: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="--on-long chunk: tokens each window repeats from the end of "
+        "the one before; default 0 for embed and classify, half a window for score.",
+    )
     max_new_tokens: Count = Field(
         32, description="Tokens each text is continued by (--task generate)."
     )
@@ -169,7 +174,27 @@ class ModelFlags(Spec):
             for name, value in drawn.items():
                 if value is not None:
                     raise FieldError(name, "needs --temperature above 0 (sampling)")
+        self._check_overlap()
         return self
+
+    def _check_overlap(self) -> None:
+        overlap = self.chunk_overlap
+        if overlap is None:
+            return
+        if self.on_long != "chunk":
+            raise FieldError("chunk_overlap", "applies to --on-long chunk")
+        if self.task == "score" and overlap < 1:
+            raise FieldError(
+                "chunk_overlap",
+                "--task score needs at least 1: a window's first token is context "
+                "only, so it must be one the window before scored",
+            )
+        if self.max_length is not None and overlap >= self.max_length:
+            raise FieldError(
+                "chunk_overlap",
+                f"{overlap} tokens leave no new token in a window of --max-length "
+                f"{self.max_length}",
+            )
 
     def encoding(self) -> Encoding:
         """What embed does to each vector after the model's own modules."""

@@ -5,6 +5,8 @@ Hugging Face's perplexity guide computes a long text's."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -49,16 +51,18 @@ def models(tiny_models, tmp_path_factory) -> dict[str, str]:
 
 
 def expected(
-    path: str, texts: list[str], max_length: int
+    path: str, texts: list[str], max_length: int, overlap: int = 0
 ) -> tuple[np.ndarray, list[int]]:
     """Each text's embedding from sentence-transformers alone: the vector of each of
-    its windows (transformers' overflowing windows of ``max_length`` tokens), their
-    mean weighted by tokens, L2-normalised where the model normalises; and how many
-    windows each text took."""
+    its windows (transformers' overflowing windows of ``max_length`` tokens, each
+    repeating ``overlap`` of the one before: its ``stride``), their mean weighted by
+    tokens, L2-normalised where the model normalises; and how many windows each text
+    took."""
     model = SentenceTransformer(path, device="cpu")
     windows = model.tokenizer(
-        texts, truncation=True, max_length=max_length, return_overflowing_tokens=True
-    )
+        texts, truncation=True, max_length=max_length, stride=overlap,
+        return_overflowing_tokens=True,
+    )  # fmt: skip
     rows: dict[int, list] = {}
     for row, ids in zip(
         windows["overflow_to_sample_mapping"], windows["input_ids"], strict=True
@@ -77,8 +81,12 @@ def expected(
     return np.array(out), [len(rows[i]) for i in range(len(texts))]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
+@pytest.mark.parametrize(
+    ("name", "overlap"), [(name, None) for name in MODELS] + [("normalized", 5)]
+)
+def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name, overlap):
+    """``overlap`` 5 (--chunk-overlap) of a window's 6 tokens of text: each window
+    adds one token, the most the tokenizers library's stride allows."""
     path = models[name]
     info = inspect_model(path, "embed")
     # A fixed budget of 24 tokens: one text's windows fall in several micro-batches.
@@ -86,12 +94,15 @@ def test_a_long_text_is_the_token_weighted_mean_of_its_windows(models, name):
         ModelSpec(path, "embed"), info, max_length=8, batch_tokens=24, chunk=True
     )
     actor = Predictor(config)
-    tokens = TokenizeConfig(path, 8, on_long="chunk")
+    tokens = TokenizeConfig(path, 8, on_long="chunk", overlap=overlap)
     batch = actor_batch(TEXTS, with_backend(tokens))
     assert batch.equals(actor_batch(TEXTS, tokens))  # transformers' windows too
     out = actor(batch)
     assert out["error"].null_count == len(TEXTS)
-    want, windows = expected(path, TEXTS, 8)
+    want, windows = expected(path, TEXTS, 8, overlap or 0)
+    if overlap:  # a window a token: as many as a text has tokens past the first 6
+        lengths = [len(actor.tokenizer(t)["input_ids"]) - 2 for t in TEXTS]
+        assert windows == [max(1, n - 5) for n in lengths]
     got = np.array(out["embedding"].to_pylist())
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     assert out["windows"].to_pylist() == windows  # each row says how many it took
@@ -123,11 +134,11 @@ def test_the_mean_is_then_cut_normalized_and_packed(models):
         np.testing.assert_allclose(got, expect, atol=2e-5, rtol=1e-4)
 
 
-def chunked_job(tmp_path, corpus, model: str, task: str):
+def chunked_job(tmp_path, corpus, model: str, task: str, **flags):
     """A job over the test corpus in windows of 8 tokens: (rows by id, summary)."""
     return run_job(
         tmp_path / "out", model=model, inputs=corpus["parquet"], task=task,
-        id_column="doc", max_length=8, on_long="chunk",
+        id_column="doc", max_length=8, on_long="chunk", **flags,
     )  # fmt: skip
 
 
@@ -212,33 +223,79 @@ def test_chunk_is_refused_for_other_tasks_and_text_pairs(tiny_models):
         )  # fmt: skip
 
 
-@pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_a_long_text_is_scored_whole_in_strided_windows(
-    tiny_models, corpus, tmp_path, name
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"task": "embed", "chunk_overlap": 2}, "applies to --on-long chunk"),
+        ({"task": "score", "on_long": "chunk", "chunk_overlap": 0},
+         "--task score needs at least 1: a window's first token is context only, "
+         "so it must be one the window before scored"),
+        ({"task": "embed", "on_long": "chunk", "chunk_overlap": 8, "max_length": 8},
+         "8 tokens leave no new token in a window of --max-length 8"),
+    ],
+)  # fmt: skip
+def test_an_overlap_without_windows_or_new_tokens_is_refused(
+    tiny_models, flags, message
 ):
+    with pytest.raises(UserError) as e:
+        InferSpec.from_flags(
+            model=tiny_models["gpt2"], inputs=("x",), output="o", **flags
+        )
+    assert str(e.value) == f"--chunk-overlap: {message}"
+
+
+def test_an_overlap_that_fills_the_room_after_the_prompt_is_refused(prompted):
+    """What is left of a window for text is known once the tokenizer is: 9 tokens
+    less [CLS], [SEP] and the prompt's 2."""
+    path = prompted[True]
+    prompt = resolve_prompt(inspect_model(path, "embed").sentence, None, None)
+    config = TokenizeConfig(path, 9, on_long="chunk", prefix=prompt, overlap=5)
+    with pytest.raises(UserError) as e:
+        with_backend(config)
+    assert str(e.value) == (
+        "--chunk-overlap: 5 tokens leave no new token in a window, which holds 5 "
+        "tokens of text (--max-length 9 less 2 special tokens and 2 prompt tokens)"
+    )
+    with_backend(replace(config, overlap=4))  # one new token a window
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize(
+    ("name", "overlap"), [("gpt2", None), ("llama", None), ("gpt2", 1)]
+)
+def test_a_long_text_is_scored_whole_in_strided_windows(
+    tiny_models, corpus, tmp_path, name, overlap
+):
+    """By default each window ends half a window after the one before; with
+    --chunk-overlap 1, a window on, all of it scored but its first token."""
     path = tiny_models[name]
-    rows, summary = chunked_job(tmp_path, corpus, path, "score")
+    rows, summary = chunked_job(tmp_path, corpus, path, "score", chunk_overlap=overlap)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     long = 0
     for i, text in enumerate(corpus["texts"]):
         ids = tok(text)["input_ids"]
         long += len(ids) > 8
-        logprob, greedy = strided(model, ids, 8)
+        logprob, greedy = strided(model, ids, 8, 8 - (overlap or 4))
         row = rows[f"doc-{i:03d}"]
         assert row["num_tokens"] == len(ids) - 1  # every token but the first
         assert row["logprob"] == pytest.approx(logprob, rel=1e-4)
         assert row["perplexity"] == pytest.approx(np.exp(-logprob / (len(ids) - 1)))
         assert row["is_greedy"] == greedy
     assert summary.chunked == long > 60 and summary.truncated == 0
+    if overlap:  # 7 tokens on a window: fewer windows than half a window on
+        assert summary.windows == sum(
+            -(-(len(tok(t)["input_ids"]) - 1) // 7)
+            for t in corpus["texts"]
+            if len(tok(t)["input_ids"]) > 8
+        )
 
 
-def strided(model, ids: list[int], length: int) -> tuple[float, bool]:
-    """A text's log-likelihood as Hugging Face's perplexity guide computes it with a
-    stride of half a window: each window predicts the tokens the last did not."""
+def strided(model, ids: list[int], length: int, stride: int) -> tuple[float, bool]:
+    """A text's log-likelihood as Hugging Face's perplexity guide computes it with
+    ``stride``: each window predicts the tokens the last did not."""
     total, greedy, done = 0.0, True, 0
-    for end in [*range(length, len(ids), length // 2), len(ids)]:
+    for end in [*range(length, len(ids), stride), len(ids)]:
         window = torch.tensor([ids[max(0, end - length) : end]])
         with torch.no_grad():
             logits = model(window).logits[0, :-1]
