@@ -28,6 +28,14 @@ FloorMetric = Literal["cosine", "top10", "perplexity_increase", "agreement", "sp
 SearchChoice = Literal["keep", "bf16", "cpu-int8", "lowrank"]
 
 
+def given(step: UserModel) -> set[str]:
+    """The fields set to other than their defaults: those a method that ignores them
+    refuses. (Not ``model_fields_set``: an artifact's recipe, written with every
+    default, reads back through these models.)"""
+    fields = type(step).model_fields
+    return {name for name, f in fields.items() if getattr(step, name) != f.default}
+
+
 class Qat(UserModel):
     """Quantization-aware fine-tuning: fake-quantized weights trained to the teacher."""
 
@@ -45,9 +53,14 @@ class Quantize(UserModel):
     int8_threshold: float = Field(6.0, ge=0.0, le=1000.0)  # int8: LLM.int8 outliers
 
     @model_validator(mode="after")
-    def _cpu_int8_options(self) -> Quantize:
+    def _method_options(self) -> Quantize:
         if self.method != "cpu-int8" and (self.activations != "dynamic" or self.qat):
             raise ValueError("activations: static and qat need method: cpu-int8")
+        if self.method != "int8" and "int8_threshold" in given(self):
+            raise FieldError(
+                "int8_threshold",
+                f"applies to method: int8 (LLM.int8's outliers), not {self.method}",
+            )
         return self
 
 
@@ -73,16 +86,44 @@ class Prune(UserModel):
     @model_validator(mode="after")
     def _consistent(self) -> Prune:
         if self.method == "structured":
+            self._structured_only()
             if not (self.heads or self.ffn):
                 raise FieldError("ffn", "structured needs heads or ffn > 0")
             if self.storage != "dense":
                 raise FieldError("storage", "structured pruning is already dense")
-        elif self.pattern != "unstructured":
+            return self
+        for name in ("heads", "ffn"):
+            if name in given(self):
+                raise FieldError(
+                    name,
+                    f"applies to method: structured; {self.method} zeroes a "
+                    "sparsity: of the weights",
+                )
+        if self.pattern != "unstructured":
             if self.scope == "global":
                 raise FieldError("scope", f"{self.pattern} is per layer by nature")
             if self.rounds > 1:
                 raise FieldError("rounds", f"{self.pattern} is reached in one round")
         return self
+
+    def _structured_only(self) -> None:
+        """Refuse what structured pruning would ignore: it removes whole heads and
+        neurons, as many from every block, in one round."""
+        ignored = {
+            "sparsity": "it removes whole heads and neurons: give heads: or ffn: "
+            "(the fractions removed) instead",
+            "pattern": "applies to magnitude and activation pruning",
+            "scope": "applies to magnitude and activation pruning",
+            "rounds": "structured prunes in one round; a distill step after it "
+            "recovers what it lost",
+            "finetune_steps": "structured prunes in one round; a distill step "
+            "after it recovers what it lost",
+            "skip": "structured removes as many heads and neurons from every block; "
+            "skip applies to magnitude and activation pruning",
+        }
+        for name, why in ignored.items():
+            if name in given(self):
+                raise FieldError(name, f"not with method: structured: {why}")
 
 
 class Distill(UserModel):

@@ -28,6 +28,32 @@ BAD = [
     ),
     ([{"prune": {"method": "wavelet"}}], "steps[0].prune.method: unknown 'wavelet'"),
     ([{"prune": {"method": "structured"}}], "steps[0].prune.ffn: structured needs"),
+    # A field the method would ignore is refused, not dropped.
+    (
+        [{"prune": {"method": "structured", "sparsity": 0.3}}],
+        "steps[0].prune.sparsity: not with method: structured: it removes whole "
+        "heads and neurons: give heads: or ffn: (the fractions removed) instead",
+    ),
+    (
+        [{"prune": {"method": "structured", "heads": 0.2, "skip": ["*layer.0.*"]}}],
+        "steps[0].prune.skip: not with method: structured: structured removes as "
+        "many heads and neurons from every block",
+    ),
+    (
+        [{"prune": {"method": "structured", "ffn": 0.2, "finetune_steps": 50}}],
+        "steps[0].prune.finetune_steps: not with method: structured: structured "
+        "prunes in one round; a distill step after it recovers what it lost",
+    ),
+    (
+        [{"prune": {"method": "activation", "heads": 0.2}}],
+        "steps[0].prune.heads: applies to method: structured; activation zeroes a "
+        "sparsity: of the weights",
+    ),
+    (
+        [{"quantize": {"method": "nf4", "int8_threshold": 4.0}}],
+        "steps[0].quantize.int8_threshold: applies to method: int8 (LLM.int8's "
+        "outliers), not nf4",
+    ),
     ([{"prune": {"method": "magnitude", "pattern": "4:2"}}], "steps[0].prune.pattern"),
     (
         [{"prune": {"method": "magnitude", "pattern": "2:4", "scope": "global"}}],
