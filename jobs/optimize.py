@@ -84,6 +84,7 @@ def prepare_optimize(spec: OptimizeSpec) -> OptimizePlan:
     if info.precision in BITSANDBYTES:
         raise UserError("--model", _untrainable(spec.model, info.precision))
     _check_students(steps, spec.allow_pickle)
+    _check_losses(steps, task, info)
     _check_floors(steps, task, info)
     _check_lengths(spec, steps, info.max_positions)
     texts = _texts(spec, steps)
@@ -191,6 +192,15 @@ def _check_students(steps: list[Step], allow_pickle: bool) -> None:
                 raise UserError(where, e.message) from None
             if own in BITSANDBYTES:
                 raise UserError(where, _untrainable(step.student, own))
+
+
+def _check_losses(steps: list[Step], task: str, info: ModelInfo) -> None:
+    """A distill field this task's loss would ignore, refused before the model loads."""
+    scores = info.classify_function if task == "classify" else "softmax"
+    for i, step in enumerate(steps):
+        if isinstance(step, Distill) and (ignored := step.ignored_by(task, scores)):
+            name, why = ignored
+            raise UserError(f"steps[{i}].distill.{name}", why)
 
 
 def _untrainable(model: str, precision: str) -> str:

@@ -151,6 +151,35 @@ class Distill(UserModel):
             raise FieldError("student", "give layers or student, not both")
         return self
 
+    def ignored_by(self, task: str, scores: str) -> tuple[str, str] | None:
+        """A field this task's loss would ignore, and why (optimize/distill.py):
+        embeddings are distilled by cosine (and mse of the blocks' outputs), logits
+        by kl at ``temperature`` or by mse (a regression's values: ``scores``
+        none), and only a causal LM's text is its own label (``alpha``)."""
+        changed = given(self)
+        raw = (
+            "loss: mse compares the logits as they are"
+            if self.loss == "mse"
+            else "a regression's values are compared as they are"
+        )
+        rules = [
+            (task == "embed" and self.loss == "kl", "loss",
+             "kl compares logits; an embedding model's loss is cosine"),
+            (task == "embed" and "temperature" in changed, "temperature",
+             "applies to logits (--task score or classify)"),
+            (task != "embed" and self.loss == "cosine", "loss",
+             f"cosine compares embeddings; --task {task} has logits"),
+            (scores == "none" and self.loss == "kl", "loss",
+             "kl compares distributions; a regression's values take mse"),
+            (task != "embed" and (self.loss == "mse" or scores == "none")
+             and "temperature" in changed, "temperature",
+             f"softens kl's distributions; {raw}"),
+            (task != "score" and "alpha" in changed, "alpha",
+             f"weighs the next-token loss of --task score; --task {task} learns "
+             "from the teacher's outputs alone"),
+        ]  # fmt: skip
+        return next(((name, why) for hit, name, why in rules if hit), None)
+
 
 class Lowrank(UserModel):
     rank_ratio: float | None = Field(None, ge=0.01, le=1.0)  # kept rank / full rank

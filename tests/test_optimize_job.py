@@ -223,6 +223,13 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         optimize(*calibrated, "--recipe", recipe, "--max-length", "65"),
         "--max-length: 65 is more than the model's 64 positions",
     )
+    kl = tmp_path / "kl.yaml"  # an embedding model: no logits to compare
+    kl.write_text("steps:\n  - distill: {steps: 2, loss: kl}\n")
+    assert_user_error(
+        optimize(*calibrated, "--recipe", str(kl)),
+        "steps[0].distill.loss: kl compares logits; an embedding model's loss is "
+        "cosine",
+    )
     long_rows = tmp_path / "long-rows.yaml"
     long_rows.write_text("steps:\n  - distill: {steps: 2, max_length: 100}\n")
     assert_user_error(

@@ -129,6 +129,30 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("task", "scores", "fields", "ignored"),
+    [
+        ("embed", "softmax", {"loss": "kl"}, "loss"),
+        ("embed", "softmax", {"temperature": 4.0}, "temperature"),
+        ("embed", "softmax", {"alpha": 0.9}, "alpha"),
+        ("classify", "softmax", {"loss": "cosine"}, "loss"),
+        ("classify", "softmax", {"alpha": 0.9}, "alpha"),
+        ("classify", "none", {"loss": "kl"}, "loss"),  # a regression
+        ("classify", "none", {"temperature": 3.0}, "temperature"),
+        ("score", "softmax", {"loss": "mse", "temperature": 3.0}, "temperature"),
+        ("embed", "softmax", {"loss": "mse"}, None),  # + the blocks' outputs
+        ("embed", "softmax", {"loss": "cosine"}, None),
+        ("classify", "sigmoid", {"loss": "kl", "temperature": 3.0}, None),
+        ("classify", "none", {"loss": "mse"}, None),
+        ("score", "softmax", {"alpha": 0.9, "temperature": 3.0}, None),
+        ("score", "softmax", {"loss": "mse", "alpha": 0.2}, None),
+    ],
+)
+def test_a_distill_field_the_tasks_loss_ignores_is_named(task, scores, fields, ignored):
+    found = Distill(**fields).ignored_by(task, scores)
+    assert (found and found[0]) == ignored, found
+
+
 @pytest.mark.parametrize("items,message", BAD)
 def test_bad_recipe_names_the_field(items, message):
     with pytest.raises(UserError) as e:
