@@ -217,6 +217,8 @@ class Search(UserModel):
     def _keep_is_a_choice(self) -> Search:
         if "keep" not in self.choices:
             raise FieldError("choices", "must include keep")
+        if "lowrank" not in self.choices and "rank_ratio" in given(self):
+            raise FieldError("rank_ratio", "applies to the lowrank choice: add it")
         return self
 
 

@@ -30,6 +30,10 @@ BAD = [
     ([{"prune": {"method": "structured"}}], "steps[0].prune.ffn: structured needs"),
     # A field the method would ignore is refused, not dropped.
     (
+        [{"search": {"floor": {"cosine": 0.9}, "rank_ratio": 0.3}}],
+        "steps[0].search.rank_ratio: applies to the lowrank choice: add it",
+    ),
+    (
         [{"prune": {"method": "structured", "sparsity": 0.3}}],
         "steps[0].prune.sparsity: not with method: structured: it removes whole "
         "heads and neurons: give heads: or ffn: (the fractions removed) instead",
