@@ -131,7 +131,8 @@ def launch(kind: str, spec_class: type, flags: dict) -> None:
     address, insecure, no_wait, pip, shared = (flags.pop(k) for k in SUBMIT_FLAGS)
     spec = spec_class.from_command(flags)
     if not is_jobs_address(address):
-        given = (("--no-wait", no_wait), ("--pip", pip), ("--shared-paths", shared))
+        given = (("--no-wait", no_wait), ("--pip", pip), ("--shared-paths", shared),
+                 ("--insecure", insecure))  # fmt: skip
         for flag, value in given:
             if value:
                 raise UserError(

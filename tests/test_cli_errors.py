@@ -169,6 +169,14 @@ def test_a_flag_of_another_precision_is_named(base):
     )
 
 
+@pytest.mark.parametrize("flag", ["--insecure", "--shared-paths", "--no-wait"])
+def test_a_submission_flag_without_a_cluster_is_named(base, flag):
+    """Flags that change how a job is submitted, given to a job that runs here."""
+    assert_user_error(
+        run(*base, flag), f"{flag}: applies to a submission: --address http://HEAD:8265"
+    )
+
+
 @pytest.mark.parametrize(
     "flags, says",
     [
