@@ -291,8 +291,9 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
         if len(calibration) < 2 * held:
             raise UserError(
                 "--calibration",
-                f"{len(calibration)} rows of text are "
-                f"too few to hold {held} out; give more or pass --eval",
+                f"{len(calibration)} {'row' if len(calibration) == 1 else 'rows'} "
+                f"of text: too few to hold {held} out for evaluation and calibrate "
+                f"on the rest; give at least {2 * held}, or pass --eval",
             )
         calibration, evaluation = calibration[:-held], calibration[-held:]
     if len(evaluation) < MIN_EVAL_ROWS:

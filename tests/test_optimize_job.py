@@ -230,6 +230,13 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
         "steps[0].distill.loss: kl compares logits; an embedding model's loss is "
         "cosine",
     )
+    few = tmp_path / "one-row.parquet"
+    pq.write_table(pa.table({"text": ["a lone text"]}), few)
+    assert_user_error(
+        optimize(*base, "--recipe", recipe, "--calibration", str(few)),
+        "--calibration: 1 row of text: too few to hold 16 out for evaluation and "
+        "calibrate on the rest; give at least 32, or pass --eval",
+    )
     long_rows = tmp_path / "long-rows.yaml"
     long_rows.write_text("steps:\n  - distill: {steps: 2, max_length: 100}\n")
     assert_user_error(
