@@ -269,7 +269,11 @@ def row_errors(
             "too_long: ", text, f" tokens > --max-length {config.max_length}", ""
         ),
         pc.binary_join_element_wise(
-            "too_short: ", text, f" tokens, this task needs {config.min_tokens}", ""
+            "too_short: ",
+            text,
+            pc.if_else(pc.equal(length, 1), " token", " tokens"),
+            f", this task needs {config.min_tokens}",
+            "",
         ),
     ]
     if pair_tokens is not None:

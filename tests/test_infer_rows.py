@@ -360,7 +360,7 @@ def test_score_refuses_one_token_rows(tiny_models, tmp_path):
     rows, _ = run_job(
         tmp_path / "out", model=tiny_models["gpt2"], inputs=str(path), task="score"
     )
-    assert rows[f"{path}#0"]["error"].startswith("too_short")
+    assert rows[f"{path}#0"]["error"] == "too_short: 1 token, this task needs 2"
     assert rows[f"{path}#1"]["error"] is None
 
 
