@@ -35,7 +35,7 @@ from lmbatch.jobs.calibration import read_texts
 from lmbatch.jobs.cluster import gpu_view
 from lmbatch.jobs.gpus import choose_device
 from lmbatch.jobs.lease import check_no_writer, writer_lease
-from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output
+from lmbatch.jobs.output import OPTIMIZE_MARKERS, check_output, create_output
 from lmbatch.jobs.session import ray_session
 from lmbatch.jobs.spec import OPTIMIZE_TASKS, OptimizeSpec, paired_with_itself
 from lmbatch.optimize.labels import label_metrics
@@ -100,7 +100,7 @@ def run_optimize(plan: OptimizePlan, address: str | None = None) -> list[dict]:
     fs, path = filesystem_of(plan.spec.output, "--output")
     folder, lease = _lease(path)
     if is_local(fs):
-        fs.create_dir(folder, recursive=True)
+        create_output(fs, folder, plan.spec.output)
     try:
         with writer_lease(fs, folder, lease), ray_session(address):
             gpus, cpus = _resources(plan)

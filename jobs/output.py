@@ -9,10 +9,13 @@ before any row; an optimize job writes ``lmbatch.json`` with its artifact.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pyarrow.fs as pafs
 
 from lmbatch.actors.artifact import META_FILE
-from lmbatch.actors.storage import filesystem_of
+from lmbatch.actors.storage import filesystem_of, is_local
 from lmbatch.errors import UserError
 from lmbatch.jobs.lease import WRITER_FILE
 
@@ -45,6 +48,8 @@ def check_output(
     if kind == pafs.FileType.File:
         raise UserError("--output", f"{output} is a file; give a directory")
     _check_apart_from_model(fs, path, output, model)
+    if kind == pafs.FileType.NotFound and is_local(fs):
+        _check_creatable(path, output)
     if resume or kind != pafs.FileType.Directory:
         return fs, path
     names = _names(fs, path)
@@ -62,6 +67,29 @@ def check_output(
             f"{output} already holds files; pass --overwrite to replace them",
         )
     return fs, path
+
+
+def create_output(fs: pafs.FileSystem, path: str, output: str) -> None:
+    """Make the output folder; what the filesystem refuses (a read-only mount, a
+    path no folder can be made in) is one line naming --output."""
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as e:
+        raise UserError("--output", f"cannot create {output}: {e}") from None
+
+
+def _check_creatable(path: str, output: str) -> None:
+    """A local output that does not exist yet can be made: its nearest existing
+    folder is a folder, and this process may write there."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError("--output", f"cannot create {output}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            "--output", f"cannot create {output}: {parent} is not writable by this user"
+        )
 
 
 def holds_output(fs: pafs.FileSystem, path: str) -> bool:

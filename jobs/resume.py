@@ -22,7 +22,7 @@ from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.storage import absolute
 from lmbatch.errors import UserError
-from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, holds_output
+from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, create_output, holds_output
 from lmbatch.jobs.spec import InferPlan
 
 PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
@@ -126,7 +126,7 @@ def begin_output(plan: InferPlan, device: str) -> int:
     fs, path = plan.output_fs, plan.output_path
     record = job_record(plan, device)
     if not plan.spec.resume or not holds_output(fs, path):  # a retry's first run
-        fs.create_dir(path, recursive=True)
+        create_output(fs, path, plan.spec.output)
         _write(fs, f"{path}/{JOB_FILE}", record)
         return 0
     written = recorded_job(fs, path)

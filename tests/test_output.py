@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from lmbatch.actors.storage import filesystem_of
 from lmbatch.errors import UserError
 from lmbatch.jobs.output import (
     INFER_MARKERS,
     OPTIMIZE_MARKERS,
     check_output,
+    create_output,
     holds_output,
 )
 
@@ -87,6 +91,29 @@ def test_a_file_or_the_model_is_no_output(tmp_path, model):
         check_output(str(tmp_path / "file"), model, INFER_MARKERS, overwrite=True)
     with pytest.raises(UserError, match="holds --model"):
         check_output(str(tmp_path), model, INFER_MARKERS, overwrite=True)
+
+
+def test_an_output_that_cannot_be_made_is_named_before_ray_starts(tmp_path, model):
+    (tmp_path / "rows.csv").write_text("text\nx\n")
+    inside_a_file = tmp_path / "rows.csv" / "out" / "deeper"
+    with pytest.raises(UserError) as e:
+        check_output(str(inside_a_file), model, INFER_MARKERS)
+    assert str(e.value) == (
+        f"--output: cannot create {inside_a_file}: {tmp_path / 'rows.csv'} is a file"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="Linux's /proc")
+def test_a_folder_the_filesystem_refuses_is_one_line():
+    """Where no folder can be made (here /proc, even for root), the first write
+    says so naming --output, not with pyarrow's traceback."""
+    fs, path = filesystem_of("/proc/lmbatch-test/out", "--output")
+    with pytest.raises(UserError) as e:
+        create_output(fs, path, "/proc/lmbatch-test/out")
+    assert str(e.value).startswith(
+        "--output: cannot create /proc/lmbatch-test/out: [Errno 2] Cannot create "
+        "directory '/proc/lmbatch-test'"
+    )
 
 
 @pytest.mark.parametrize(
