@@ -42,8 +42,10 @@ step() { # step NAME SECONDS COMMAND...
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
 
-# A test stuck on CUDA fails alone rather than taking the step's whole limit; tests run
-# in parallel workers (each its own local Ray) where pytest-xdist is installed.
+# Every file's gpu tests: test_gpu.py holds most; stop strings, sampling and text pairs
+# keep theirs beside their CPU tests. A test stuck on CUDA fails alone rather than
+# taking the step's whole limit; tests run in parallel workers (each its own local
+# Ray) where pytest-xdist is installed.
 per_test=()
 python -c "import pytest_timeout" 2>/dev/null && per_test+=(--timeout=90)
 python -c "import xdist" 2>/dev/null && per_test+=(-n "${TEST_WORKERS:-6}")
@@ -53,8 +55,7 @@ for s in $steps; do
   case $s in
     tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests 200 python -m pytest -m gpu -q \
       -rfE --tb=short -p no:cacheprovider -p pytest_instafail "${per_test[@]}" \
-      --junitxml="$out/gpu-tests.xml" ${TESTS:+-k "$TESTS"} tests/test_gpu.py \
-      tests/test_host_side.py ;;
+      --junitxml="$out/gpu-tests.xml" ${TESTS:+-k "$TESTS"} tests ;;
     bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
     precision-bert) step precision-bert 200 "${bench[@]}" --only precision \
       --precision-models bertbase ;;
