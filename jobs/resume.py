@@ -182,13 +182,18 @@ def _change(then: object, now: object) -> str:
     file new or gone, not both lists whole (a job may read thousands)."""
     lists = isinstance(then, list) and isinstance(now, list)
     if not lists or len(then) + len(now) <= 4:
-        return f"{then!r}, now {now!r}"
+        return f"{_shown(then)}, now {_shown(now)}"
     parts = [f"{len(then):,} then, {len(now):,} now"]
     for what, names in (("new", set(now) - set(then)), ("gone", set(then) - set(now))):
         if names:
             more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
             parts.append(f"{what}: {min(names)}{more}")
     return "; ".join(parts)
+
+
+def _shown(value: object) -> str:
+    """A recorded value as the flag was given; None: the flag was not."""
+    return "not given" if value is None else repr(value)
 
 
 def same_model(plan: InferPlan) -> bool:

@@ -283,12 +283,16 @@ def test_a_long_text_is_scored_whole_in_strided_windows(
         assert row["perplexity"] == pytest.approx(np.exp(-logprob / (len(ids) - 1)))
         assert row["is_greedy"] == greedy
     assert summary.chunked == long > 60 and summary.truncated == 0
-    if overlap:  # 7 tokens on a window: fewer windows than half a window on
-        assert summary.windows == sum(
-            -(-(len(tok(t)["input_ids"]) - 1) // 7)
-            for t in corpus["texts"]
-            if len(tok(t)["input_ids"]) > 8
-        )
+    if not overlap:
+        return
+    # 7 tokens on a window: fewer windows than half a window on
+    assert summary.windows == sum(
+        -(-(len(tok(t)["input_ids"]) - 1) // 7)
+        for t in corpus["texts"]
+        if len(tok(t)["input_ids"]) > 8
+    )
+    with pytest.raises(UserError, match="another --chunk-overlap: 1, now not given"):
+        chunked_job(tmp_path, corpus, path, "score", resume=True)
 
 
 def strided(model, ids: list[int], length: int, stride: int) -> tuple[float, bool]:

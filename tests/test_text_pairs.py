@@ -177,7 +177,9 @@ def test_a_resume_with_another_pair_column_is_refused(tiny_models, pairs, tmp_pa
                     **{**flags, "inputs": (pairs["parquet"],)})  # fmt: skip
     assert "text pairs: 'q' with 'passage'" in launch("infer", dry, None)
     run_job(tmp_path / "out", pair_column="passage", **flags)
-    with pytest.raises(UserError, match="another --pair-column: 'passage', now None"):
+    with pytest.raises(
+        UserError, match="another --pair-column: 'passage', now not given"
+    ):
         run_job(tmp_path / "out", resume=True, **flags)
 
 
