@@ -23,6 +23,13 @@ from fsspec.utils import glob_translate
 from lmbatch.actors.storage import filesystem_of
 from lmbatch.actors.text import may_hold_text
 from lmbatch.errors import UserError
+from lmbatch.jobs.encodings import (
+    UTF8,
+    csv_read_options,
+    decode_line,
+    quiet_undecodable_rows,
+    read_error,
+)
 from lmbatch.jobs.output import JOB_FILE
 
 log = logging.getLogger("lmbatch")
@@ -68,6 +75,7 @@ class ResolvedInputs:
     format: str
     filesystem: pafs.FileSystem
     schema: pa.Schema  # of the first file
+    encoding: str = UTF8  # of CSV, TSV and JSONL text (--input-encoding)
 
     @property
     def columns(self) -> list[str]:
@@ -81,6 +89,7 @@ def resolve_inputs(
     id_column: str | None,
     output: str | None = None,
     pair_column: str | None = None,
+    encoding: str = UTF8,
 ) -> ResolvedInputs:
     """Expand paths, globs and directories; check format and columns.
 
@@ -91,8 +100,8 @@ def resolve_inputs(
             it before the job read it.
 
     Raises:
-        UserError: naming ``--input``, ``--input-format``, ``--text-column``,
-            ``--id-column`` or ``--pair-column``.
+        UserError: naming ``--input``, ``--input-format``, ``--input-encoding``,
+            ``--text-column``, ``--id-column`` or ``--pair-column``.
     """
     if not inputs:
         raise UserError("--input", "give at least one file, glob or directory")
@@ -123,8 +132,12 @@ def resolve_inputs(
                 f"mixed formats: {others[0]} is not {fmt}; give the files of one, "
                 f"such as {folder}/*{FORMATS[fmt][0]}",
             )
+    if encoding != UTF8 and fmt in SEEKABLE:
+        raise UserError(
+            "--input-encoding", f"applies to CSV, TSV and JSONL; {fmt} text is UTF-8"
+        )
     paths = sorted(dict.fromkeys(paths))
-    first, schema = first_schema(filesystem, paths, fmt)
+    first, schema = first_schema(filesystem, paths, fmt, encoding)
     columns = schema.names
     for flag, column in (
         ("--text-column", text_column),
@@ -140,17 +153,17 @@ def resolve_inputs(
         kind = None if column is None else schema.field(column).type
         if kind is not None and not may_hold_text(kind):
             raise UserError(flag, f"{column!r} is {kind} in {first}, not text")
-    return ResolvedInputs(paths, fmt, filesystem, schema)
+    return ResolvedInputs(paths, fmt, filesystem, schema, encoding)
 
 
 def first_schema(
-    fs: pafs.FileSystem, paths: list[str], fmt: str
+    fs: pafs.FileSystem, paths: list[str], fmt: str, encoding: str = UTF8
 ) -> tuple[str, pa.Schema]:
     """The first file that has columns, and its schema: an empty shard says nothing
     of the others."""
     for path in paths:
         if not empty_shard(fs, path, fmt):
-            return path, read_schema(fs, path, fmt)
+            return path, read_schema(fs, path, fmt, encoding)
     which = (
         f"all {len(paths):,} input files are empty (0 bytes; {paths[0]} first)"
         if len(paths) > 1
@@ -367,7 +380,9 @@ def _format_of(paths: list[str]) -> str:
     return fmt
 
 
-def read_schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema:
+def read_schema(
+    fs: pafs.FileSystem, path: str, fmt: str, encoding: str = UTF8
+) -> pa.Schema:
     """The columns of one file and their types, reading only its head: Parquet's
     own; CSV's are text as the file has it; JSONL's those of the first non-null value
     of each key in the first lines."""
@@ -378,31 +393,30 @@ def read_schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema:
         if fmt == "arrow":
             with fs.open_input_file(path) as f:
                 return arrow_batches(f)[0]
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path) as f, quiet_undecodable_rows():
             if fmt in DELIMITERS:
-                names = pacsv.open_csv(f, parse_options=delimited(fmt)).schema.names
-                return pa.schema([(n, pa.string()) for n in names])
-            return _jsonl_schema(_head_lines(f))
+                options = csv_read_options(encoding)
+                reader = pacsv.open_csv(f, options, parse_options=delimited(fmt))
+                return pa.schema([(n, pa.string()) for n in reader.schema.names])
+            return _jsonl_schema(_head_lines(f), encoding)
     except (
         pa.ArrowInvalid,
         json.JSONDecodeError,
         UnicodeDecodeError,
         AttributeError,
     ) as e:
-        raise UserError(
-            path, f"cannot read as {fmt}: {str(e).splitlines()[0]}"
-        ) from None
+        raise UserError(path, f"cannot read as {fmt}: {read_error(e)}") from None
 
 
-def _jsonl_schema(lines: list[bytes]) -> pa.Schema:
-    first = json.loads(lines[0]) if lines else {}
+def _jsonl_schema(lines: list[bytes], encoding: str = UTF8) -> pa.Schema:
+    first = json.loads(lines[0].decode(encoding)) if lines else {}
     if not isinstance(first, dict):
         raise ValueError("the first line is not a JSON object")
     types: dict[str, pa.DataType] = dict.fromkeys(first, pa.null())
     for line in lines:
         try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = json.loads(decode_line(line, encoding) or "")
+        except json.JSONDecodeError:
             continue  # a bad line is the reader's to report, as a row
         for key, value in row.items() if isinstance(row, dict) else ():
             if types.get(key, pa.null()) == pa.null() and value is not None:

@@ -48,6 +48,7 @@ RECORD_FLAGS = {
     "int8_threshold": "--int8-threshold",
     "inputs": "--input",
     "input_format": "--input-format",
+    "input_encoding": "--input-encoding",
     "text_column": "--text-column",
     "pair_column": "--pair-column",
     "id_column": "--id-column",
@@ -77,6 +78,7 @@ RECORD_DEFAULTS = {
     "stop": [],
     "pair_column": None,
     "chunk_overlap": None,
+    "input_encoding": "utf-8",
 }
 
 
@@ -93,6 +95,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "int8_threshold": spec.int8_threshold if spec.precision == "int8" else None,
         "inputs": sorted(plan.inputs.paths),
         "input_format": plan.inputs.format,
+        "input_encoding": plan.inputs.encoding,
         "text_column": spec.text_column,
         "pair_column": spec.pair_column,
         "id_column": spec.id_column,

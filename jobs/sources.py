@@ -29,6 +29,13 @@ import ray.data
 from ray.data.datasource import FileBasedDatasource
 
 from lmbatch.actors.text import check_text
+from lmbatch.jobs.encodings import (
+    UTF8,
+    csv_read_options,
+    decode_line,
+    quiet_undecodable_rows,
+    read_error,
+)
 from lmbatch.jobs.inputs import ResolvedInputs, arrow_batches, delimited
 
 ROW_FIELDS = [("id", pa.string()), ("_text", pa.string()), ("_error", pa.string())]
@@ -67,9 +74,12 @@ class _RowSource(FileBasedDatasource):
     its file) and, where they found a row bad, ``_bad``; this adds ids, checks text
     and conforms the kept columns."""
 
-    def __init__(self, paths: list[str], columns: Columns, **kw):
+    def __init__(
+        self, paths: list[str], columns: Columns, encoding: str = UTF8, **kw
+    ) -> None:
         super().__init__(paths, **kw)
         self._columns = columns
+        self._encoding = encoding  # of CSV, TSV and JSONL text
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         raise NotImplementedError
@@ -92,8 +102,7 @@ class _RowSource(FileBasedDatasource):
     def _unreadable(self, path: str, position: int, e: Exception) -> pa.Table:
         """A corrupt or truncated file: one row says where reading stopped and why;
         the job and the other files go on."""
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        error = f"bad_file: {path} unreadable from row {position}: {reason}"
+        error = f"bad_file: {path} unreadable from row {position}: {read_error(e)}"
         schema = self._columns.schema()
         row = {"id": [f"{path}#{position}"], "_error": [error]}
         return pa.table(
@@ -219,12 +228,17 @@ class CSVRows(_RowSource):
     become 7, "" a null, and one invalid UTF-8 byte would fail the whole file (a
     kept CSV column is text, as the file has it). A line that does not parse (a
     field too many or too few) is skipped by pyarrow's ``invalid_row_handler`` and
-    comes back as an error row at its own position."""
+    comes back as an error row at its own position. A file in another encoding
+    (--input-encoding) is transcoded to UTF-8 by pyarrow as it is read."""
 
     _FILE_EXTENSIONS = ["csv"]
     FORMAT = "csv"
 
     def _tables(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        with quiet_undecodable_rows():
+            yield from self._parsed(f)
+
+    def _parsed(self, f: pa.NativeFile) -> Iterator[pa.Table]:
         columns = self._columns.names
         invalid: list[pacsv.InvalidRow] = []
 
@@ -235,7 +249,7 @@ class CSVRows(_RowSource):
         try:
             reader = pacsv.open_csv(
                 f,
-                read_options=pacsv.ReadOptions(use_threads=False),
+                read_options=csv_read_options(self._encoding, use_threads=False),
                 parse_options=delimited(self.FORMAT, skip),
                 convert_options=pacsv.ConvertOptions(
                     column_types=dict.fromkeys(columns, pa.binary())
@@ -316,7 +330,7 @@ class JSONLRows(_RowSource):
         try:
             for line in _lines(f):
                 if line.strip():
-                    rows.append(_parse_line(line))
+                    rows.append(_parse_line(line, self._encoding))
                 if len(rows) == JSONL_CHUNK_ROWS:
                     yield _positioned(self._rows_table(rows), start)
                     start += len(rows)
@@ -421,11 +435,14 @@ def _lines(f: pa.NativeFile, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
-def _parse_line(line: bytes) -> dict:
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
+def _parse_line(line: bytes, encoding: str = UTF8) -> dict:
+    text = decode_line(line, encoding)
+    if text is None and encoding == UTF8:
         return {"__bad__": "bad_utf8: line is not valid UTF-8"}
+    if text is None:
+        return {"__bad__": f"bad_encoding: line is not valid {encoding} text"}
+    try:
+        row = json.loads(text)
     except json.JSONDecodeError as e:
         return {"__bad__": f"bad_json: {e.msg}"}
     return (
@@ -460,6 +477,10 @@ SOURCES: dict[str, type[_RowSource]] = {
 def read_rows(inputs: ResolvedInputs, columns: Columns) -> ray.data.Dataset:
     """A streamed dataset of ``id``, ``_text``, ``_error`` and kept columns."""
     source = SOURCES[inputs.format](
-        inputs.paths, columns, filesystem=inputs.filesystem, file_extensions=None
+        inputs.paths,
+        columns,
+        inputs.encoding,
+        filesystem=inputs.filesystem,
+        file_extensions=None,
     )
     return ray.data.read_datasource(source)

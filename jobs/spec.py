@@ -36,6 +36,7 @@ from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import EMBEDDING_PRECISIONS, Encoding, resolve_prompt
 from lmbatch.actors.tokenize import PIPELINE_COLUMNS, chat_text, load_tokenizer
 from lmbatch.errors import FieldError, UserError
+from lmbatch.jobs.encodings import UTF8, check_encoding
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
 from lmbatch.jobs.lease import check_no_writer
 from lmbatch.jobs.options import (
@@ -243,6 +244,11 @@ class InferSpec(ModelFlags):
         None,
         description="Default: from the file suffix; JSONL, CSV and TSV may be "
         "compressed (.jsonl.gz, .csv.zst; .bz2, .lz4).",
+    )
+    input_encoding: Annotated[str, AfterValidator(check_encoding)] = Field(
+        UTF8,
+        description="Text encoding of CSV, TSV and JSONL inputs, e.g. cp1252 for "
+        "a spreadsheet exported on Windows; Parquet's and Arrow's is UTF-8.",
     )
     actors: Annotated[
         tuple[Count, Count] | None,
@@ -466,6 +472,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
         spec.id_column,
         spec.output,
         spec.pair_column,
+        spec.input_encoding,
     )
     max_length = max_length_of(spec, info, spec.max_new_tokens)
     keep = kept_columns(spec, inputs.schema)

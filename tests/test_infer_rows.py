@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import run_job
 
+from lmbatch.errors import UserError
+
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
@@ -127,6 +129,50 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tiny_models, tmp_path):
         tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed"
     )
     assert summary.rows == 2 and summary.errors == {}, rows
+
+
+WINDOWS_TEXTS = ["café au lait", "naïve résumé", "“quoted” – dashed"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_file_in_another_encoding_reads_with_input_encoding(
+    fmt, tiny_models, tmp_path
+):
+    """A spreadsheet's cp1252 export: every text as it was written, and a malformed
+    line (one that is not UTF-8 either) one error row, not a failed file."""
+    path = tmp_path / f"export.{fmt}"
+    if fmt == "csv":
+        lines = ["text,doc", *(f"{t},d{i}" for i, t in enumerate(WINDOWS_TEXTS)),
+                 "trop de champs: é,d9,extra"]  # fmt: skip
+    else:
+        lines = [json.dumps({"text": t, "doc": f"d{i}"}, ensure_ascii=False)
+                 for i, t in enumerate(WINDOWS_TEXTS)]  # fmt: skip
+    undefined = b'{"text": "\x81", "doc": "d9"}\n'  # no character in cp1252
+    path.write_bytes(
+        "\n".join(lines).encode("cp1252")
+        + b"\n"
+        + (undefined if fmt == "jsonl" else b"")
+    )
+    flags = dict(model=tiny_models["bert"], inputs=str(path), task="embed",
+                 id_column="doc", keep_columns=("text",))  # fmt: skip
+    rows, summary = run_job(tmp_path / "out", input_encoding="cp1252", **flags)
+    assert [rows[f"d{i}"]["text"] for i in range(3)] == WINDOWS_TEXTS
+    assert all(rows[f"d{i}"]["error"] is None for i in range(3))
+    bad = {"csv": "a malformed line that is not UTF-8 text", "jsonl": "not utf-8 text"}
+    assert (
+        rows[f"{path}#3"]["error"]
+        == {
+            "csv": "bad_csv: line has 3 fields, expected 2",
+            "jsonl": "bad_encoding: line is not valid cp1252 text",
+        }[fmt]
+    )
+    assert summary.errors == {"csv": {"bad_csv": 1}, "jsonl": {"bad_encoding": 1}}[fmt]
+    with pytest.raises(UserError) as e:  # read as UTF-8: refused before Ray starts
+        run_job(tmp_path / "utf8", **flags)
+    assert str(e.value).endswith(
+        f"({bad[fmt]}: name the file's encoding with --input-encoding, e.g. "
+        "cp1252, or convert it to UTF-8)"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])

@@ -341,3 +341,24 @@ def test_a_typed_column_that_cannot_hold_text_is_refused(tmp_path):
         resolve_inputs([str(path)], None, "text", None, pair_column="tags")
     for column in ("text", "raw", "none"):
         resolve_inputs([str(path)], None, column, None)
+
+
+def test_an_input_encoding_is_a_text_formats_and_a_known_one(tmp_path):
+    from lmbatch.jobs.spec import InferSpec
+
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), table)
+    with pytest.raises(UserError) as e:
+        resolve_inputs([str(table)], None, "text", None, encoding="cp1252")
+    assert str(e.value) == (
+        "--input-encoding: applies to CSV, TSV and JSONL; parquet text is UTF-8"
+    )
+    flags = dict(model="m", task="embed", inputs=("x.csv",), output="o")
+    for given, says in [
+        ("utf-16", "utf-16 is not ASCII-compatible; convert the files to UTF-8"),
+        ("klingon", "unknown encoding 'klingon'"),
+    ]:
+        with pytest.raises(UserError) as e:
+            InferSpec.from_flags(input_encoding=given, **flags)
+        assert str(e.value) == f"--input-encoding: {says}"
+    assert InferSpec(input_encoding="latin-1", **flags).input_encoding == "iso8859-1"
