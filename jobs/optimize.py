@@ -271,6 +271,7 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
             "--calibration",
             spec.output,
             spec.pair_column,
+            spec.input_encoding,
         )
         if spec.calibration
         else []
@@ -283,6 +284,7 @@ def _texts(spec: OptimizeSpec, steps: list[Step]) -> Texts:
             "--eval",
             spec.output,
             spec.pair_column,
+            spec.input_encoding,
         )
     else:
         held = max(

@@ -405,6 +405,11 @@ class OptimizeSpec(Spec):
     )
     max_rows: Count = Field(4096, description="Calibration rows read at most.")
     eval_rows: Count = 512
+    input_encoding: Annotated[str, AfterValidator(check_encoding)] = Field(
+        UTF8,
+        description="Text encoding of --calibration and --eval CSV, TSV and JSONL "
+        "files, e.g. cp1252; Parquet's and Arrow's is UTF-8.",
+    )
     max_length: Count = Field(
         128, description="Tokens per calibration and evaluation row."
     )

@@ -239,6 +239,30 @@ def test_calibration_text_from_compressed_and_categorical_files(tmp_path):
     assert got == ["fifth, sixth", "seventh"]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_calibration_text_in_another_encoding(tmp_path, fmt):
+    """optimize --input-encoding: its text as written; without, one line saying
+    what to do."""
+    texts = ["café crème", "naïve résumé"]
+    path = tmp_path / f"cal.{fmt}"
+    lines = ["text", *texts] if fmt == "csv" else [
+        json.dumps({"text": t}, ensure_ascii=False) for t in texts
+    ]  # fmt: skip
+    path.write_bytes("\n".join(lines).encode("cp1252") + b"\n")
+    given = (str(path),)
+    assert read_texts(given, "text", 10, "--calibration", encoding="cp1252") == texts
+    says = {
+        "csv": "--calibration: column 'text' of {} is not text: bytes that are not "
+        "UTF-8 (--input-encoding names the file's)",
+        "jsonl": "{}: cannot read as jsonl: 'utf-8' codec can't decode byte 0xe9 in "
+        "position 13: invalid continuation byte (not utf-8 text: name the file's "
+        "encoding with --input-encoding, e.g. cp1252, or convert it to UTF-8)",
+    }[fmt]
+    with pytest.raises(UserError) as e:
+        read_texts(given, "text", 10, "--calibration")
+    assert str(e.value) == says.format(path)
+
+
 def test_calibration_pairs_keep_rows_whose_both_texts_are_there(tmp_path):
     """optimize --pair-column: (text, pair) rows, in every format; a row with either
     text blank or missing is left out, as a blank text is."""
