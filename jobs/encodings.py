@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pyarrow.csv as pacsv
 
 UTF8 = "utf-8"
+UTF8_BOM = b"\xef\xbb\xbf"  # Windows tools start UTF-8 text with it; JSON may not
 
 
 def check_encoding(name: str) -> str:

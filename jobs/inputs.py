@@ -25,6 +25,7 @@ from lmbatch.actors.text import may_hold_text
 from lmbatch.errors import UserError
 from lmbatch.jobs.encodings import (
     UTF8,
+    UTF8_BOM,
     csv_read_options,
     decode_line,
     quiet_undecodable_rows,
@@ -428,9 +429,9 @@ def _jsonl_schema(lines: list[bytes], encoding: str = UTF8) -> pa.Schema:
 
 def _head_lines(f: pa.NativeFile, limit: int = 1 << 20) -> list[bytes]:
     """The non-empty lines of the first ``limit`` bytes (the last one, cut, dropped
-    unless the file ended)."""
+    unless the file ended), without a leading UTF-8 byte-order mark."""
     head = f.read(limit)
-    lines = head.split(b"\n")
+    lines = head.removeprefix(UTF8_BOM).split(b"\n")
     if len(head) == limit:
         lines.pop()
     return [line for line in lines if line.strip()][:1000]

@@ -31,6 +31,7 @@ from ray.data.datasource import FileBasedDatasource
 from lmbatch.actors.text import check_text
 from lmbatch.jobs.encodings import (
     UTF8,
+    UTF8_BOM,
     csv_read_options,
     decode_line,
     quiet_undecodable_rows,
@@ -416,9 +417,6 @@ def _decode(column: pa.ChunkedArray, name: str, bad: list[str | None]) -> pa.Arr
                 values.append(None)
                 bad[row] = bad[row] or f"bad_utf8: {name} is not valid UTF-8"
         return pa.array(values, pa.string())
-
-
-UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _lines(f: pa.NativeFile, chunk: int = 1 << 20) -> Iterator[bytes]:
