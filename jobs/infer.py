@@ -22,6 +22,7 @@ import ray.data
 
 from lmbatch.actors.model_info import CHUNK_TASKS, ModelInfo, ModelSpec
 from lmbatch.jobs.cluster import gpu_view
+from lmbatch.jobs.encodings import UTF8
 from lmbatch.jobs.gpus import choose_device, per_gpu, planned_precision, pool_gpus
 from lmbatch.jobs.lease import writer_lease
 from lmbatch.jobs.output import holds_output
@@ -103,10 +104,13 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     limit = "" if spec.limit is None else f"; --limit {spec.limit} new rows at most"
     arch = ", ".join(plan.model.architectures) or "unknown architecture"
     precision = planned_precision(plan.model, spec.precision, pool.device)
+    files = f"{len(plan.inputs.paths)} {plan.inputs.format} files"
+    if plan.inputs.encoding != UTF8:
+        files += f" in {plan.inputs.encoding}"
     return [
         "dry run: nothing was run or written",
         f"model {spec.model} ({arch}): {spec.task}, {precision} on {pool.device}",
-        f"inputs {len(plan.inputs.paths)} {plan.inputs.format} files, {rows}{limit}",
+        f"inputs {files}, {rows}{limit}",
         f"output {spec.output}: {state}",
         f"columns {', '.join(plan.columns)}",
         f"pool {sized}",

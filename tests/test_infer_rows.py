@@ -11,6 +11,8 @@ import pytest
 from helpers import run_job
 
 from lmbatch.errors import UserError
+from lmbatch.jobs.run import run_job as launch
+from lmbatch.jobs.spec import InferSpec
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -157,6 +159,12 @@ def test_a_file_in_another_encoding_reads_with_input_encoding(
                  id_column="doc", keep_columns=("text",))  # fmt: skip
     rows, summary = run_job(tmp_path / "out", input_encoding="cp1252", **flags)
     assert [rows[f"d{i}"]["text"] for i in range(3)] == WINDOWS_TEXTS
+    dry = InferSpec.from_flags(
+        output=str(tmp_path / "dry"), input_encoding="cp1252", dry_run=True,
+        **{**flags, "inputs": (str(path),)},
+    )  # fmt: skip
+    said = launch("infer", dry, None)
+    assert any(x.startswith(f"inputs 1 {fmt} files in cp1252, ") for x in said), said
     assert all(rows[f"d{i}"]["error"] is None for i in range(3))
     bad = {"csv": "a malformed line that is not UTF-8 text", "jsonl": "not utf-8 text"}
     assert (
