@@ -74,6 +74,19 @@ class TokenizeConfig:
     # Each row a text pair in the tokenizer's pair template (classify's --pair-column).
     pairs: bool = False
 
+    @property
+    def window_overlap(self) -> int:
+        """Tokens a window repeats of the one before (--on-long chunk)."""
+        if self.overlap is not None:
+            return self.overlap
+        return default_overlap(self.max_length, self.continuation)
+
+
+def default_overlap(max_length: int, continuation: bool) -> int:
+    """--chunk-overlap's default: none between embed's and classify's windows;
+    score's end half a window apart, as Hugging Face's perplexity guide strides."""
+    return max_length - max(1, max_length // 2) if continuation else 0
+
 
 class Encoded(NamedTuple):
     """A batch's token ids, as transformers' tokenizer returns ``input_ids``."""
@@ -357,14 +370,14 @@ def chunked(texts: list[str], config: TokenizeConfig) -> Encoded:
 
 def strided(texts: list[str], config: TokenizeConfig) -> Encoded:
     """Score's windows of a long text, as Hugging Face's perplexity guide strides
-    them: each window ``max_length`` tokens long, ending ``overlap`` tokens (half a
-    window by default) before the one before ends, scoring the tokens no window
-    before it scored, after the rest as context. The first window scores all its
-    tokens (but its first, which nothing predicts), so every token after the first
-    is scored once."""
+    them: each window ``max_length`` tokens long, beginning ``window_overlap`` tokens
+    (half a window by default) before the one before it ends, scoring the tokens no
+    window before it scored, after the rest as context. The first window scores all
+    its tokens (but its first, which nothing predicts), so every token after the
+    first is scored once."""
     whole = encode(texts, replace(config, on_long="error")).ids
     length = config.max_length
-    stride = max(1, length // 2) if config.overlap is None else length - config.overlap
+    stride = length - config.window_overlap
     rows, scored = [], []
     for ids in whole:
         ends = [*range(length, len(ids), stride), len(ids)]
@@ -382,7 +395,7 @@ def split(texts: list[str], config: TokenizeConfig) -> list[list[list[int]]]:
     prompt = template.encode(config.prefix, add_special_tokens=False)
     room = config.max_length - template.num_special_tokens_to_add(False)
     room -= len(prompt.ids)  # at least 1: check_room refused the job otherwise
-    pieces = backend(config.backend, room, "right", config.overlap or 0)
+    pieces = backend(config.backend, room, "right", config.window_overlap)
     return [
         [
             template.post_process(Encoding.merge([prompt, piece])).ids
@@ -410,7 +423,7 @@ def _split_by_transformers(
         texts,
         truncation=True,
         max_length=config.max_length,
-        stride=config.overlap or 0,
+        stride=config.window_overlap,
         return_overflowing_tokens=True,
         return_attention_mask=False,
     )

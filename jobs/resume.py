@@ -21,9 +21,10 @@ from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.storage import absolute
+from lmbatch.actors.tokenize import default_overlap
 from lmbatch.errors import UserError
 from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, create_output, holds_output
-from lmbatch.jobs.spec import InferPlan
+from lmbatch.jobs.spec import InferPlan, InferSpec
 
 PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
 
@@ -103,7 +104,7 @@ def job_record(plan: InferPlan, device: str) -> dict:
         "max_length": plan.max_length,
         "max_new_tokens": spec.max_new_tokens if spec.task == "generate" else None,
         "on_long": spec.on_long,
-        "chunk_overlap": spec.chunk_overlap,
+        "chunk_overlap": _given_overlap(spec, plan.max_length),
         "prompt": plan.prompt,
         "truncate_dim": spec.truncate_dim,
         "normalize": spec.normalize,
@@ -192,6 +193,15 @@ def _change(then: object, now: object) -> str:
             more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
             parts.append(f"{what}: {min(names)}{more}")
     return "; ".join(parts)
+
+
+def _given_overlap(spec: InferSpec, max_length: int) -> int | None:
+    """--chunk-overlap as the record keeps it: None for the task's default, given or
+    not, so that spelling the default out changes no job."""
+    if spec.on_long != "chunk":
+        return None
+    default = default_overlap(max_length, continuation=spec.task == "score")
+    return None if spec.chunk_overlap == default else spec.chunk_overlap
 
 
 def _shown(value: object) -> str:

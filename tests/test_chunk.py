@@ -283,7 +283,11 @@ def test_a_long_text_is_scored_whole_in_strided_windows(
         assert row["perplexity"] == pytest.approx(np.exp(-logprob / (len(ids) - 1)))
         assert row["is_greedy"] == greedy
     assert summary.chunked == long > 60 and summary.truncated == 0
-    if not overlap:
+    if not overlap:  # the default spelled out is the same job: nothing to compute
+        _, again = chunked_job(
+            tmp_path, corpus, path, "score", chunk_overlap=4, resume=True
+        )
+        assert again.restored == 120 and again.computed == 0
         return
     # 7 tokens on a window: fewer windows than half a window on
     assert summary.windows == sum(
