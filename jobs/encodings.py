@@ -28,9 +28,15 @@ def check_encoding(name: str) -> str:
     """
     try:
         codec = codecs.lookup(name)
-    except LookupError:
-        raise ValueError(f"unknown encoding {name!r}") from None
-    if "a\n".encode(codec.name) != b"a\n":
+        newline = "a\n".encode(codec.name)
+    except LookupError as e:  # unknown, or a bytes codec (base64, zlib, rot13)
+        known = "not a text encoding" in str(e)
+        raise ValueError(
+            f"{name!r} is not a text encoding"
+            if known
+            else f"unknown encoding {name!r}"
+        ) from None
+    if newline != b"a\n":
         raise ValueError(
             f"{codec.name} is not ASCII-compatible; convert the files to UTF-8"
         )

@@ -381,6 +381,7 @@ def test_an_input_encoding_is_a_text_formats_and_a_known_one(tmp_path):
     for given, says in [
         ("utf-16", "utf-16 is not ASCII-compatible; convert the files to UTF-8"),
         ("klingon", "unknown encoding 'klingon'"),
+        ("base64", "'base64' is not a text encoding"),  # a bytes-to-bytes codec
     ]:
         with pytest.raises(UserError) as e:
             InferSpec.from_flags(input_encoding=given, **flags)
