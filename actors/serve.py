@@ -8,6 +8,7 @@
         -> tokenize_batch + Predictor, the same code an infer job's actors run
         -> {"results": [{<task columns>, "error": null | "kind: why"}, ...]}
     GET /stats  {"batches": n, "texts": n, "largest_batch": n}
+    any other path: 404
 
 A malformed request is answered 400 with one line saying what is wrong; a bad text
 inside a good request gets its ``error`` value, as a bad row does in a job.
@@ -74,8 +75,14 @@ class Endpoint:
         self.stats = {"batches": 0, "texts": 0, "largest_batch": 0}
 
     async def __call__(self, request: Request) -> JSONResponse:
-        if request.url.path.rstrip("/").endswith("/stats"):
+        path = request.url.path.rstrip("/")
+        if path == "/stats":
             return JSONResponse(self.stats)
+        if path:  # a typo'd path must not run the model as if it were "/"
+            return JSONResponse(
+                {"error": f"no such path {request.url.path}; POST / or GET /stats"},
+                status_code=404,
+            )
         if request.method != "POST":
             return JSONResponse({"error": f"use POST; {USAGE}"}, status_code=405)
         try:
@@ -143,7 +150,7 @@ def parse_request(body: bytes, accepts: Accepts) -> Asked:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
         raise BadRequest(f"the body is not JSON ({e}); {USAGE}") from None
     if not isinstance(data, dict):
-        raise BadRequest(f"the body is JSON {type(data).__name__}; {USAGE}")
+        raise BadRequest(f"the body is {json_kind(data)}; {USAGE}")
     if "inputs" not in data:
         raise BadRequest(f"no 'inputs' field; {USAGE}")
     seed = data.get("seed")
@@ -152,7 +159,7 @@ def parse_request(body: bytes, accepts: Accepts) -> Asked:
             "seed: this endpoint does not sample (started without --temperature)"
         )
     if seed is not None and (type(seed) is not int or seed < 0):
-        raise BadRequest(f"seed must be a whole number >= 0, not {seed!r}")
+        raise BadRequest(f"seed must be a whole number >= 0, not {json.dumps(seed)}")
     unknown = sorted(set(data) - {"inputs", "seed"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; {USAGE}")
@@ -186,9 +193,20 @@ def _input(i: int, given: object, pairs: bool, single: bool) -> Input:
         if len(given) == 2 and all(isinstance(t, str) for t in given):
             return (given[0], given[1])
         raise BadRequest(f"inputs[{i}] is a list, but not a [text, pair] of 2 strings")
-    kind = type(given).__name__
     expected = "a string or a [text, pair] list" if pairs else "a string"
-    raise BadRequest(f"inputs[{i}] is {kind}, not {expected}")
+    raise BadRequest(f"inputs[{i}] is {json_kind(given)}, not {expected}")
+
+
+def json_kind(value: object) -> str:
+    """What the client sent, in JSON's words: a client need not know Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _jsonable(row: dict) -> dict:

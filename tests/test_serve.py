@@ -49,7 +49,7 @@ def endpoint(ray_local, tiny_models, tmp_path_factory):
     serve.shutdown()
 
 
-def post(url: str, body: bytes | dict | list) -> tuple[int, dict]:
+def post(url: str, body: bytes | dict | list | None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="POST")
     try:
@@ -97,10 +97,12 @@ def test_concurrent_requests_are_batched_together(endpoint):
     [
         (b"{not json", "not JSON"),
         ({"text": "one"}, "no 'inputs' field; expected a JSON object"),
-        (["one"], "the body is JSON list"),
+        (["one"], "the body is a list; expected a JSON object"),
+        (None, "the body is null"),
         ({"inputs": []}, "non-empty list"),
-        ({"inputs": ["one", 3]}, "inputs[1] is int"),
-        ({"inputs": [["one", "two"]]}, "inputs[0] is list, not a string"),
+        ({"inputs": ["one", 3]}, "inputs[1] is a number, not a string"),
+        ({"inputs": [{"text": "one"}]}, "inputs[0] is an object, not a string"),
+        ({"inputs": [["one", "two"]]}, "inputs[0] is a list, not a string"),
         ({"inputs": ["one"], "extra": 1}, "unknown field 'extra'"),
     ],
 )
@@ -117,6 +119,13 @@ def test_a_bad_text_gets_its_error_not_a_failed_request(endpoint):
     # A text cut to --max-length says so; an error row was not cut, nor computed.
     cut = [r["truncated"] for r in body["results"]]
     assert cut == [False, None, True]
+
+
+def test_a_path_it_does_not_serve_is_404_not_a_prediction(endpoint):
+    status, answer = post(endpoint[0] + "stat", {"inputs": ["one"]})
+    assert status == 404 and answer == {
+        "error": "no such path /stat; POST / or GET /stats"
+    }
 
 
 def test_get_is_refused_with_405(endpoint):
