@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class LowRankLinear(nn.Module):
@@ -250,6 +251,25 @@ def module_meta(module: nn.Module) -> dict | None:
             "bias": module.bias is not None,
         }
     return None
+
+
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """GPT-2's ``Conv1D`` layers as the ``nn.Linear`` they are (the weight stored
+    transposed, (in, out)), in place: torch's int8 kernels and every optimize step
+    change Linears only, and would leave a GPT-2's blocks untouched. Exact: the same
+    product, the same numbers."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            weight = module.weight
+            linear = nn.Linear(
+                module.nx, module.nf, device=weight.device, dtype=weight.dtype
+            )
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                linear.bias.copy_(module.bias)
+            linear.requires_grad_(weight.requires_grad)
+            replace_module(model, name, linear)
+    return model
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

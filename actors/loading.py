@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta, stored_precision
-from lmbatch.actors.layers import rebuild, replace_module
+from lmbatch.actors.layers import conv1d_as_linear, rebuild, replace_module
 from lmbatch.actors.model_files import fetch_model
 from lmbatch.actors.model_info import (
     ModelSpec,
@@ -244,7 +244,8 @@ def _in_features(module: torch.nn.Module) -> int:
 
 
 def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
-    """Every Linear but the heads to dynamic int8 (fbgemm/onednn kernels).
+    """Every Linear (GPT-2's Conv1D too) but the heads to dynamic int8
+    (fbgemm/onednn kernels).
 
     Deprecated in torch in favour of torchao, whose int8 kernels want
     ``torch.compile`` on CPU; this eager path is the one that runs faster than fp32 here
@@ -254,6 +255,7 @@ def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    conv1d_as_linear(model)
     keep = {n for n, _ in model.named_modules() if any(s in n for s in SKIP_QUANTIZE)}
     targets = {
         n

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from lmbatch.actors.artifact import META_FILE, ArtifactMeta
 from lmbatch.actors.layers import module_meta
@@ -62,8 +63,10 @@ def save_artifact(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    meta.rebuild = rebuild_entries(model)
+    plain = config_modules(model)
+    meta.rebuild = rebuild_entries(model, plain)
     state, meta.aliases = _untied(model.state_dict())
+    _as_conv1d(state, model, plain)
     meta.sparse = {}
     for key in storage:
         if key in state:
@@ -114,12 +117,18 @@ def _unpickled(source: Path, target: Path) -> None:
         )
 
 
-def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:
-    """Modules whose kind or shape differs from what the config builds, parents
-    before children (a low-rank factor may itself be int8)."""
+def config_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """The modules the config alone builds (on the meta device: no memory), by name."""
     with torch.device("meta"):
         skeleton = type(model)(model.config)
-    plain = dict(skeleton.named_modules())
+    return dict(skeleton.named_modules())
+
+
+def rebuild_entries(
+    model: PreTrainedModel, plain: dict[str, nn.Module]
+) -> dict[str, dict]:
+    """Modules whose kind or shape differs from what the config builds (``plain``),
+    parents before children (a low-rank factor may itself be int8)."""
     entries: dict[str, dict] = {}
     for name, module in model.named_modules():
         meta = module_meta(module)
@@ -128,6 +137,8 @@ def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:
         if meta["kind"] == "linear" and name.rpartition(".")[0] in entries:
             continue  # a plain part its lmbatch parent builds itself
         ref = plain.get(name)
+        if _is_conv1d(module, ref):
+            continue  # stored as the Conv1D it was (_as_conv1d)
         if (
             meta["kind"] != "linear"
             or not isinstance(ref, nn.Linear)
@@ -135,6 +146,28 @@ def rebuild_entries(model: PreTrainedModel) -> dict[str, dict]:
         ):
             entries[name] = meta
     return entries
+
+
+def _is_conv1d(module: nn.Module, ref: nn.Module | None) -> bool:
+    """A plain Linear made of the config's Conv1D (``conv1d_as_linear``), its shape
+    unchanged."""
+    return (
+        type(module) is nn.Linear
+        and isinstance(ref, Conv1D)
+        and list(ref.weight.shape) == list(module.weight.shape)[::-1]
+    )
+
+
+def _as_conv1d(
+    state: dict[str, torch.Tensor], model: nn.Module, plain: dict[str, nn.Module]
+) -> None:
+    """A GPT-2's Linears that are still plain go back to Conv1D's (in, out) weights:
+    the artifact stays the model's own checkpoint, which bitsandbytes quantises and
+    transformers loads without lmbatch."""
+    for name, module in model.named_modules():
+        if _is_conv1d(module, plain.get(name)):
+            key = f"{name}.weight"
+            state[key] = state[key].t().contiguous()
 
 
 def to_bitmask(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

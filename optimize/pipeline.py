@@ -19,14 +19,16 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
+from lmbatch.actors.layers import conv1d_as_linear
 from lmbatch.actors.loading import load_model
 from lmbatch.actors.model_files import fingerprint
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.tokenize import load_tokenizer
 from lmbatch.errors import UserError
 from lmbatch.optimize.artifact import ArtifactMeta, save_artifact
-from lmbatch.optimize.calibrate import Row, make_batches
+from lmbatch.optimize.calibrate import Row, make_batches, target_linears
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import apply_distill
 from lmbatch.optimize.evaluate import fidelity, sizes, throughput
@@ -78,7 +80,8 @@ def run_recipe(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = load_model(spec, device)
     teacher.requires_grad_(False)
-    check_skips(teacher, steps)
+    model = student_of(teacher)
+    check_targets(model, steps)
     tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
     positions = inspect_model(
         model_dir, task, spec.trust_remote_code, spec.allow_pickle
@@ -111,7 +114,6 @@ def run_recipe(
         task=task,
         recipe=to_dicts(steps),
     )
-    model = copy.deepcopy(teacher).requires_grad_(True)
     work = snapshots_dir(output)
     snapshot = None
     try:
@@ -120,6 +122,7 @@ def run_recipe(
             ctx.notes = []
             started = time.perf_counter()
             log.info("step %d of %d: %s", i + 1, len(steps), name)
+            model = conv1d_as_linear(model)  # a distilled student's own Conv1D
             model = APPLY[type(step)](model, step, ctx, f"steps[{i}].{name}")
             meta.precision = _precision(model, ctx)
             meta.quantization = ctx.quantization
@@ -143,23 +146,38 @@ def run_recipe(
     return results
 
 
-def check_skips(model: torch.nn.Module, steps: list[Step]) -> None:
+def student_of(teacher: PreTrainedModel) -> PreTrainedModel:
+    """The model the steps change: a trainable copy of the original, GPT-2's Conv1D
+    layers as the Linears every step changes (``save_artifact`` stores the ones
+    left plain as Conv1D again)."""
+    return conv1d_as_linear(copy.deepcopy(teacher).requires_grad_(True))
+
+
+def check_targets(model: torch.nn.Module, steps: list[Step]) -> None:
     """A ``skip`` glob that matches none of the model's layers (a recipe written for
     another model, a typo) is refused before the first step: the step would change
-    the layers it was to keep, and the run would take minutes to show it.
+    the layers it was to keep, and the run would take minutes to show it. So is a
+    ``skip`` that leaves a step nothing to change: it would report a change it never
+    made.
 
     Raises:
         UserError: naming the step's ``skip``.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for i, step in enumerate(steps):
-        for glob in getattr(step, "skip", ()):
+        where = f"steps[{i}].{STEP_NAMES[type(step)]}.skip"
+        skip = getattr(step, "skip", ())
+        for glob in skip:
             if not any(fnmatch(name, glob) for name in names):
                 raise UserError(
-                    f"steps[{i}].{STEP_NAMES[type(step)]}.skip",
+                    where,
                     f"{glob!r} matches no layer of this model (its {len(names)} "
-                    f"layers are named like {names[0]!r}, {names[-1]!r})",
+                    f"Linears are named like {names[0]!r} ... {names[-1]!r})",
                 )
+        if skip and not target_linears(model, skip):
+            raise UserError(
+                where, "leaves the step no layer to change (the heads are kept anyway)"
+            )
 
 
 def scores_of(spec: ModelSpec) -> str:

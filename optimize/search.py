@@ -54,6 +54,8 @@ def apply_search(
         if speed[choice] <= speed["keep"]:
             continue
         free = [n for n in names if assignment[n] == "keep"]
+        if not free:  # a faster choice took them all
+            break
         log.info("search: %s, each of %d Linears measured alone", choice, len(free))
         cost = {n: _loss(trial({n: choice}), step.floor) for n in free}
         free.sort(key=cost.get)

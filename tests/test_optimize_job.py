@@ -209,8 +209,16 @@ def test_optimize_user_errors(tiny_models, corpus, recipe, tmp_path):
     assert_user_error(
         optimize(*args),
         "steps[1].quantize.skip: '*layers.31.mlp*' matches no layer of this model "
-        "(its 13 layers are named like 'encoder.layer.0.attention.self.query', "
+        "(its 13 Linears are named like 'encoder.layer.0.attention.self.query' ... "
         "'pooler.dense')",
+    )
+    everything = tmp_path / "skips-all.yaml"  # a step left nothing to change
+    everything.write_text("steps:\n  - prune: {method: magnitude, skip: ['*']}\n")
+    args = [*base, "--recipe", str(everything), "--calibration", corpus["parquet"]]
+    assert_user_error(
+        optimize(*args),
+        "steps[0].prune.skip: leaves the step no layer to change "
+        "(the heads are kept anyway)",
     )
     calibrated = [*base, "--calibration", corpus["parquet"]]
     cross = ["--model", tiny_models["bert_cls"], "--output", str(tmp_path / "o")]

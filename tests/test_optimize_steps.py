@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import sentences
 from helpers import wide_classifier
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from lmbatch.actors.layers import Int8Linear, LowRankLinear, SharedLinear
 from lmbatch.actors.loading import load_model
@@ -26,7 +28,7 @@ from lmbatch.optimize.calibrate import make_batches
 from lmbatch.optimize.context import Context, embed_head
 from lmbatch.optimize.distill import progress_line
 from lmbatch.optimize.evaluate import fidelity, sizes
-from lmbatch.optimize.pipeline import APPLY, STEP_NAMES, scores_of
+from lmbatch.optimize.pipeline import APPLY, STEP_NAMES, scores_of, student_of
 from lmbatch.optimize.recipe import to_steps
 
 TASK = {"bert": "embed", "bert_cls": "classify", "llama": "score", "gpt2": "score"}
@@ -56,7 +58,7 @@ def apply(name: str, tiny_models, recipe: list[dict]):
 def apply_at(path: str, task: str, recipe: list[dict]):
     torch.manual_seed(0)
     ctx = context(path, task)
-    model = copy.deepcopy(ctx.teacher).requires_grad_(True)
+    model = student_of(ctx.teacher)
     for i, step in enumerate(to_steps(recipe)):
         where = f"steps[{i}].{STEP_NAMES[type(step)]}"  # as the optimize job names it
         model = APPLY[type(step)](model, step, ctx, where)
@@ -305,6 +307,47 @@ def test_cpu_quantization_reloads_and_stays_close(quantize, tiny_models, tmp_pat
     assert fidelity(loaded, ctx, ctx.eval_batches)["cosine"] > 0.97
     with pytest.raises(ValueError, match="--precision"):
         load_model(ModelSpec(str(tmp_path / "a"), "embed", precision="nf4"))
+
+
+def test_gpt2s_conv1d_layers_are_pruned_and_stay_gpt2s_own(tiny_models, tmp_path):
+    """GPT-2's blocks are Conv1D, not Linear: a prune changes them all the same, and
+    the artifact stores them as GPT-2's own, a checkpoint transformers loads."""
+    model, ctx = apply("gpt2", tiny_models, [{"prune": {"method": "magnitude"}}])
+    assert {n.rsplit(".", 2)[-2] for n in ctx.masks} == {"c_attn", "c_proj", "c_fc"}
+    loaded = reload(model, ctx, tiny_models["gpt2"], tmp_path / "a")
+    assert ArtifactMeta.read(tmp_path / "a").rebuild == {}
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "a")
+    weight = plain.get_submodule("transformer.h.0.mlp.c_fc").weight
+    assert isinstance(plain.get_submodule("transformer.h.0.mlp.c_fc"), Conv1D)
+    assert (weight == 0).float().mean() == pytest.approx(0.5, abs=0.03)
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+    torch.testing.assert_close(outputs(plain, ctx), outputs(model, ctx))
+
+
+@pytest.mark.parametrize(
+    "step", [{"lowrank": {"rank_ratio": 0.5}}, {"quantize": {"method": "cpu-int8"}}]
+)
+def test_gpt2s_conv1d_layers_take_lmbatchs_own_layers(step, tiny_models, tmp_path):
+    model, ctx = apply("gpt2", tiny_models, [step])
+    kinds = {type(m) for m in model.modules()}
+    assert Conv1D not in kinds and kinds & {LowRankLinear, Int8Linear}
+    loaded = reload(model, ctx, tiny_models["gpt2"], tmp_path / "a")
+    torch.testing.assert_close(outputs(loaded, ctx), outputs(model, ctx))
+
+
+def test_cpu_int8_at_load_quantises_gpt2s_conv1d_blocks(tiny_models):
+    """--precision cpu-int8 on a GPT-2: its blocks on torch's int8 kernels, not
+    left fp32 under a summary that says cpu-int8."""
+    spec = ModelSpec(tiny_models["gpt2"], "score")
+    full = load_model(spec)
+    int8 = load_model(replace(spec, precision="cpu-int8"))
+    kinds = {type(m).__module__ for m in int8.transformer.h.modules()}
+    assert "torch.ao.nn.quantized.dynamic.modules.linear" in kinds
+    assert Conv1D not in {type(m) for m in int8.modules()}
+    ids = load_tokenizer(spec.path)(sentences(4), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        a, b = full(**ids).logits, int8(**ids).logits
+    assert 0 < (a - b).abs().max() < 0.05
 
 
 def test_whole_model_bf16_is_a_plain_checkpoint(tiny_models, tmp_path):
