@@ -16,6 +16,9 @@ import pyarrow.csv as pacsv
 
 UTF8 = "utf-8"
 UTF8_BOM = b"\xef\xbb\xbf"  # Windows tools start UTF-8 text with it; JSON may not
+# Bytes of CSV pyarrow parses at a time, so the longest row it reads (the cost: a
+# block in memory per read task, not the blocks the job's stages pass on).
+CSV_BLOCK = 16 << 20
 
 
 def check_encoding(name: str) -> str:
@@ -46,9 +49,12 @@ def check_encoding(name: str) -> str:
 def csv_read_options(encoding: str, **options) -> pacsv.ReadOptions:
     """pyarrow's read options, transcoding from ``encoding`` unless it is UTF-8
     (pyarrow's own name for which is utf8: any other name costs a transcoding
-    pass through Python's codec)."""
+    pass through Python's codec). A row must fit in one of pyarrow's blocks: its
+    default 1 MiB failed the rest of a file at a long document."""
     return pacsv.ReadOptions(
-        encoding="utf8" if encoding == UTF8 else encoding, **options
+        encoding="utf8" if encoding == UTF8 else encoding,
+        block_size=CSV_BLOCK,
+        **options,
     )
 
 
@@ -69,6 +75,11 @@ def read_error(e: Exception) -> str:
         what = f"not {e.encoding} text"
     elif "CSV parse error" in reason and "\ufffd" in reason:
         what = "a malformed line that is not UTF-8 text"
+    elif "straddling object" in reason:  # pyarrow's hint (a bigger block) is not ours
+        return (
+            f"a CSV row longer than {CSV_BLOCK >> 20} MiB, or a quote never closed "
+            "(put texts that long in JSONL or Parquet)"
+        )
     else:
         return reason
     return (

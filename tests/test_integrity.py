@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.feather as pafeather
 import pyarrow.fs as pafs
@@ -30,9 +31,10 @@ from lmbatch.actors.batching import TokenBudget, run_batched
 from lmbatch.actors.memory import CpuMemory, rss
 from lmbatch.actors.model_info import TASK_COLUMNS
 from lmbatch.errors import UserError
+from lmbatch.jobs import encodings
 from lmbatch.jobs import progress as progress_module
 from lmbatch.jobs.progress import Pool, footer_rows, line, progress, waiting
-from lmbatch.jobs.sources import Columns, ParquetRows
+from lmbatch.jobs.sources import Columns, CSVRows, ParquetRows
 from lmbatch.jobs.summary import count_outcomes, start_sink
 
 ray_job = pytest.mark.usefixtures("ray_local")
@@ -97,6 +99,29 @@ def test_only_reading_errors_become_bad_file_rows(corpus, monkeypatch):
     monkeypatch.setattr(ParquetRows, "_normalise", broken)
     with open(corpus["parquet"], "rb") as f, pytest.raises(ValueError, match="a bug"):
         list(source._read_stream(pa.PythonFile(f), corpus["parquet"]))
+
+
+def test_a_csv_row_longer_than_pyarrows_block_is_read_or_named(tmp_path, monkeypatch):
+    """A long document in a CSV (3 MB, where pyarrow's default block is 1 MiB) is a
+    row like any other, and so are the rows after it. One longer than the block
+    lmbatch reads is a bad_file row that says what to do, not pyarrow's hint."""
+    path = tmp_path / "long.csv"
+    texts = ["short", "word " * 600_000, "after"]
+    pacsv.write_csv(pa.table({"text": texts}), path)
+
+    def read() -> pa.Table:
+        source = CSVRows([str(path)], Columns("text"))
+        with open(path, "rb") as f:
+            return pa.concat_tables(source._read_stream(pa.PythonFile(f), str(path)))
+
+    got = read()
+    assert got["_text"].to_pylist() == texts and got["_error"].null_count == 3
+    monkeypatch.setattr(encodings, "CSV_BLOCK", 1 << 20)
+    assert read()["_error"].to_pylist() == [
+        None,
+        f"bad_file: {path} unreadable from row 1: a CSV row longer than 1 MiB, or "
+        "a quote never closed (put texts that long in JSONL or Parquet)",
+    ]
 
 
 @ray_job
