@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from lmbatch.actors.model_info import PAIR_TASKS
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
+from lmbatch.actors.text import json_kind
 from lmbatch.actors.tokenize import TokenizeConfig, actor_batch
 
 MAX_INPUTS = 1024  # texts per request; more is a job for `lmbatch infer`
@@ -195,18 +196,6 @@ def _input(i: int, given: object, pairs: bool, single: bool) -> Input:
         raise BadRequest(f"inputs[{i}] is a list, but not a [text, pair] of 2 strings")
     expected = "a string or a [text, pair] list" if pairs else "a string"
     raise BadRequest(f"inputs[{i}] is {json_kind(given)}, not {expected}")
-
-
-def json_kind(value: object) -> str:
-    """What the client sent, in JSON's words: a client need not know Python."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    names = {str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _jsonable(row: dict) -> dict:

@@ -58,3 +58,16 @@ def check_text(
         ),
     )
     return text.combine_chunks(), error.combine_chunks()
+
+
+def json_kind(value: object) -> str:
+    """A JSON value's type in JSON's words (a request's, a JSONL line's): a user
+    need not know Python's."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)

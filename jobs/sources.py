@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from lmbatch.actors.text import check_text
+from lmbatch.actors.text import check_text, json_kind
 from lmbatch.jobs.encodings import (
     UTF8,
     UTF8_BOM,
@@ -353,8 +353,8 @@ class JSONLRows(_RowSource):
                 [v if isinstance(v, str) else None for v in values], pa.string()
             )
             bad = [
-                b or _not_string(v, name, c.text)
-                for b, v in zip(bad, values, strict=True)
+                b or _not_string(r, name, c.text)
+                for b, r in zip(bad, rows, strict=True)
             ]
         if c.id:
             columns[c.id] = pa.array(
@@ -444,15 +444,21 @@ def _parse_line(line: bytes, encoding: str = UTF8) -> dict:
     except json.JSONDecodeError as e:
         return {"__bad__": f"bad_json: {e.msg}"}
     return (
-        row if isinstance(row, dict) else {"__bad__": "bad_json: line is not an object"}
+        row
+        if isinstance(row, dict)
+        else {"__bad__": f"bad_json: the line is {json_kind(row)}, not an object"}
     )
 
 
-def _not_string(value: object, name: str, text_column: str) -> str | None:
+def _not_string(row: dict, name: str, text_column: str) -> str | None:
+    """A line's text that is no string, or no text at all, named in JSON's words."""
+    if name not in row:
+        return f"null_text: the line has no {name!r} key"
+    what = "text" if name == text_column else repr(name)
+    value = row.get(name)
     if value is None or isinstance(value, str):
         return None  # null and empty are named by check_text, as for every format
-    what = "text" if name == text_column else repr(name)
-    return f"not_string: {what} is {type(value).__name__}"
+    return f"not_string: {what} is {json_kind(value)}"
 
 
 class TSVRows(CSVRows):

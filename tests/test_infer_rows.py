@@ -382,6 +382,8 @@ def test_bad_rows_get_errors_and_the_job_goes_on(tiny_models, tmp_path, fault_re
         7: "",
         8: "bad_utf8",
     }
+    assert errors[3] == "not_string: text is a number"  # JSON's words, not Python's
+    assert errors[4] == "null_text: the line has no 'text' key"
     assert summary.rows == 9
     assert summary.errors == {
         "null_text": 2,

@@ -148,8 +148,8 @@ def test_a_pair_whose_second_text_is_bad_is_an_error_row(tiny_models, tmp_path):
     assert errors == [
         None,
         "empty_text: 'hyp' is empty",
-        "null_text: 'hyp' is null",
-        "not_string: 'hyp' is int",
+        "null_text: the line has no 'hyp' key",
+        "not_string: 'hyp' is a number",
     ]
     assert summary.rows == 4
 
