@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -27,6 +28,7 @@ from lmbatch.jobs.output import CHECKPOINT_DIR, JOB_FILE, create_output, holds_o
 from lmbatch.jobs.spec import InferPlan, InferSpec
 
 PENDING_SUFFIX = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"  # ids of an uncommitted file
+VERSIONS = "input_versions"  # the record's field of each input's [size, mtime_ns]
 
 
 def checkpoint_config(plan: InferPlan) -> CheckpointConfig:
@@ -129,9 +131,10 @@ def begin_output(plan: InferPlan, device: str) -> int:
     """
     fs, path = plan.output_fs, plan.output_path
     record = job_record(plan, device)
+    versions = input_versions(plan.inputs.filesystem, plan.inputs.paths)
     if not plan.spec.resume or not holds_output(fs, path):  # a retry's first run
         create_output(fs, path, plan.spec.output)
-        _write(fs, f"{path}/{JOB_FILE}", record)
+        _write(fs, f"{path}/{JOB_FILE}", {**record, VERSIONS: versions})
         return 0
     written = recorded_job(fs, path)
     if written is None:
@@ -148,8 +151,49 @@ def begin_output(plan: InferPlan, device: str) -> int:
                 f"{plan.spec.output} was written with another {RECORD_FLAGS[key]}: "
                 f"{_change(then, now)}; use a new --output",
             )
+    check_versions(plan.spec.output, written.get(VERSIONS), versions)
     check_columns(plan)
     return committed_rows(fs, f"{path}/{CHECKPOINT_DIR}")
+
+
+def input_versions(fs: pafs.FileSystem, paths: list[str]) -> dict[str, list]:
+    """Each input file's size and modification time (ns), from one listing per
+    folder: on object storage a request per thousand files, not one per file."""
+    wanted, versions = set(paths), {}
+    for folder in sorted({p.rpartition("/")[0] or "/" for p in paths}):
+        for info in fs.get_file_info(pafs.FileSelector(folder)):
+            if info.path in wanted:
+                versions[info.path] = [info.size, info.mtime_ns]
+    unlisted = [p for p in paths if p not in versions]  # a listing names it otherwise
+    for info in fs.get_file_info(unlisted) if unlisted else ():
+        versions[info.path] = [info.size, info.mtime_ns]
+    return versions
+
+
+def check_versions(output: str, then: dict | None, now: dict[str, list]) -> None:
+    """An input rewritten under its old name (a nightly export, a regenerated
+    dataset) is refused: the rows already written were computed from the old file,
+    and a row's id is its position (or its --id-column), not its text. A record
+    from before lmbatch kept versions checks none.
+
+    Raises:
+        UserError: naming ``--resume`` and the first file that changed.
+    """
+    for path, version in sorted(now.items()) if then is not None else ():
+        if then.get(path, version) != version:
+            raise UserError(
+                "--resume",
+                f"{output} was written from another version of {path} (then "
+                f"{_version(then[path])}, now {_version(version)}); use a new --output",
+            )
+
+
+def _version(version: list) -> str:
+    size, mtime_ns = version
+    when = "an unknown time"
+    if mtime_ns is not None:
+        when = datetime.fromtimestamp(mtime_ns / 1e9, UTC).isoformat(" ", "seconds")
+    return f"{size:,} bytes of {when}"
 
 
 def check_columns(plan: InferPlan) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -317,6 +318,29 @@ def test_resume_names_the_input_files_that_changed(ray_local, tiny_models, tmp_p
         f"another --input: 4 then, 4 now; new: {parts}/part-4.jsonl; "
         f"gone: {parts}/part-0.jsonl; use a new --output"
     )
+
+
+def test_resume_refuses_an_input_rewritten_under_its_name(
+    ray_local, tiny_models, tmp_path
+):
+    """A nightly export to the same path, resumed as a retry loop would: the rows
+    written came from the old file, so the job is refused, not quietly mixed."""
+    data = tmp_path / "in.jsonl"
+    write_rows(data, 10)
+    flags = dict(model=tiny_models["bert"], inputs=str(data), task="embed")
+    run_job(tmp_path / "out", **flags)
+    _, summary = run_job(tmp_path / "out", resume=True, **flags)  # unchanged
+    assert (summary.restored, summary.computed) == (10, 0)
+    write_rows(data, 12, start=100)
+    with pytest.raises(UserError) as e:
+        run_job(tmp_path / "out", resume=True, **flags)
+    assert e.value.where == "--resume"
+    assert re.fullmatch(
+        rf".* was written from another version of {re.escape(str(data))} \(then "
+        r"[\d,]+ bytes of 20\d\d-[\d-]+ [\d:]+\+00:00, now [\d,]+ bytes of .*\); "
+        r"use a new --output",
+        e.value.message,
+    ), e.value.message
 
 
 def test_resume_needs_a_job_to_resume(ray_local, tiny_models, corpus, tmp_path):
