@@ -179,7 +179,9 @@ def check_versions(output: str, then: dict | None, now: dict[str, list]) -> None
     Raises:
         UserError: naming ``--resume`` and the first file that changed.
     """
-    for path, version in sorted(now.items()) if then is not None else ():
+    if then is None:
+        return
+    for path, version in sorted(now.items()):
         if then.get(path, version) != version:
             raise UserError(
                 "--resume",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from lmbatch.actors.layers import conv1d_as_linear
 from lmbatch.actors.loading import TASK_MODEL_CLASSES
 from lmbatch.errors import UserError
 from lmbatch.optimize.arch import layer_list
@@ -183,4 +184,4 @@ def _load_student(path: str, ctx: Context, where: str) -> PreTrainedModel:
             f"hidden size {width} differs from the teacher's {teacher_width}; an "
             "embedding model's student must keep its width",
         )
-    return student
+    return conv1d_as_linear(student)  # a GPT-2's Conv1D, as student_of does

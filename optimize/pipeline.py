@@ -122,7 +122,6 @@ def run_recipe(
             ctx.notes = []
             started = time.perf_counter()
             log.info("step %d of %d: %s", i + 1, len(steps), name)
-            model = conv1d_as_linear(model)  # a distilled student's own Conv1D
             model = APPLY[type(step)](model, step, ctx, f"steps[{i}].{name}")
             meta.precision = _precision(model, ctx)
             meta.quantization = ctx.quantization

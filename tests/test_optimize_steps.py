@@ -324,6 +324,14 @@ def test_gpt2s_conv1d_layers_are_pruned_and_stay_gpt2s_own(tiny_models, tmp_path
     torch.testing.assert_close(outputs(plain, ctx), outputs(model, ctx))
 
 
+def test_a_gpt2_student_loaded_by_distill_is_pruned_too(tiny_models):
+    """A student read from its own path brings GPT-2's Conv1D back; the prune after
+    it changes them as it changes the original's."""
+    student = {"distill": {"student": tiny_models["gpt2"], "steps": 1}}
+    _, ctx = apply("gpt2", tiny_models, [student, {"prune": {"method": "magnitude"}}])
+    assert {n.rsplit(".", 2)[-2] for n in ctx.masks} == {"c_attn", "c_proj", "c_fc"}
+
+
 @pytest.mark.parametrize(
     "step", [{"lowrank": {"rank_ratio": 0.5}}, {"quantize": {"method": "cpu-int8"}}]
 )
