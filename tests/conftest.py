@@ -249,6 +249,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def embedded_corpus(ray_local, tiny_models, corpus, tmp_path_factory):
+    """(rows by doc, summary) of the tiny BERT's embed job on the corpus's Parquet,
+    run once: what other formats and inputs of the same rows must reproduce. Each
+    job is ten seconds of actor start-up on 2 cores; tests share this one."""
+    from helpers import run_job
+
+    out = tmp_path_factory.mktemp("embedded") / "out"
+    return run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"],
+                   task="embed", id_column="doc")  # fmt: skip
+
+
 @pytest.fixture
 def fault_report(request):
     """record(rows_in, ids_out, computed, **extra): what a fault cost, checked here and,

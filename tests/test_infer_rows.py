@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
-def test_each_format_gives_same_embeddings(fmt, tiny_models, corpus, tmp_path):
+def test_each_format_gives_same_embeddings(
+    fmt, tiny_models, corpus, embedded_corpus, tmp_path
+):
     rows, _ = run_job(
         tmp_path / fmt,
         model=tiny_models["bert"],
@@ -26,13 +28,7 @@ def test_each_format_gives_same_embeddings(fmt, tiny_models, corpus, tmp_path):
         task="embed",
         id_column="doc",
     )
-    reference, _ = run_job(
-        tmp_path / "ref",
-        model=tiny_models["bert"],
-        inputs=corpus["parquet"],
-        task="embed",
-        id_column="doc",
-    )
+    reference, _ = embedded_corpus
     assert rows.keys() == reference.keys()
     assert rows["doc-042"]["embedding"] == pytest.approx(
         reference["doc-042"]["embedding"], abs=1e-6
@@ -41,7 +37,7 @@ def test_each_format_gives_same_embeddings(fmt, tiny_models, corpus, tmp_path):
 
 @pytest.mark.parametrize("fmt,codec", [("jsonl", "gz"), ("csv", "zst")])
 def test_compressed_inputs_read_as_their_format(
-    fmt, codec, tiny_models, corpus, tmp_path
+    fmt, codec, tiny_models, corpus, embedded_corpus, tmp_path
 ):
     packed = tmp_path / f"rows.{fmt}.{codec}"
     with open(corpus[fmt], "rb") as plain, pa.output_stream(str(packed)) as f:
@@ -50,18 +46,16 @@ def test_compressed_inputs_read_as_their_format(
         tmp_path / "out", model=tiny_models["bert"], inputs=str(packed), task="embed",
         keep_columns=("doc",),
     )  # fmt: skip
-    reference, _ = run_job(
-        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus[fmt], task="embed",
-    )  # fmt: skip
+    reference, _ = embedded_corpus
     assert set(rows) == {f"{packed}#{i}" for i in range(120)}
     assert rows[f"{packed}#42"]["doc"] == "doc-042"
     assert rows[f"{packed}#42"]["embedding"] == pytest.approx(
-        reference[f"{corpus[fmt]}#42"]["embedding"], abs=1e-6
+        reference["doc-042"]["embedding"], abs=1e-6
     )
 
 
 def test_arrow_inputs_hugging_face_folders_feather_and_a_cut_stream(
-    tiny_models, corpus, tmp_path
+    tiny_models, corpus, embedded_corpus, tmp_path
 ):
     """A DatasetDict saved by Hugging Face datasets (its shards, not its JSON
     metadata), a Feather file and an Arrow stream cut short, in one job."""
@@ -84,10 +78,7 @@ def test_arrow_inputs_hugging_face_folders_feather_and_a_cut_stream(
         tmp_path / "out", model=tiny_models["bert"], inputs=inputs, task="embed",
         keep_columns=("doc",),
     )  # fmt: skip
-    reference, _ = run_job(
-        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus["parquet"],
-        task="embed", id_column="doc",
-    )  # fmt: skip
+    reference, _ = embedded_corpus
     by_file: dict[str, list[dict]] = {}
     for row_id, row in rows.items():
         by_file.setdefault(row_id.rsplit("#", 1)[0], []).append(row)
@@ -213,7 +204,9 @@ def test_inputs_of_no_rows_give_an_output_of_none(tiny_models, tmp_path):
     ]  # fmt: skip
 
 
-def test_parquet_text_stored_as_bytes_is_decoded(tiny_models, corpus, tmp_path):
+def test_parquet_text_stored_as_bytes_is_decoded(
+    tiny_models, corpus, embedded_corpus, tmp_path
+):
     """Older Hive and Impala writers store strings as bytes without the UTF-8
     annotation; a value that is not UTF-8 is that row's error."""
     table = pq.read_table(corpus["parquet"])
@@ -229,10 +222,7 @@ def test_parquet_text_stored_as_bytes_is_decoded(tiny_models, corpus, tmp_path):
         tmp_path / "out", model=tiny_models["bert"], inputs=str(path), task="embed",
         id_column="doc",
     )  # fmt: skip
-    reference, _ = run_job(
-        tmp_path / "ref", model=tiny_models["bert"], inputs=corpus["parquet"],
-        task="embed", id_column="doc",
-    )  # fmt: skip
+    reference, _ = embedded_corpus
     assert summary.rows == 120 and summary.errors == {"bad_utf8": 1}
     assert rows["doc-007"]["error"] == "bad_utf8: text is not valid UTF-8"
     assert rows["doc-042"]["embedding"] == pytest.approx(
@@ -240,7 +230,9 @@ def test_parquet_text_stored_as_bytes_is_decoded(tiny_models, corpus, tmp_path):
     )
 
 
-def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_path):
+def test_ids_derive_from_file_and_row_and_are_stable(
+    tiny_models, corpus, embedded_corpus, tmp_path
+):
     first, _ = run_job(
         tmp_path / "a",
         model=tiny_models["bert"],
@@ -256,13 +248,7 @@ def test_ids_derive_from_file_and_row_and_are_stable(tiny_models, corpus, tmp_pa
     assert set(first) == {f"{corpus['parquet']}#{i}" for i in range(120)}
     assert first.keys() == again.keys()
     # Row 100 sits in the third row group: offsets run across groups, not within them.
-    with_ids, _ = run_job(
-        tmp_path / "c",
-        model=tiny_models["bert"],
-        inputs=corpus["parquet"],
-        task="embed",
-        id_column="doc",
-    )
+    with_ids, _ = embedded_corpus
     assert (
         first[f"{corpus['parquet']}#100"]["embedding"]
         == with_ids["doc-100"]["embedding"]

@@ -31,14 +31,9 @@ def direct_hidden(path: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         ][0]
 
 
-def test_embed_is_mean_pooled_and_normalised(tiny_models, corpus, tmp_path):
-    rows, summary = run_job(
-        tmp_path / "out",
-        model=tiny_models["bert"],
-        inputs=corpus["parquet"],
-        task="embed",
-        id_column="doc",
-    )
+def test_embed_is_mean_pooled_and_normalised(tiny_models, corpus, embedded_corpus):
+    """The shared job (conftest) that other tests take for the right embeddings."""
+    rows, summary = embedded_corpus
     assert len(rows) == 120 and summary.rows == 120 and summary.errors == {}
     for i in (0, 7, 119):
         hidden, _ = direct_hidden(tiny_models["bert"], corpus["texts"][i])

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
-from helpers import run_job
 from ray_head import free_port
 
 from lmbatch.actors.footprint import model_bytes
@@ -81,16 +80,13 @@ def embeddings(table) -> dict[str, np.ndarray]:
 
 
 def test_model_inputs_and_output_on_object_storage(
-    bucket, tiny_models, corpus, tmp_path
+    bucket, tiny_models, corpus, embedded_corpus
 ):
     model = bucket.upload(tiny_models["bert"], "models/bert")
     data = bucket.upload(corpus["parquet"], "data/rows.parquet")
     summary = run_job_on_s3(bucket, model, data, "out/emb")
     assert summary.rows == 120 and summary.errors == {}
-    local, _ = run_job(
-        tmp_path / "local", model=tiny_models["bert"], inputs=corpus["parquet"],
-        task="embed", id_column="doc",
-    )  # fmt: skip
+    local, _ = embedded_corpus
     remote = embeddings(bucket.table("out/emb"))
     assert remote.keys() == local.keys()
     for key, row in local.items():
