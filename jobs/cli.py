@@ -73,7 +73,7 @@ def show_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     expose_value=False,
     is_eager=True,
     callback=show_versions,
-    help="Show lmbatch's version and its main dependencies', then exit.",
+    help="Show the versions of lmbatch and its main dependencies, then exit.",
 )
 def cli() -> None:
     """Make language models cheaper to run, then run them over large datasets."""
@@ -222,6 +222,8 @@ def jobs_list(address: str | None, insecure: bool) -> None:
     found = sorted(
         connect(address, insecure).list_jobs(), key=lambda j: j.start_time or 0
     )
+    if not found:  # a silent command reads as a wrong address
+        click.echo(f"no jobs on {address}")
     for job in found:
         kind = (job.metadata or {}).get("lmbatch", "-")
         click.echo(

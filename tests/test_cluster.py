@@ -41,6 +41,9 @@ def job_id(stdout: str) -> str:
 
 
 def test_infer_job_runs_on_the_cluster(head, tiny_models, corpus, tmp_path):
+    # The module's head is new, and this its first test: it has no job yet.
+    listed = lmbatch(head, "jobs", "list", "--address", head.address)
+    assert listed.stdout == f"no jobs on {head.address}\n", listed.stderr[-3000:]
     out = tmp_path / "out"
     done = lmbatch(
         head,
