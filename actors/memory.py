@@ -9,6 +9,8 @@ nothing stops a process that outgrows its share until the kernel kills it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import threading
 import time
@@ -23,6 +25,7 @@ from lmbatch.actors.footprint import GPU_USABLE
 CLEAR_REFS = "/proc/self/clear_refs"
 SAMPLE_EVERY_S = 0.002  # where the kernel's peak cannot be reset
 SAFETY_MARGIN = 0.25  # of the memory left, kept free for fragmentation and surprises
+TRIM_ABOVE = 0.75  # of a CPU actor's limit: freed heap pages go back before a batch
 
 
 class DeviceMemory(Protocol):
@@ -36,6 +39,9 @@ class DeviceMemory(Protocol):
 
     def peak(self) -> int:
         """Bytes above the level at ``start``, at the highest since then."""
+
+    def held(self) -> int:
+        """Bytes held at ``start``, before the batch: what no smaller batch frees."""
 
     def high_water(self) -> int:
         """The highest absolute usage since ``start``."""
@@ -75,6 +81,9 @@ class CudaMemory:
 
     def peak(self) -> int:
         return max(0, self.high_water() - self._base)
+
+    def held(self) -> int:
+        return self._base
 
     def high_water(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.device))
@@ -124,6 +133,10 @@ class CpuMemory:
         return max(0, self.limit - rss())
 
     def start(self) -> None:
+        # Near the limit, the heap's freed pages (resident until handed back) would
+        # make the batch look over it: the budget halved to a row a batch, and stayed.
+        if rss() > self.limit * TRIM_ABOVE:
+            release_freed()
         if self._sampler is None:
             reset_high_water(self._clear_refs)
         else:
@@ -132,6 +145,9 @@ class CpuMemory:
 
     def peak(self) -> int:
         return max(0, self.high_water() - self._base)
+
+    def held(self) -> int:
+        return self._base
 
     def high_water(self) -> int:
         measured = self._sampler.peak if self._sampler else high_water_rss()
@@ -164,6 +180,23 @@ class RssSampler:
 
 def rss() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+def release_freed() -> None:
+    """Hand the C heap's free pages back to the kernel. glibc keeps memory that
+    torch freed resident (counted in the RSS a CPU actor measures) until asked:
+    ~10 ms, so only near the limit. A no-op without glibc's malloc_trim (macOS)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # this process's C library
+    except (OSError, AttributeError):
+        return None
 
 
 def reset_high_water(clear_refs: str = CLEAR_REFS) -> bool:

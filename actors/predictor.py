@@ -16,6 +16,7 @@ the next rows (vectorised, ``padding.py``) and copies the last results out
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -51,6 +52,7 @@ from lmbatch.actors.tokenize import (
     load_tokenizer,
 )
 from lmbatch.actors.transfer import HostCopy, start_clock, to_device
+from lmbatch.errors import UserError
 
 log = logging.getLogger(__name__)
 NO_CUDA = "cpu (a GPU was assigned but CUDA is not available)"
@@ -207,6 +209,10 @@ class Predictor:
         if self.config.batch_tokens:
             tokens = self.config.batch_tokens
             return TokenBudget(tokens, tokens, fixed=True)
+        if self.device.type == "cpu" and not self.memory.free():
+            # No room at all. The first batch says so (_check_room): an error in the
+            # actor's start, Ray would retry, and print with its traceback.
+            return TokenBudget(1, 1)
         floor = activation_floor(
             self.model.config.hidden_size, _dtype_bytes(self.model)
         )
@@ -231,6 +237,7 @@ class Predictor:
     ) -> HostCopy:
         """Queue one micro-batch on the device; its results follow asynchronously."""
         self.memory.start()
+        self._check_room()
         try:
             padded = tokens.pad(rows, self.pad_id, self.head.padding_side)
             inputs = to_device(
@@ -242,6 +249,15 @@ class Predictor:
             self.stats.peak_memory_bytes = max(
                 self.stats.peak_memory_bytes, self.memory.high_water()
             )
+
+    def _check_room(self) -> None:
+        """A CPU actor that holds more than its limit before a batch, freed pages
+        handed back, gets under it with no smaller batch: say so, rather than halve
+        the budget to a row a batch and crawl on, over the limit all the same. (On a
+        GPU the allocator raises out-of-memory itself.)"""
+        held, limit = self.memory.held(), self.memory.capacity()
+        if self.device.type == "cpu" and held > limit:
+            raise no_room(held, limit, self.config)
 
     def _table(
         self, batch: pa.Table, out: Outputs | Windows, too_big: list[int]
@@ -333,6 +349,27 @@ def device_memory(device: torch.device, config: PredictorConfig) -> DeviceMemory
     if device.type == "cuda":
         return CudaMemory(device, _gpu_share())
     return CpuMemory(config.memory_limit or default_cpu_limit(config.actors_per_node))
+
+
+def no_room(held: int, limit: int, config: PredictorConfig) -> UserError:
+    """The flag that set a CPU actor's limit below what it holds between batches,
+    and a size that leaves room for batches: half as much again, in quarter GiB."""
+    given, holds = f"{limit / 2**20:,.0f} MiB", f"{held / 2**20:,.0f} MiB"
+    more = f"{math.ceil(held * 1.5 / 2**28) / 4:g}GiB"
+    if config.memory_limit:
+        return UserError(
+            "--actor-memory",
+            f"{given} is less than a CPU actor holds between batches ({holds}: the "
+            f"model, Python and torch), so no batch fits under it; e.g. "
+            f"--actor-memory {more}",
+        )
+    return UserError(
+        "--actors",
+        f"{config.actors_per_node} actors a node leave each {given} of its free "
+        f"memory, less than one holds between batches ({holds}: the model, Python "
+        f"and torch); run fewer, or give each --actor-memory {more} where nodes "
+        "have it",
+    )
 
 
 def _dtype_bytes(model) -> int:

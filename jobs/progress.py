@@ -169,6 +169,11 @@ PROGRESS_LOGGERS = {
     "ray.data._internal.progress": logging.ERROR,
     "ray.data._internal.execution.streaming_executor": logging.WARNING,
     "ray.data.dataset": logging.WARNING,
+    # Each resume: "Loading checkpoint from OUT/_checkpoint, this could take a
+    # while", and the checkpoint's own dataset "registers for logging while another
+    # dataset ... is also logging".
+    "ray.data.checkpoint.checkpoint_filter": logging.WARNING,
+    "ray.data._internal.logging": logging.WARNING,
 }
 
 

@@ -10,11 +10,12 @@ from conftest import sentences
 from helpers import run_job
 
 from lmbatch.actors.batching import probe_budget
-from lmbatch.actors.memory import CpuMemory, activation_floor, rss
+from lmbatch.actors.memory import CpuMemory, activation_floor, release_freed, rss
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch
+from lmbatch.errors import UserError
 
 
 def tokenized(model: str, texts: list[str]) -> pa.Table:
@@ -74,10 +75,48 @@ def test_cpu_memory_limit_sizes_the_first_budget(tiny_models):
     floor = activation_floor(32, 4)
     budgets = []
     for headroom in (256 << 10, 1 << 20):
+        release_freed()  # as the probe will: the headroom over what is held
         memory = CpuMemory(rss() + headroom)
         budgets.append(probe_budget(memory, actor._probe, "cpu", floor, 64).tokens)
     assert budgets[0] < budgets[1]
     assert budgets[0] <= (256 << 10) / floor
+
+
+def test_freed_heap_pages_do_not_shrink_the_budget(tiny_models):
+    """glibc keeps memory freed between batches resident; near its limit an actor
+    hands it back before measuring (malloc_trim), else the batch looked over the
+    limit: the budget halved to a row a batch, or the actor seemed to hold more
+    than its limit and stopped the job."""
+    batch = tokenized(tiny_models["bert"], sentences(50))
+    actor = predictor(tiny_models["bert"], memory_limit=rss() + (200 << 20))
+    actor(batch)
+    budget = actor.budget.tokens
+    chunk = (64 << 10) // 8  # 64 KiB of float64: from the heap, not mmap
+    freed = [np.ones(chunk) for _ in range(actor.memory.capacity() // (64 << 10))]
+    pin = np.ones(chunk)  # the heap's top stays in use: free() cannot shrink it
+    del freed
+    assert rss() > actor.memory.capacity()  # the freed pages, still resident
+    out = actor(batch)
+    assert out["error"].null_count == 50 and pin.sum() == chunk
+    assert actor.budget.tokens == budget and actor.budget.ooms == 0
+    assert rss() < actor.memory.capacity()
+
+
+@pytest.mark.parametrize(
+    "limit, where, says",
+    [
+        ({"memory_limit": 64 << 20}, "--actor-memory", "64 MiB is less than"),
+        ({"actors_per_node": 1_000_000}, "--actors", "1000000 actors a node leave"),
+    ],
+)
+def test_an_actor_holding_more_than_its_limit_says_which_flag(
+    tiny_models, limit, where, says
+):
+    actor = predictor(tiny_models["bert"], **limit)
+    with pytest.raises(UserError) as e:
+        actor(tokenized(tiny_models["bert"], sentences(5)))
+    assert e.value.where == where and e.value.message.startswith(says), e.value
+    assert "holds between batches" in e.value.message
 
 
 def test_fixed_batch_tokens_are_kept(tiny_models):

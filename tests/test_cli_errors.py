@@ -188,6 +188,19 @@ def test_an_actor_memory_that_cannot_hold_the_model_is_refused(base, flags, says
     assert_user_error(run(*base, *flags), "--actor-memory", says)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_an_actor_memory_under_what_an_actor_holds_is_one_line(base):
+    """Above the weights (refused before Ray starts) but under what a CPU actor holds
+    with Python and torch: the first batch says so, instead of halving the budget to
+    a row a batch and running on over the limit."""
+    assert_user_error(
+        run(*base, "--actor-memory", "200MB"),
+        "--actor-memory: 191 MiB is less than a CPU actor holds between batches (",
+        "MiB: the model, Python and torch), so no batch fits under it; e.g. "
+        "--actor-memory ",
+    )
+
+
 def test_a_text_paired_with_itself_is_refused(base, tiny_models):
     args = with_flag(base, "--task", "classify")
     args = with_flag(args, "--model", tiny_models["bert_cls"])

@@ -89,6 +89,9 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
         [*args, "--resume"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # Ray Data's notes on loading the checkpoint stay off the console.
+    notes = [line for line in done.stderr.splitlines() if " INFO " in line]
+    assert all("Started a local Ray instance" in line for line in notes), notes
     assert not (out / WRITER_FILE).exists()
     ids = ids_in(out)
     assert len(ids) == ROWS and len(set(ids)) == ROWS
