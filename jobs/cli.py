@@ -52,8 +52,8 @@ REPORTED_PACKAGES = ("ray", "torch", "transformers", "bitsandbytes", "pyarrow")
 
 
 def show_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    """``--version``: lmbatch's and its main dependencies', read from their package
-    metadata (importing torch to ask it would take seconds)."""
+    """``--version``: the versions of lmbatch and its main dependencies, read from
+    their package metadata (importing torch to ask it would take seconds)."""
     if not value or ctx.resilient_parsing:
         return
     found = []

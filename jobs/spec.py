@@ -216,7 +216,7 @@ class InferSpec(ModelFlags):
         Field(min_length=1),
         Flag(name="--input", path=True),
         Field(description="File, glob, directory or URI; more may follow it: "
-              "--input a.csv b.csv"),
+              "--input a.csv b.csv."),
     ]  # fmt: skip
     task: Literal[TASKS]
     output: Annotated[
