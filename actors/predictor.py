@@ -209,10 +209,12 @@ class Predictor:
         if self.config.batch_tokens:
             tokens = self.config.batch_tokens
             return TokenBudget(tokens, tokens, fixed=True)
-        if self.device.type == "cpu" and not self.memory.free():
-            # No room at all. The first batch says so (_check_room): an error in the
-            # actor's start, Ray would retry, and print with its traceback.
-            return TokenBudget(1, 1)
+        if self.device.type == "cpu":
+            self.memory.start()  # near its limit, freed pages go back first
+            if self.memory.held() > self.memory.capacity():
+                # No room at all. The first batch says so (_check_room): an error in
+                # the actor's start, Ray would retry, and print with its traceback.
+                return TokenBudget(1, 1)
         floor = activation_floor(
             self.model.config.hidden_size, _dtype_bytes(self.model)
         )
