@@ -27,7 +27,7 @@ from lmbatch.jobs.resume import CHECKPOINT_DIR, JOB_FILE, PENDING_SUFFIX
 from lmbatch.jobs.summary import Summary
 
 # Enough that the job still runs well after its first file is committed: on 2 slow
-# cores a sixth of the rows were written by the time the test killed it.
+# cores about 1,500 rows were written by the time the test killed it.
 ROWS = 9_000
 
 
@@ -90,7 +90,7 @@ def test_driver_killed_then_resume_loses_and_duplicates_nothing(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # Ray Data's notes on loading the checkpoint stay off the console.
-    notes = [line for line in done.stderr.splitlines() if " INFO " in line]
+    notes = [line for line in done.stderr.splitlines() if "INFO " in line]
     assert all("Started a local Ray instance" in line for line in notes), notes
     assert not (out / WRITER_FILE).exists()
     ids = ids_in(out)
