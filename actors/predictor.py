@@ -211,7 +211,7 @@ class Predictor:
             return TokenBudget(tokens, tokens, fixed=True)
         if self.device.type == "cpu":
             self.memory.start()  # near its limit, freed pages go back first
-            if self.memory.held() > self.memory.capacity():
+            if self._holds_too_much():
                 # No room at all. The first batch says so (_check_room): an error in
                 # the actor's start, Ray would retry, and print with its traceback.
                 return TokenBudget(1, 1)
@@ -252,14 +252,18 @@ class Predictor:
                 self.stats.peak_memory_bytes, self.memory.high_water()
             )
 
+    def _holds_too_much(self) -> bool:
+        """A CPU actor that holds more than its limit at ``start``, freed pages
+        handed back, gets under it with no smaller batch. (On a GPU the allocator
+        raises out-of-memory itself.)"""
+        held = self.memory.held()
+        return self.device.type == "cpu" and held > self.memory.capacity()
+
     def _check_room(self) -> None:
-        """A CPU actor that holds more than its limit before a batch, freed pages
-        handed back, gets under it with no smaller batch: say so, rather than halve
-        the budget to a row a batch and crawl on, over the limit all the same. (On a
-        GPU the allocator raises out-of-memory itself.)"""
-        held, limit = self.memory.held(), self.memory.capacity()
-        if self.device.type == "cpu" and held > limit:
-            raise no_room(held, limit, self.config)
+        """Say so, rather than halve the budget to a row a batch and crawl on, over
+        the limit all the same."""
+        if self._holds_too_much():
+            raise no_room(self.memory.held(), self.memory.capacity(), self.config)
 
     def _table(
         self, batch: pa.Table, out: Outputs | Windows, too_big: list[int]
