@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import tokenizers
 from tokenizers import Encoding, Tokenizer, normalizers, processors
 
 from lmbatch.actors.model_files import fetch_model
@@ -132,12 +133,34 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, lowercase: bool =
     return tokenizer
 
 
+# tokenizers releases whose cut encodings leave out their overflowing pieces
+# (huggingface/tokenizers#2091): a long text chunked keeps only its first window, and
+# a row cut without special tokens goes unmarked. The H200 machine had 0.23.2, where
+# --on-long chunk read 0 of the tiny BERT's 95 long rows whole.
+BROKEN_TOKENIZERS = ("0.23.1", "0.23.2")
+
+
+def check_tokenizers(version: str = tokenizers.__version__) -> None:
+    """Refuse a tokenizers release that would drop tokens without saying so.
+
+    Raises:
+        UserError: naming tokenizers and the release that fixes it.
+    """
+    if version in BROKEN_TOKENIZERS:
+        raise UserError(
+            "tokenizers",
+            f"{version} leaves out the tokens past --max-length that --on-long chunk "
+            "reads and that mark a row truncated; pip install 'tokenizers>=0.23.3'",
+        )
+
+
 def with_backend(config: TokenizeConfig) -> TokenizeConfig:
     """``config`` with its tokenizer's definition, where the tokenizer is a fast one of
     transformers' own classes: exactly what transformers' tokenizer runs (special
     tokens, normalizers, sentence-transformers' lowercasing included). It imports
     transformers and torch: an infer job runs it as a task of its own while the job
     starts, and the tokenize tasks take its result by reference."""
+    check_tokenizers()
     tokenizer = load_tokenizer(
         config.model_path, config.trust_remote_code, config.lowercase
     )

@@ -11,10 +11,11 @@
 #   STEPS="bench-bert llm" bash .gpu/run bash benchmarks/gpu_check.sh
 # Steps: tests, bench-minilm, precision-bert, ceiling (MiniLM without its layers),
 # actors-minilm, pool-minilm (lmbatch alone with POOL_SIZES actors a GPU, default
-# auto,4), precision-llama, bench-bert, llm (score and generate). ROWS (default
-# 1,000,000), PREC_ROWS (BERT-base rows per precision, default 100,000) and DEVICE
-# (default cuda; cpu with small ROWS checks the script itself) pass on to gpu_embed.py.
-# TESTS, a pytest -k expression, runs part of the tests step when a call is short.
+# auto,4), actors-bert (the same for BERT-base, default auto), precision-llama,
+# bench-bert, llm (score and generate). ROWS (default 1,000,000), PREC_ROWS (BERT-base
+# rows per precision, default 100,000) and DEVICE (default cuda; cpu with small ROWS
+# checks the script itself) pass on to gpu_embed.py. TESTS, a pytest -k expression,
+# runs part of the tests step when a call is short; TEST_SECS (default 200) limits it.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -49,11 +50,12 @@ step() { # step NAME SECONDS COMMAND...
 per_test=()
 python -c "import pytest_timeout" 2>/dev/null && per_test+=(--timeout=90)
 python -c "import xdist" 2>/dev/null && per_test+=(-n "${TEST_WORKERS:-6}")
+TEST_SECS=${TEST_SECS:-200}
 { nvidia-smi; python -m pip list 2>/dev/null |
-  grep -iE '^(torch|transformers|ray|bitsandbytes|sentence-transformers) '; } >"$out/env.txt" 2>&1
+  grep -iE '^(torch|transformers|tokenizers|ray|bitsandbytes|sentence-transformers) '; } >"$out/env.txt" 2>&1
 for s in $steps; do
   case $s in
-    tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests 200 python -m pytest -m gpu -q \
+    tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests "$TEST_SECS" python -m pytest -m gpu -q \
       -rfE --tb=short -p no:cacheprovider -p pytest_instafail "${per_test[@]}" \
       --junitxml="$out/gpu-tests.xml" ${TESTS:+-k "$TESTS"} tests ;;
     bench-minilm) step bench-minilm 330 "${bench[@]}" --only embed --embed-models minilm ;;
@@ -65,6 +67,8 @@ for s in $steps; do
       --pool-sizes "${POOL_SIZES:-auto,4}" ;;
     precision-llama) step precision-llama 200 "${bench[@]}" --only precision \
       --precision-models llama1b ;;
+    actors-bert) step actors-bert 200 "${bench[@]}" --only actors --embed-models bertbase \
+      --pool-sizes "${POOL_SIZES:-auto}" ;;
     bench-bert) step bench-bert 570 "${bench[@]}" --only embed,actors --embed-models bertbase ;;
     llm) step llm 570 "${bench[@]}" --only score,generate ;;
     *) echo "unknown step $s" >&2; exit 2 ;;

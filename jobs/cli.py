@@ -48,7 +48,14 @@ def user_errors(command: Callable) -> Callable:
 
 
 # What a bug report needs besides lmbatch's own version.
-REPORTED_PACKAGES = ("ray", "torch", "transformers", "bitsandbytes", "pyarrow")
+REPORTED_PACKAGES = (
+    "ray",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "bitsandbytes",
+    "pyarrow",
+)
 
 
 def show_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

@@ -34,15 +34,19 @@ TOLERANCE = {"fp32": 1e-4, "auto": 2e-2, "fp16": 1e-2, "bf16": 2e-2, "int8": 0.1
 
 
 def job(tmp_path, tiny_models, corpus, task: str, precision: str, **flags):
+    """``task`` on CUDA, 2 actors sharing the GPU; with ``device="cpu"``, the same job
+    on CPU (which refuses --actors-per-gpu)."""
+    device = flags.pop("device", "cuda")
+    if device == "cuda":
+        flags["actors_per_gpu"] = 2
     return run_job(
-        tmp_path / f"{task}-{precision}-{flags.get('device', 'cuda')}",
+        tmp_path / f"{task}-{precision}-{device}",
         model=tiny_models[TASK_MODELS[task]],
         inputs=corpus["parquet"],
         task=task,
         id_column="doc",
         precision=precision,
-        device=flags.pop("device", "cuda"),
-        actors_per_gpu=2,
+        device=device,
         **flags,
     )
 
@@ -95,7 +99,10 @@ def assert_close(task: str, got: dict, want: dict, tolerance: float) -> None:
 @pytest.mark.usefixtures("ray_local")
 def test_actors_share_a_gpu_and_each_sizes_to_its_share(tiny_models, corpus, tmp_path):
     _, summary = job(tmp_path, tiny_models, corpus, "embed", "fp16", batch_rows=16)
-    assert len(summary.actors) == 2  # the whole pool started
+    assert summary.pool.startswith("2 GPU actors, 2 per GPU, on 1 GPUs"), summary.pool
+    # Ray Data asks for the whole pool at once but hands batches to the first actor
+    # ready: 120 rows can be done before the second has imported torch.
+    assert summary.actors
     total = torch.cuda.mem_get_info()[1]
     for actor in summary.actors:
         assert actor["memory_limit_bytes"] == share_limit(total, 0.5)

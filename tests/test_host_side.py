@@ -352,6 +352,36 @@ def test_a_row_is_truncated_only_when_it_lost_tokens(tiny_models, model):
     assert rows["_pair_tokens"].to_pylist()[1] == 2  # the continuation stays whole
 
 
+def test_a_chunked_text_keeps_every_token_and_a_tokenizers_that_drops_them_is_refused(
+    tiny_models,
+):
+    # tokenizers 0.23.1-0.23.2 leave out a cut text's overflowing pieces: on the H200
+    # machine's 0.23.2, --on-long chunk kept each long row's first window only. Each
+    # window here is [CLS] piece [SEP]; the pieces, back to back, are the whole text.
+    from transformers import AutoTokenizer
+
+    from lmbatch.actors.tokenize import (
+        TokenizeConfig,
+        actor_batch,
+        check_tokenizers,
+        with_backend,
+    )
+
+    text = "the water is long and one day they could see the oil"
+    rows = actor_batch(
+        [text], with_backend(TokenizeConfig(tiny_models["bert"], 5, "chunk"))
+    )
+    ids, lengths = rows["_ids"].to_pylist()[0], rows["_windows"].to_pylist()[0]
+    assert lengths == [5, 5, 5, 5]  # 12 words, 3 a window
+    ends = np.cumsum(lengths)
+    pieces = [ids[end - n + 1 : end - 1] for end, n in zip(ends, lengths, strict=True)]
+    whole = AutoTokenizer.from_pretrained(tiny_models["bert"])(text)["input_ids"]
+    assert sum(pieces, []) == whole[1:-1]
+    with pytest.raises(UserError, match=r"^tokenizers: 0\.23\.2 leaves out the tokens"):
+        check_tokenizers("0.23.2")
+    check_tokenizers("0.23.3")  # the fix; 0.22 never had the fault
+
+
 @pytest.mark.parametrize("model", ["bert", "llama"])
 def test_a_text_cut_from_the_left_keeps_its_end_in_both_engines(tiny_models, model):
     # generate's prompts: the start is cut, special tokens kept, as transformers cuts
