@@ -51,8 +51,27 @@ per_test=()
 python -c "import pytest_timeout" 2>/dev/null && per_test+=(--timeout=90)
 python -c "import xdist" 2>/dev/null && per_test+=(-n "${TEST_WORKERS:-6}")
 TEST_SECS=${TEST_SECS:-200}
-{ nvidia-smi; python -m pip list 2>/dev/null |
-  grep -iE '^(torch|transformers|tokenizers|ray|bitsandbytes|sentence-transformers) '; } >"$out/env.txt" 2>&1
+# An actor's import of torch and transformers took 13-14 s on the H200 machine (3.5 s
+# on a 2-core CPU one): how long it takes there, twice, and whether Python can cache
+# transformers' bytecode where it is installed (if not, every process compiles it).
+imports() {
+  local TIMEFORMAT=%R
+  { time python -c "import torch, transformers.modeling_utils"; } 2>&1 | tail -1
+}
+where=$(python -c "import os, transformers; print(os.path.dirname(transformers.__file__))")
+pyc=$(find "$where" -name '*.pyc' | wc -l)
+{
+  nvidia-smi
+  python -m pip list 2>/dev/null |
+    grep -iE '^(torch|transformers|tokenizers|ray|bitsandbytes|sentence-transformers) '
+  echo "transformers at $where: $pyc .pyc files," \
+    "$([[ -w $where ]] && echo writable || echo read-only)"
+  echo "import torch, transformers.modeling_utils: $(imports) s, then $(imports) s"
+} >"$out/env.txt" 2>&1
+if [[ ! -w $where ]] && ((pyc == 0)); then
+  export PYTHONPYCACHEPREFIX=/tmp/pycache # compiled once, then read by every process
+  echo "PYTHONPYCACHEPREFIX=/tmp/pycache: $(imports) s, then $(imports) s" >>"$out/env.txt"
+fi
 for s in $steps; do
   case $s in
     tests) PYTHONPATH=benchmarks:${PYTHONPATH:-} step tests "$TEST_SECS" python -m pytest -m gpu -q \
