@@ -149,8 +149,9 @@ def check_tokenizers(version: str = tokenizers.__version__) -> None:
     if version in BROKEN_TOKENIZERS:
         raise UserError(
             "tokenizers",
-            f"{version} leaves out the tokens past --max-length that --on-long chunk "
-            "reads and that mark a row truncated; pip install 'tokenizers>=0.23.3'",
+            f"{version} loses a text's tokens past --max-length (--on-long chunk "
+            "would read each long text's first window only); "
+            "pip install 'tokenizers>=0.23.3'",
         )
 
 
