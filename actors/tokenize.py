@@ -141,7 +141,9 @@ BROKEN_TOKENIZERS = ("0.23.1", "0.23.2")
 
 
 def check_tokenizers(version: str = tokenizers.__version__) -> None:
-    """Refuse a tokenizers release that would drop tokens without saying so.
+    """Refuse a tokenizers release that would drop tokens without saying so. An
+    infer job's driver checks its own before Ray starts (nothing written); each job's
+    tokenizer task checks again, since a cluster's nodes may have another.
 
     Raises:
         UserError: naming tokenizers and the release that fixes it.
@@ -149,8 +151,9 @@ def check_tokenizers(version: str = tokenizers.__version__) -> None:
     if version in BROKEN_TOKENIZERS:
         raise UserError(
             "tokenizers",
-            f"{version} loses a text's tokens past --max-length (--on-long chunk "
-            "would read each long text's first window only); "
+            f"{version} loses a text's tokens past --max-length without saying so "
+            "(--on-long chunk would read each long text's first window only, and a "
+            "row cut without special tokens would not be marked truncated); "
             "pip install 'tokenizers>=0.23.3'",
         )
 

@@ -34,7 +34,12 @@ from lmbatch.actors.model_info import (
 )
 from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import EMBEDDING_PRECISIONS, Encoding, resolve_prompt
-from lmbatch.actors.tokenize import PIPELINE_COLUMNS, chat_text, load_tokenizer
+from lmbatch.actors.tokenize import (
+    PIPELINE_COLUMNS,
+    chat_text,
+    check_tokenizers,
+    load_tokenizer,
+)
 from lmbatch.errors import FieldError, UserError
 from lmbatch.jobs.encodings import UTF8, check_encoding
 from lmbatch.jobs.inputs import FORMATS, ResolvedInputs, no_column, resolve_inputs
@@ -464,6 +469,7 @@ def prepare_infer(spec: InferSpec) -> InferPlan:
     Raises:
         UserError: naming the flag at fault.
     """
+    check_tokenizers()
     model_dir = fetch_model(spec.model, weights=False)
     info = inspect_model(
         model_dir, spec.task, spec.trust_remote_code, spec.allow_pickle, spec.precision

@@ -105,6 +105,22 @@ def test_missing_id_column(base):
     assert_user_error(run(*base, "--id-column", "key"), "--id-column", "'key'")
 
 
+def test_a_tokenizers_that_drops_tokens_is_refused_before_anything_is_written(
+    base, tmp_path, monkeypatch
+):
+    """tokenizers 0.23.1-0.23.2 lose a cut text's tokens without a word: the driver
+    refuses its own before Ray starts, so no output folder or _job.json is left."""
+    import tokenizers
+
+    from lmbatch.actors import tokenize
+
+    monkeypatch.setattr(tokenize, "BROKEN_TOKENIZERS", (tokenizers.__version__,))
+    assert_user_error(
+        run(*base), f"tokenizers: {tokenizers.__version__} loses", "tokenizers>=0.23.3"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_dir_missing(base, tmp_path):
     assert_user_error(
         run(*with_flag(base, "--model", str(tmp_path / "m"))),
