@@ -32,7 +32,9 @@ class Outputs:
         self.filled[rows] = True
 
     def fail(self, row: int) -> int:
-        """A row that did not fit even alone: it stays null. -> row"""
+        """A row that did not fit even alone, or whose values are not finite: it is
+        null. -> row"""
+        self.filled[row] = False
         return row
 
     def arrays(self) -> list[pa.Array]:
@@ -72,7 +74,8 @@ class Windows:
         self.values.put(windows, columns)
 
     def fail(self, window: int) -> int:
-        """A window that did not fit even alone: its row gets no values. -> row"""
+        """A window that did not fit even alone, or whose values are not finite: its
+        row gets no values. -> row"""
         row = int(self.owner[window])
         self.failed[row] = True
         return row

@@ -42,7 +42,7 @@ from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.sampling import row_keys
 from lmbatch.actors.stopping import end_ids
-from lmbatch.actors.tasks import Classify, Embed, Generate, Score, TaskHead
+from lmbatch.actors.tasks import FINITE, Classify, Embed, Generate, Score, TaskHead
 from lmbatch.actors.tokenize import (
     PAIR_TOKENS,
     PIPELINE_COLUMNS,
@@ -56,6 +56,18 @@ from lmbatch.errors import UserError
 
 log = logging.getLogger(__name__)
 NO_CUDA = "cpu (a GPU was assigned but CUDA is not available)"
+TOO_BIG = "out_of_memory: row does not fit even alone"
+
+
+def not_finite_error(precision: str, device: str) -> str:
+    """The error of a row whose values came out NaN or inf; where fp16's range is the
+    likely cause (fp16 itself, or bitsandbytes computing in fp16 on a GPU), what
+    keeps the range."""
+    half = precision == "fp16" or (precision in ("int8", "nf4") and device == "cuda")
+    hint = "; fp16 overflows in some models: --precision bf16 or fp32 keeps the range"
+    return f"not_finite: the model computed NaN or inf in {precision}" + (
+        hint if half else ""
+    )
 
 
 def make_head(
@@ -142,6 +154,7 @@ class Predictor:
             load_seconds=round(loaded - loading, 3),
             probe_seconds=round(time.perf_counter() - loaded, 3),
         )
+        self.not_finite = not_finite_error(self.stats.precision, self.device.type)
         self._report()  # an actor that never gets a batch is in the summary too
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -151,28 +164,28 @@ class Predictor:
         given = np.flatnonzero(batch["_error"].is_null().to_numpy())  # rows to run
         tokens, todo, out = self._inputs(batch, given)
         keys = row_keys(batch["id"].to_pylist()) if self.keyed else None
-        too_big: set[int] = set()  # rows
+        failed: dict[int, str] = {}  # row -> its error, where the model failed it
         pending = None
         with torch.inference_mode():
             for rows, copy in run_batched(
                 tokens.lengths[todo] + self.extra_tokens,
                 self.budget,
                 lambda r: self._step(tokens, todo[r], keys),
-                lambda r: too_big.add(out.fail(int(todo[r]))),
+                lambda r: failed.setdefault(out.fail(int(todo[r])), TOO_BIG),
                 over_limit=self.memory.over_limit,
             ):
                 self.stats.add_batch(len(rows), int(tokens.lengths[todo[rows]].sum()))
                 if pending is not None:  # waited for only now: the GPU has work
-                    self._collect(out, *pending)
+                    self._collect(out, *pending, failed)
                 pending = (todo[rows], copy)
             if pending is not None:
-                self._collect(out, *pending)
-        self.stats.errors += batch.num_rows - len(given) + len(too_big)
+                self._collect(out, *pending, failed)
+        self.stats.errors += batch.num_rows - len(given) + len(failed)
         self.stats.finish_call(
             batch.num_rows, time.perf_counter() - started, self.budget
         )
         self._report()
-        return self._table(batch, out, sorted(too_big))
+        return self._table(batch, out, failed)
 
     def _inputs(
         self, batch: pa.Table, given: np.ndarray
@@ -195,9 +208,17 @@ class Predictor:
         return tokens, given, Outputs(self.head.schema, batch.num_rows)
 
     def _collect(
-        self, out: Outputs | Windows, rows: np.ndarray, copy: HostCopy
+        self,
+        out: Outputs | Windows,
+        rows: np.ndarray,
+        copy: HostCopy,
+        failed: dict[int, str],
     ) -> None:
-        out.put(rows, self.head.columns(copy.wait()))
+        host = copy.wait()
+        finite = host.pop(FINITE)
+        out.put(rows, self.head.columns(host))
+        for row in rows[~finite]:  # its values are NaN: none are written
+            failed.setdefault(out.fail(int(row)), self.not_finite)
         self.stats.device_seconds += copy.seconds
 
     def _report(self) -> None:
@@ -266,13 +287,13 @@ class Predictor:
             raise no_room(self.memory.held(), self.memory.capacity(), self.config)
 
     def _table(
-        self, batch: pa.Table, out: Outputs | Windows, too_big: list[int]
+        self, batch: pa.Table, out: Outputs | Windows, failed: dict[int, str]
     ) -> pa.Table:
         errors = batch["_error"]
-        if too_big:
+        if failed:
             values = errors.to_pylist()
-            for row in too_big:
-                values[row] = "out_of_memory: row does not fit even alone"
+            for row, error in failed.items():
+                values[row] = error
             errors = pa.array(values, pa.string())
         kept = [f for f in batch.schema if f.name not in PIPELINE_COLUMNS]
         outcome = [("error", pa.string())]

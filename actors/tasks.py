@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteriaList,
@@ -34,6 +36,16 @@ from lmbatch.actors.stopping import RowEnds, stop_strings
 
 Tensors = dict[str, torch.Tensor]
 Columns = dict[str, np.ndarray]
+# Each head also returns, under FINITE, whether each row's values are all finite. A
+# model that overflows fp16's range (65,504) computes NaN or inf: the Predictor makes
+# such a row a ``not_finite`` error rather than write NaN that poisons what reads it.
+FINITE = "_finite"
+
+
+def finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """[rows, ...] -> [rows]: whether every value of each row is finite."""
+    finite = torch.isfinite(values)
+    return finite.flatten(1).all(1) if finite.dim() > 1 else finite
 
 
 class TaskHead(Protocol):
@@ -47,7 +59,9 @@ class TaskHead(Protocol):
         text is (classify: its token types; score: the continuation scored);
         generate, sampling, each row's key."""
 
-    def columns(self, host: Columns) -> Columns: ...
+    def columns(self, host: Columns) -> Columns:
+        """The output columns from the host copies of what ``__call__`` returned,
+        less ``FINITE``."""
 
     # Embed, Score and Classify also ``merge`` a long text's windows into its row's
     # values (--on-long chunk; ``outputs.Windows``).
@@ -112,7 +126,10 @@ class Embed:
     ) -> Tensors:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         embedding = self.embedding(hidden, mask)
-        return {"embedding": embedding if self.windows else self.encode(embedding)}
+        return {
+            "embedding": embedding if self.windows else self.encode(embedding),
+            FINITE: finite_rows(embedding),  # before packing signs hides a NaN
+        }
 
     def encode(self, embedding: torch.Tensor) -> torch.Tensor:
         """The model's vectors as the user asked: cut, normalised, packed."""
@@ -269,6 +286,7 @@ class Score:
             "num_tokens": count.int(),
             "perplexity": torch.exp(-total / count),
             "is_greedy": greedy.all(dim=1),
+            FINITE: torch.isfinite(total),
         }
 
     def columns(self, host: Columns) -> Columns:
@@ -330,7 +348,7 @@ class Classify:
         else:
             probs = logits
         score, top = probs.max(dim=-1)
-        return {"top": top, "score": score, "probs": probs}
+        return {"top": top, "score": score, "probs": probs, FINITE: finite_rows(probs)}
 
     def columns(self, host: Columns) -> Columns:
         return {
@@ -393,10 +411,10 @@ class Generate:
         options = {"min_new_tokens": self.max_new_tokens} if self.full_length else {}
         if self.end_ids:  # a model and tokenizer that name none: no end token
             options["eos_token_id"] = list(self.end_ids)
+        watch = NanWatch(rows, ids.device)
+        processors = LogitsProcessorList([watch])
         if self.sampling is not None:  # greedy then keeps each row's drawn token
-            options["logits_processor"] = sampling_processors(
-                self.sampling, keys, prompt_length
-            )
+            processors += sampling_processors(self.sampling, keys, prompt_length)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -404,6 +422,7 @@ class Generate:
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([ends]),
+            logits_processor=processors,
             **options,
         )
         tokens = out[:, prompt_length:]
@@ -411,6 +430,7 @@ class Generate:
             "tokens": tokens,
             "lengths": ends.lengths(tokens.shape[1]),
             "ended": ends.ended_at >= 0,
+            FINITE: ~watch.seen,
         }
 
     def columns(self, host: Columns) -> Columns:
@@ -428,3 +448,17 @@ class Generate:
         """The text before its first stop string."""
         found = [at for s in self.stop if (at := text.find(s)) >= 0]
         return text[: min(found)] if found else text
+
+
+class NanWatch(LogitsProcessor):
+    """Marks each row whose next-token scores held a NaN or +inf at any step (an
+    overflowed model's: its text would be noise); the scores pass on unchanged.
+    -inf is no sign: processors set it to rule tokens out."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.seen = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.amax(-1)  # NaN where any is; a row's values, not a vocabulary's
+        self.seen |= top.isnan() | top.isposinf()
+        return scores

@@ -121,6 +121,7 @@ class Summary:
             "errors "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"),
             *self._finished(),
+            *self._overflowed(),
             *self._truncated(),
             *self._chunked(),
         ]
@@ -150,6 +151,17 @@ class Summary:
         cut = self.finished.get("length", 0)
         hint = f" ({_rows(cut)} ran out of --max-new-tokens)" if cut else ""
         return [f"finished {counts}{hint}"]
+
+    def _overflowed(self) -> list[str]:
+        """The hint each ``not_finite`` row holds, said once where the user reads."""
+        n = self.errors.get("not_finite", 0)
+        if not n:
+            return []
+        return [
+            f"not_finite: {_rows(n)} came out NaN or inf, written as errors without "
+            "values; some models overflow fp16 (in which int8 and nf4 compute on a "
+            "GPU): --precision bf16 or fp32 keeps the range"
+        ]
 
     def _truncated(self) -> list[str]:
         if not self.truncated:
