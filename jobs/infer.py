@@ -305,21 +305,18 @@ def tokenize_config(plan: InferPlan) -> ray.ObjectRef:
     return task.remote(config)
 
 
-def build_dataset(
-    plan: InferPlan, pool: PoolPlan, tokenize: ray.ObjectRef, sink=None
-) -> ray.data.Dataset:
-    """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed.
-    ``tokenize``: ``tokenize_config(plan)``."""
-    from lmbatch.actors.predict import PredictActor, PredictorConfig
-    from lmbatch.actors.tokenize import tokenize_batch
+def predictor_config(
+    plan: InferPlan, device: str, threads: int, actors_per_node: int, sink=None
+):
+    """What each actor of the job is built from (``PredictorConfig``)."""
+    from lmbatch.actors.predict import PredictorConfig
 
     spec = plan.spec
-    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
-    predictor = PredictorConfig(
+    return PredictorConfig(
         model=model_spec(spec),
         info=plan.model,
-        device=pool.device,
-        threads=pool.threads,
+        device=device,
+        threads=threads,
         batch_tokens=spec.batch_tokens,
         max_new_tokens=spec.max_new_tokens,
         max_length=plan.max_length,
@@ -329,8 +326,23 @@ def build_dataset(
         sampling=spec.sampling(),
         stop=spec.stop,
         memory_limit=spec.actor_memory,
-        actors_per_node=-(-pool.max_actors // nodes),
+        actors_per_node=actors_per_node,
         stats=sink,
+    )
+
+
+def build_dataset(
+    plan: InferPlan, pool: PoolPlan, tokenize: ray.ObjectRef, sink=None
+) -> ray.data.Dataset:
+    """The lazy pipeline read -> tokenize -> predict; nothing runs until consumed.
+    ``tokenize``: ``tokenize_config(plan)``."""
+    from lmbatch.actors.predict import PredictActor
+    from lmbatch.actors.tokenize import tokenize_batch
+
+    spec = plan.spec
+    nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
+    predictor = predictor_config(
+        plan, pool.device, pool.threads, -(-pool.max_actors // nodes), sink
     )
     columns = Columns(spec.text_column, spec.id_column, plan.keep, spec.pair_column)
     ds = read_rows(plan.inputs, columns)

@@ -26,6 +26,25 @@ def run_job(output, **flags) -> tuple[dict, Summary]:
     return {row["id"]: row for row in table.to_pylist()}, summary
 
 
+def actor_rows(output, **flags) -> dict:
+    """The rows ``run_job(output, **flags)`` would write, computed by the actor's own
+    code in this process on CPU, with no Ray job: a reference for the GPU tests, whose
+    pytest-xdist workers would each start a CPU job per task (most of a test's time
+    is a job's start-up). Inputs: one Parquet file with a ``text`` column."""
+    from lmbatch.actors.predictor import Predictor
+    from lmbatch.actors.tokenize import actor_batch, with_backend
+    from lmbatch.jobs.infer import predictor_config, tokenize_settings
+
+    flags["inputs"] = (flags["inputs"],)
+    plan = prepare_infer(InferSpec.from_flags(output=str(output), **flags))
+    tokens = tokenize_settings(plan.spec, plan.model, plan.max_length, plan.prompt)
+    actor = Predictor(predictor_config(plan, "cpu", threads=2, actors_per_node=1))
+    table = pq.read_table(flags["inputs"][0])
+    ids = table[plan.spec.id_column].to_pylist()
+    out = actor(actor_batch(table["text"].to_pylist(), with_backend(tokens), ids=ids))
+    return {row["id"]: row for row in out.to_pylist()}
+
+
 def write_rows(path, n: int, start: int = 0) -> None:
     """``n`` short, distinct JSONL rows: inputs long enough to interrupt."""
     path.write_text(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import run_job
+from helpers import actor_rows, run_job
 
 from lmbatch.actors.batching import THROUGHPUT_CEILING, probe_budget
 from lmbatch.actors.loading import load_model
@@ -34,32 +34,45 @@ TOLERANCE = {"fp32": 1e-4, "auto": 2e-2, "fp16": 1e-2, "bf16": 2e-2, "int8": 0.1
 
 
 def job(tmp_path, tiny_models, corpus, task: str, precision: str, **flags):
-    """``task`` on CUDA, 2 actors sharing the GPU; with ``device="cpu"``, the same job
-    on CPU (which refuses --actors-per-gpu)."""
-    device = flags.pop("device", "cuda")
-    if device == "cuda":
-        flags["actors_per_gpu"] = 2
+    """``task``'s job on CUDA, 2 actors sharing the GPU."""
     return run_job(
-        tmp_path / f"{task}-{precision}-{device}",
+        tmp_path / f"{task}-{precision}",
         model=tiny_models[TASK_MODELS[task]],
         inputs=corpus["parquet"],
         task=task,
         id_column="doc",
         precision=precision,
-        device=device,
+        device="cuda",
+        actors_per_gpu=2,
+        **flags,
+    )
+
+
+def cpu_reference(tmp_path, tiny_models, corpus, task: str, **flags) -> dict:
+    """The rows of ``task``'s job in fp32 on CPU, computed in this process by the
+    actor's own code (``helpers.actor_rows``; test_host_side checks it gives a CPU
+    job's rows)."""
+    return actor_rows(
+        tmp_path / f"{task}-cpu",
+        model=tiny_models[TASK_MODELS[task]],
+        inputs=corpus["parquet"],
+        task=task,
+        id_column="doc",
+        precision="fp32",
+        device="cpu",
         **flags,
     )
 
 
 @pytest.fixture(scope="module")
 def cpu_rows(tiny_models, corpus, tmp_path_factory):
-    """cpu_rows(task): the fp32 CPU job's rows, one job per task for all precisions."""
+    """cpu_rows(task): the fp32 CPU rows, computed once per task for all precisions."""
     done: dict[str, dict] = {}
 
     def rows(task: str) -> dict:
         if task not in done:
             out = tmp_path_factory.mktemp(f"cpu-{task}")
-            done[task], _ = job(out, tiny_models, corpus, task, "fp32", device="cpu")
+            done[task] = cpu_reference(out, tiny_models, corpus, task)
         return done[task]
 
     return rows
@@ -232,7 +245,7 @@ def test_chunked_rows_run_on_cuda_as_on_cpu(
     """--on-long chunk: the windows' values leave the device, each row's are made
     from them on the host; the same rows as the CPU job's."""
     flags = dict(max_length=8, on_long="chunk")
-    cpu, _ = job(tmp_path, tiny_models, corpus, task, "fp32", device="cpu", **flags)
+    cpu = cpu_reference(tmp_path, tiny_models, corpus, task, **flags)
     got, summary = job(tmp_path, tiny_models, corpus, task, precision, **flags)
     assert summary.chunked > 0 and summary.errors == {}
     assert_close(task, got, cpu, TOLERANCE[precision])

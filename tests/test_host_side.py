@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import sentences
-from helpers import run_job
+from helpers import actor_rows, run_job
 
 from lmbatch.actors.footprint import GPU_USABLE, model_bytes, smallest_mib
 from lmbatch.actors.loading import load_model, resolve_precision
@@ -41,6 +41,31 @@ def naive_pad(rows: list[list[int]], pad: int, side: str):
         zeros = [0] * (width - len(r))
         mask.append(zeros + ones if side == "left" else ones + zeros)
     return np.array(ids), np.array(mask)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_gpu_tests_cpu_reference_gives_a_cpu_jobs_rows(
+    tiny_models, corpus, embedded_corpus, tmp_path
+):
+    """helpers.actor_rows, the rows test_gpu.py compares each CUDA job with: the
+    actor's code run in-process gives what a CPU job writes (embed; score in
+    windows, the settings a job's tokenize stage takes)."""
+    flags = dict(inputs=corpus["parquet"], id_column="doc", precision="fp32",
+                 device="cpu")  # fmt: skip
+    rows, _ = embedded_corpus
+    got = actor_rows(tmp_path / "embed", model=tiny_models["bert"], task="embed",
+                     **flags)  # fmt: skip
+    assert got.keys() == rows.keys()
+    for k in rows:
+        np.testing.assert_allclose(got[k]["embedding"], rows[k]["embedding"], atol=1e-6)
+    score = dict(model=tiny_models["llama"], task="score", max_length=8,
+                 on_long="chunk", **flags)  # fmt: skip
+    want, _ = run_job(tmp_path / "score-job", **score)
+    got = actor_rows(tmp_path / "score", **score)
+    assert got.keys() == want.keys() and any(r["windows"] > 1 for r in got.values())
+    for k in want:
+        assert got[k]["windows"] == want[k]["windows"]
+        assert got[k]["logprob"] == pytest.approx(want[k]["logprob"], rel=1e-5)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
