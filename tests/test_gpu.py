@@ -243,7 +243,7 @@ def test_chunked_rows_run_on_cuda_as_on_cpu(
     tiny_models, corpus, tmp_path, task, precision
 ):
     """--on-long chunk: the windows' values leave the device, each row's are made
-    from them on the host; the same rows as the CPU job's."""
+    from them on the host; the same rows as on CPU."""
     flags = dict(max_length=8, on_long="chunk")
     cpu = cpu_reference(tmp_path, tiny_models, corpus, task, **flags)
     got, summary = job(tmp_path, tiny_models, corpus, task, precision, **flags)
