@@ -33,35 +33,25 @@ TASK_MODELS = {
 TOLERANCE = {"fp32": 1e-4, "auto": 2e-2, "fp16": 1e-2, "bf16": 2e-2, "int8": 0.1}
 
 
+def task_flags(tiny_models, corpus, task: str) -> dict:
+    """The job of ``task`` over the test corpus, on its tiny model."""
+    model = tiny_models[TASK_MODELS[task]]
+    return dict(model=model, inputs=corpus["parquet"], task=task, id_column="doc")
+
+
 def job(tmp_path, tiny_models, corpus, task: str, precision: str, **flags):
     """``task``'s job on CUDA, 2 actors sharing the GPU."""
-    return run_job(
-        tmp_path / f"{task}-{precision}",
-        model=tiny_models[TASK_MODELS[task]],
-        inputs=corpus["parquet"],
-        task=task,
-        id_column="doc",
-        precision=precision,
-        device="cuda",
-        actors_per_gpu=2,
-        **flags,
-    )
+    return run_job(tmp_path / f"{task}-{precision}",
+                   **task_flags(tiny_models, corpus, task), precision=precision,
+                   device="cuda", actors_per_gpu=2, **flags)  # fmt: skip
 
 
 def cpu_reference(tmp_path, tiny_models, corpus, task: str, **flags) -> dict:
     """The rows of ``task``'s job in fp32 on CPU, computed in this process by the
     actor's own code (``helpers.actor_rows``; test_host_side checks it gives a CPU
     job's rows)."""
-    return actor_rows(
-        tmp_path / f"{task}-cpu",
-        model=tiny_models[TASK_MODELS[task]],
-        inputs=corpus["parquet"],
-        task=task,
-        id_column="doc",
-        precision="fp32",
-        device="cpu",
-        **flags,
-    )
+    return actor_rows(tmp_path / f"{task}-cpu", **task_flags(tiny_models, corpus, task),
+                      precision="fp32", device="cpu", **flags)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
