@@ -141,6 +141,14 @@ def check_precision(precision: str) -> None:
         )
 
 
+def computes_in_fp16(precision: str, device: str) -> bool:
+    """Whether an actor computes in fp16, whose range (65,504) some models overflow:
+    fp16 itself, or int8 and nf4 on a GPU, where bitsandbytes computes in fp16.
+    ``device`` is a device type or an actor's "cuda (NAME)"."""
+    on_gpu = device.startswith("cuda")
+    return precision == "fp16" or (precision in ("int8", "nf4") and on_gpu)
+
+
 def check_runs_on_gpu(path: str, precision: str, cpu_only: bool = False) -> None:
     """Raises: UserError naming ``--precision`` or the artifact when what was asked
     for runs on CPU kernels only."""

@@ -18,6 +18,7 @@ import pyarrow as pa
 from lmbatch.actors.model_info import ModelInfo, ModelSpec
 from lmbatch.actors.sampling import Sampling
 from lmbatch.actors.sentence import Encoding
+from lmbatch.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,16 @@ class PredictActor:
         importing = time.perf_counter()
         from lmbatch.actors.predictor import Predictor
 
-        self.predictor = Predictor(config, time.perf_counter() - importing)
+        self.failed: UserError | None = None
+        try:
+            self.predictor = Predictor(config, time.perf_counter() - importing)
+        except UserError as error:
+            # Raised here, it would kill the actor: Ray reports the death without
+            # this line, prints the traceback, and retries. Raised from the first
+            # call, it fails the job as the one line the user acts on.
+            self.failed = error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.failed is not None:
+            raise UserError(self.failed.where, self.failed.message)
         return self.predictor(batch)

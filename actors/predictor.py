@@ -37,6 +37,7 @@ from lmbatch.actors.memory import (
     default_cpu_limit,
 )
 from lmbatch.actors.model_files import fetch_model
+from lmbatch.actors.model_info import computes_in_fp16
 from lmbatch.actors.outputs import Outputs, Windows
 from lmbatch.actors.padding import TokenRows
 from lmbatch.actors.predict import PredictorConfig
@@ -61,12 +62,10 @@ TOO_BIG = "out_of_memory: row does not fit even alone"
 
 def not_finite_error(precision: str, device: str) -> str:
     """The error of a row whose values came out NaN or inf; where fp16's range is the
-    likely cause (fp16 itself, or bitsandbytes computing in fp16 on a GPU), what
-    keeps the range."""
-    half = precision == "fp16" or (precision in ("int8", "nf4") and device == "cuda")
+    likely cause, what keeps the range."""
     hint = "; fp16 overflows in some models: --precision bf16 or fp32 keeps the range"
     return f"not_finite: the model computed NaN or inf in {precision}" + (
-        hint if half else ""
+        hint if computes_in_fp16(precision, device) else ""
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import ray
 import ray.data
@@ -40,6 +41,9 @@ from lmbatch.jobs.summary import (
     start_sink,
     write_summary,
 )
+
+if TYPE_CHECKING:  # imported where a job builds it, as the actor classes are
+    from lmbatch.actors.predict import PredictorConfig
 
 log = logging.getLogger("lmbatch")
 MAX_TASK_RETRIES = 3
@@ -307,7 +311,7 @@ def tokenize_config(plan: InferPlan) -> ray.ObjectRef:
 
 def predictor_config(
     plan: InferPlan, device: str, threads: int, actors_per_node: int, sink=None
-):
+) -> PredictorConfig:
     """What each actor of the job is built from (``PredictorConfig``)."""
     from lmbatch.actors.predict import PredictorConfig
 

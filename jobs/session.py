@@ -7,6 +7,7 @@ tasks that load a model do), so starting Ray is nearly all of its start-up.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -36,6 +37,11 @@ def ray_session(address: str | None) -> Iterator[None]:
     attach to any cluster left running on this machine, even a dead one.
     """
     if ray.is_initialized():
+        # A Ray this process runs jobs on (a notebook's, the tests'): a failed job's
+        # actors live until Python collects its exception's reference cycles (the
+        # traceback's frames hold Ray Data's pool), and keep their CPUs and GPUs from
+        # the next job, which may wait for them for ever. Collect them first.
+        gc.collect()
         yield
         return
     if address and address != "local":

@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 
+from lmbatch.actors.model_info import computes_in_fp16
 from lmbatch.jobs.output import SUMMARY_FILE
 from lmbatch.jobs.session import this_node
 from lmbatch.jobs.stages import Stage
@@ -157,10 +158,13 @@ class Summary:
         n = self.errors.get("not_finite", 0)
         if not n:
             return []
+        line = f"not_finite: {_rows(n)} came out NaN or inf, written as errors without "
+        half = any(computes_in_fp16(a["precision"], a["device"]) for a in self.actors)
+        if not half:
+            return [line + "values"]
         return [
-            f"not_finite: {_rows(n)} came out NaN or inf, written as errors without "
-            "values; some models overflow fp16 (in which int8 and nf4 compute on a "
-            "GPU): --precision bf16 or fp32 keeps the range"
+            line + "values; some models overflow fp16 (in which int8 and nf4 compute "
+            "on a GPU): --precision bf16 or fp32 keeps the range"
         ]
 
     def _truncated(self) -> list[str]:

@@ -124,6 +124,21 @@ def test_outside_fp16_the_error_gives_no_precision_hint():
     assert not_finite_error("nf4", "cuda").endswith("keeps the range")
 
 
+@pytest.mark.parametrize(
+    ("precision", "device", "hinted"),
+    [("fp16", "cpu", True), ("int8", "cuda (NVIDIA H200)", True),
+     ("int8", "cpu", False), ("fp32", "cuda (NVIDIA H200)", False)],
+)  # fmt: skip
+def test_the_summary_gives_the_fp16_hint_only_where_fp16_ran(precision, device, hinted):
+    from lmbatch.jobs.summary import Summary
+
+    actor = {"precision": precision, "device": device}
+    summary = Summary(4, 0, 1.0, 0.0, 0.0, {"not_finite": 3}, actors=[actor])
+    (line,) = summary._overflowed()
+    assert line.startswith("not_finite: 3 rows came out NaN or inf")
+    assert line.endswith("keeps the range") == hinted, line
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_a_job_counts_the_rows_that_overflowed(overflowing, tmp_path):
     source = tmp_path / "rows.parquet"
