@@ -158,14 +158,16 @@ class Summary:
         n = self.errors.get("not_finite", 0)
         if not n:
             return []
-        line = f"not_finite: {_rows(n)} came out NaN or inf, written as errors without "
-        half = any(computes_in_fp16(a["precision"], a["device"]) for a in self.actors)
-        if not half:
-            return [line + "values"]
-        return [
-            line + "values; some models overflow fp16 (in which int8 and nf4 compute "
-            "on a GPU): --precision bf16 or fp32 keeps the range"
-        ]
+        line = (
+            f"not_finite: {_rows(n)} came out NaN or inf, written as errors without "
+            "values"
+        )
+        if any(computes_in_fp16(a["precision"], a["device"]) for a in self.actors):
+            line += (
+                "; some models overflow fp16 (in which int8 and nf4 compute on a GPU): "
+                "--precision bf16 or fp32 keeps the range"
+            )
+        return [line]
 
     def _truncated(self) -> list[str]:
         if not self.truncated:
