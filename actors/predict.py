@@ -39,6 +39,9 @@ class PredictorConfig:
     stop: tuple[str, ...] = ()  # generate: --stop strings
     memory_limit: int | None = None  # CPU bytes (--actor-memory); None: a node share
     actors_per_node: int = 1  # for that share
+    # The flag that set actors_per_node, for an error that says how to give each more
+    # room: --actors (infer), --replicas (serve); None where it is not the user's.
+    share_flag: str | None = None
     stats: object | None = None  # a StatsSink actor handle, or None
 
 

@@ -382,19 +382,27 @@ def no_room(held: int, limit: int, config: PredictorConfig) -> UserError:
     and a size that leaves room for batches: half as much again, in quarter GiB."""
     given, holds = f"{limit / 2**20:,.0f} MiB", f"{held / 2**20:,.0f} MiB"
     more = f"{math.ceil(held * 1.5 / 2**28) / 4:g}GiB"
+    what = f"({holds}: the model, Python and torch)"
     if config.memory_limit:
         return UserError(
             "--actor-memory",
-            f"{given} is less than a CPU actor holds between batches ({holds}: the "
-            f"model, Python and torch), so no batch fits under it; e.g. "
-            f"--actor-memory {more}",
+            f"{given} is less than a CPU actor holds between batches {what}, so no "
+            f"batch fits under it; e.g. --actor-memory {more}",
+        )
+    if config.share_flag and config.actors_per_node > 1:
+        fewer = "run fewer"
+        if config.share_flag == "--actors":  # infer's actors can be given a size
+            fewer += f", or give each --actor-memory {more} where nodes have it"
+        return UserError(
+            config.share_flag,
+            f"{config.actors_per_node} {config.share_flag[2:]} a node leave each "
+            f"{given} of its free memory, less than one holds between batches {what}; "
+            f"{fewer}",
         )
     return UserError(
-        "--actors",
-        f"{config.actors_per_node} actors a node leave each {given} of its free "
-        f"memory, less than one holds between batches ({holds}: the model, Python "
-        f"and torch); run fewer, or give each --actor-memory {more} where nodes "
-        "have it",
+        "--model",
+        f"the {given} this machine has free is less than its process holds between "
+        f"batches {what}: free memory here, or run a smaller model or precision",
     )
 
 

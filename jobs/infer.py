@@ -331,6 +331,7 @@ def predictor_config(
         stop=spec.stop,
         memory_limit=spec.actor_memory,
         actors_per_node=actors_per_node,
+        share_flag="--actors",
         stats=sink,
     )
 

@@ -83,6 +83,7 @@ def endpoint_config(plan: ServePlan, threads: int, device: str) -> EndpointConfi
             sampling=spec.sampling(),
             stop=spec.stop,
             actors_per_node=spec.replicas,
+            share_flag="--replicas",
         ),
         tokenize=plan.tokenize,
         max_batch_size=spec.max_batch_size,

@@ -15,6 +15,7 @@ import copy
 import logging
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lmbatch.actors.layers import conv1d_as_linear
-from lmbatch.actors.loading import TASK_MODEL_CLASSES
+from lmbatch.actors.loading import load_model
 from lmbatch.errors import UserError
 from lmbatch.optimize.arch import layer_list
 from lmbatch.optimize.calibrate import Batch, make_batches
@@ -165,12 +166,9 @@ def _student(
 
 
 def _load_student(path: str, ctx: Context, where: str) -> PreTrainedModel:
-    student = TASK_MODEL_CLASSES[ctx.task].from_pretrained(
-        path,
-        dtype=torch.float32,
-        use_safetensors=None if ctx.base.allow_pickle else True,
-        trust_remote_code=ctx.base.trust_remote_code,
-    )
+    """Loaded as any model is (an artifact rebuilt, weights checked), in fp32 for
+    training, on the teacher's device, where its batches are."""
+    student = load_model(replace(ctx.base, path=path, precision="fp32"), ctx.device)
     if student.config.vocab_size != ctx.teacher.config.vocab_size:
         raise UserError(
             f"{where}.student",

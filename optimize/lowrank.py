@@ -46,7 +46,8 @@ def factorize(
         rank = max(1, int(round(step.rank_ratio * len(s))))
     else:
         energy = torch.cumsum(s**2, 0) / (s**2).sum()
-        rank = int(torch.searchsorted(energy, torch.tensor(step.energy)).item()) + 1
+        wanted = torch.tensor(step.energy, device=energy.device)
+        rank = int(torch.searchsorted(energy, wanted).item()) + 1
     if rank * (in_f + out_f) > (1 - step.min_saving) * in_f * out_f:
         return None
     root = s[:rank].sqrt()

@@ -46,9 +46,9 @@ def kmeans_1d(
     In one dimension the nearest centroid is found by binary search between sorted
     centroids' midpoints, so each iteration is O(n log k), not O(n k).
     """
-    qs = torch.linspace(0, 1, clusters)
+    qs = torch.linspace(0, 1, clusters, device=values.device)
     sample = (
-        values[torch.randperm(len(values))[:200_000]]
+        values[torch.randperm(len(values), device=values.device)[:200_000]]
         if len(values) > 200_000
         else values
     )

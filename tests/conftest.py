@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Models fetched from URIs go to a cache of the test session's own, here and in every
 # Ray worker (they inherit this environment when the session's Ray starts).
-os.environ["LMBATCH_CACHE"] = tempfile.mkdtemp(prefix="lmbatch-cache-")
+CACHE = os.environ["LMBATCH_CACHE"] = tempfile.mkdtemp(prefix="lmbatch-cache-")
 
 WORDS = """
 the a of and to in is it that for on with as was he she they we you are be this have
@@ -51,6 +52,11 @@ def pytest_configure(config: pytest.Config) -> None:
     ignored signal, is reset to the default in each child."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's model cache goes with it (the session's Ray is down by now)."""
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[BOS]", "[EOS]"]

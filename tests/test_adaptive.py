@@ -117,7 +117,18 @@ def resident_garbage(total: int) -> np.ndarray:
     "limit, where, says",
     [
         ({"memory_limit": 64 << 20}, "--actor-memory", "64 MiB is less than"),
-        ({"actors_per_node": 1_000_000}, "--actors", "1000000 actors a node leave"),
+        (
+            {"actors_per_node": 1_000_000, "share_flag": "--actors"},
+            "--actors",
+            "1000000 actors a node leave",
+        ),
+        (
+            {"actors_per_node": 1_000_000, "share_flag": "--replicas"},
+            "--replicas",
+            "1000000 replicas a node leave",
+        ),
+        # optimize measures in its own process: no flag of its shares the machine
+        ({"actors_per_node": 1_000_000}, "--model", "the "),
     ],
 )
 def test_an_actor_holding_more_than_its_limit_says_which_flag(
@@ -128,6 +139,9 @@ def test_an_actor_holding_more_than_its_limit_says_which_flag(
         actor(tokenized(tiny_models["bert"], sentences(5)))
     assert e.value.where == where and e.value.message.startswith(says), e.value
     assert "holds between batches" in e.value.message
+    # only infer's actors have a size to give (serve's replicas, optimize: none)
+    sized = where in ("--actor-memory", "--actors")
+    assert ("--actor-memory" in e.value.message) == sized, e.value
 
 
 def test_fixed_batch_tokens_are_kept(tiny_models):

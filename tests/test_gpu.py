@@ -156,6 +156,62 @@ def test_a_bitsandbytes_artifact_runs_on_cuda_as_quantising_at_load(
     assert_close("embed", got, want, 1e-3)
 
 
+# Each kind of optimize step, as a recipe of its own; ``student``'s directory is made
+# by the test (``student_dir``).
+OPTIMIZE_STEPS = {
+    "magnitude": {"prune": {"method": "magnitude", "pattern": "2:4",
+                            "storage": "bitmask"}},
+    "activation": {"prune": {"method": "activation", "scope": "global", "rounds": 2,
+                             "finetune_steps": 2}},
+    "structured": {"prune": {"method": "structured", "heads": 0.5, "ffn": 0.5}},
+    "lowrank": {"lowrank": {"energy": 0.9, "min_saving": 0.0}},
+    "share": {"share": {"clusters": 16, "iterations": 3}},
+    "distill": {"distill": {"layers": 1, "steps": 2}},
+    "student": {"distill": {"steps": 2}},
+    "fp16": {"quantize": {"method": "fp16"}},
+    "search": {"search": {"floor": {"cosine": 0.9},
+                          "choices": ["keep", "bf16", "lowrank"], "rows": 16}},
+}  # fmt: skip
+
+
+def student_dir(tiny_models, root) -> str:
+    """bert64 cut to its first block: a student sharing its tokenizer and width."""
+    import shutil
+
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(tiny_models["bert64"])
+    model.encoder.layer = model.encoder.layer[:1]
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(root / "student")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_models['bert64']}/{name}", root / "student" / name)
+    return str(root / "student")
+
+
+@pytest.mark.parametrize("name", OPTIMIZE_STEPS)
+def test_every_optimize_step_runs_on_cuda(name, tiny_models, corpus, tmp_path):
+    """An optimize job holds the model, the teacher and the batches on the GPU where
+    it has one: every tensor a step makes must be there too (a CPU tensor beside them
+    fails the step), and every snapshot is measured by the infer job's Predictor."""
+    from lmbatch.optimize.pipeline import Texts, run_recipe
+    from lmbatch.optimize.recipe import to_steps
+
+    step = OPTIMIZE_STEPS[name]
+    if name == "student":
+        step = {
+            "distill": {
+                **step["distill"],
+                "student": student_dir(tiny_models, tmp_path),
+            }
+        }
+    texts = Texts(corpus["texts"][:80], corpus["texts"][80:], 32)
+    spec = ModelSpec(tiny_models["bert64"], "embed")
+    results = run_recipe(spec, to_steps([step]), tmp_path / "artifact", texts)
+    metrics = results[-1]["metrics"]
+    assert np.isfinite(metrics["cosine"]) and metrics["rows_per_s"] > 0, results
+
+
 def test_gpu_size_from_nvidia_smi_is_what_cuda_says():
     from lmbatch.actors.footprint import gpu_total_bytes
 
