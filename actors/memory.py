@@ -247,11 +247,30 @@ def activation_floor(hidden_size: int, dtype_bytes: int) -> float:
 
 
 def default_cpu_limit(actors_per_node: int) -> int:
-    """No --actor-memory: an equal share of what the node has free now, and no more
-    than the memory Ray gives this node (``ray start --memory``): on a cluster that
-    is the node's own size, whatever the machine under it holds."""
+    """No --actor-memory: an equal share of the node's memory, taken once the model
+    is loaded (``Predictor``), so what this process holds is counted as its own."""
     free = psutil.virtual_memory().available
-    return int(min(free, _ray_node_memory() or free) / max(1, actors_per_node))
+    return cpu_share(free, anonymous_rss(), _ray_node_memory(), actors_per_node)
+
+
+def cpu_share(free: int, held: int, node_memory: float | None, actors: int) -> int:
+    """An actor's equal share of what the node had for its actors, measured once
+    this one holds its model. What the actors hold is part of their shares: counted
+    as not free only, each actor's model counted against it twice, and actors that
+    fit the node together were refused. Each of the node's actors holds about
+    what this one does (the same model), so the node had ``free + actors * held``
+    once all have loaded; Ray's memory for the node (measured as Ray started, or
+    ``ray start --memory``) caps it, so that actors still loading are not counted
+    as free. Without Ray, only this process's own memory is added back."""
+    room = free + held * (actors if node_memory else 1)
+    return int(min(room, node_memory or room) / max(1, actors))
+
+
+def anonymous_rss() -> int:
+    """This process's own resident memory: the shared libraries' and files' pages
+    it maps are counted as free (reclaimable) by the kernel already."""
+    info = psutil.Process().memory_info()
+    return int(info.rss - getattr(info, "shared", 0))
 
 
 def _ray_node_memory() -> float | None:

@@ -10,7 +10,14 @@ from conftest import sentences
 from helpers import run_job
 
 from lmbatch.actors.batching import probe_budget
-from lmbatch.actors.memory import CpuMemory, activation_floor, release_freed, rss
+from lmbatch.actors.memory import (
+    CpuMemory,
+    activation_floor,
+    anonymous_rss,
+    cpu_share,
+    release_freed,
+    rss,
+)
 from lmbatch.actors.model_info import ModelSpec, inspect_model
 from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
@@ -142,6 +149,24 @@ def test_an_actor_holding_more_than_its_limit_says_which_flag(
     # only infer's actors have a size to give (serve's replicas, optimize: none)
     sized = where in ("--actor-memory", "--actors")
     assert ("--actor-memory" in e.value.message) == sized, e.value
+
+
+def test_actors_that_fit_a_node_together_each_get_their_share():
+    gib = 1 << 30
+    # 4 actors of 0.5 GiB on a node with 4 GiB for them (Ray's memory for it): all
+    # loaded, 2 GiB is free. Counted as not free and as held, each actor's model left
+    # it a share of 0.5 GiB, no more than it holds: no room for a batch.
+    assert cpu_share(free=2 * gib, held=gib // 2, node_memory=4 * gib, actors=4) == gib
+    # Only this one loaded: the others' models are not counted as free.
+    assert cpu_share(7 * gib // 2, gib // 2, 4 * gib, 4) == gib
+    # Other processes took memory since Ray started: what is free bounds it.
+    assert cpu_share(gib, gib // 2, 4 * gib, 4) == 3 * gib // 4
+    # No Ray (an optimize job's measurement): this process alone.
+    assert cpu_share(2 * gib, gib, None, 1) == 3 * gib
+    # What the process holds: its own pages, a fresh array's among them.
+    before = anonymous_rss()
+    held = np.ones(64 << 17)  # 64 MiB
+    assert anonymous_rss() - before >= 60 << 20 and held.all()
 
 
 def test_fixed_batch_tokens_are_kept(tiny_models):
