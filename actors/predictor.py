@@ -402,7 +402,7 @@ def no_room(held: int, limit: int, config: PredictorConfig) -> UserError:
     return UserError(
         "--model",
         f"the {given} this machine has free is less than its process holds between "
-        f"batches {what}: free memory here, or run a smaller model or precision",
+        f"batches {what}; free some memory here, or run a smaller model or precision",
     )
 
 
