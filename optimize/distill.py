@@ -166,9 +166,11 @@ def _student(
 
 
 def _load_student(path: str, ctx: Context, where: str) -> PreTrainedModel:
-    """Loaded as any model is (an artifact rebuilt, weights checked), in fp32 for
-    training, on the teacher's device, where its batches are."""
-    student = load_model(replace(ctx.base, path=path, precision="fp32"), ctx.device)
+    """Loaded as any model is (an artifact rebuilt, weights checked), on the
+    teacher's device, where its batches are; trained in fp32, whatever an artifact
+    was saved in (load_model keeps an fp16 artifact in fp16)."""
+    spec = replace(ctx.base, path=path, precision="fp32")
+    student = load_model(spec, ctx.device).float()
     if student.config.vocab_size != ctx.teacher.config.vocab_size:
         raise UserError(
             f"{where}.student",

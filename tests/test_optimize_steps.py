@@ -225,17 +225,30 @@ def test_a_narrower_embedding_student_is_refused(tiny_models, tmp_path):
     assert "hidden size 16 differs from the teacher's 32" in e.value.message
 
 
-def test_a_student_directory_loads_as_an_infer_job_would_load_it(tiny_models, tmp_path):
-    # An lmbatch artifact as the student (a low-rank one): rebuilt, factors and all,
-    # not given fresh random weights where its layers are not the architecture's.
-    low, low_ctx = apply("bert", tiny_models, [{"lowrank": {"rank_ratio": 0.25}}])
-    reload(low, low_ctx, tiny_models["bert"], tmp_path / "low")
-    recipe = [{"distill": {"student": str(tmp_path / "low"), "steps": 1, "lr": 1e-8}}]
+@pytest.mark.parametrize(
+    "made_by, layer",
+    [
+        ({"lowrank": {"rank_ratio": 0.25}}, LowRankLinear),
+        ({"quantize": {"method": "fp16"}}, None),
+    ],
+)
+def test_a_student_directory_loads_as_an_infer_job_would_load_it(
+    made_by, layer, tiny_models, tmp_path
+):
+    # An lmbatch artifact as the student: rebuilt, a low-rank one's factors and all,
+    # not given fresh random weights where its layers are not the architecture's;
+    # trained in fp32 whatever it was saved in.
+    made, made_ctx = apply("bert", tiny_models, [made_by])
+    reload(made, made_ctx, tiny_models["bert"], tmp_path / "made")
+    recipe = [{"distill": {"student": str(tmp_path / "made"), "steps": 1, "lr": 1e-8}}]
     model, ctx = apply("bert", tiny_models, recipe)
-    assert any(isinstance(m, LowRankLinear) for m in model.modules())
-    torch.testing.assert_close(outputs(model, ctx), outputs(low, ctx))
+    assert layer is None or any(isinstance(m, layer) for m in model.modules())
+    # its weights as saved, computed in fp32 as the student is
+    torch.testing.assert_close(outputs(model, ctx), outputs(made.float(), ctx))
     teacher_at = next(ctx.teacher.parameters()).device  # where the batches are
-    assert {p.device for p in model.parameters()} == {teacher_at}
+    assert {(p.device, p.dtype) for p in model.parameters()} == {
+        (teacher_at, torch.float32)
+    }
 
 
 def test_distill_brings_a_pruned_student_closer(tiny_models):
