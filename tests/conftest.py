@@ -256,15 +256,20 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def embedded_corpus(ray_local, tiny_models, corpus, tmp_path_factory):
+def embedded_corpus_dir(tmp_path_factory) -> Path:
+    """The output embedded_corpus's job writes: tests read it, none writes to it."""
+    return tmp_path_factory.mktemp("embedded") / "out"
+
+
+@pytest.fixture(scope="session")
+def embedded_corpus(ray_local, tiny_models, corpus, embedded_corpus_dir):
     """(rows by doc, summary) of the tiny BERT's embed job on the corpus's Parquet,
     run once: what other formats and inputs of the same rows must reproduce. Each
     job is ten seconds of actor start-up on 2 cores; tests share this one."""
     from helpers import run_job
 
-    out = tmp_path_factory.mktemp("embedded") / "out"
-    return run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"],
-                   task="embed", id_column="doc")  # fmt: skip
+    return run_job(embedded_corpus_dir, model=tiny_models["bert"],
+                   inputs=corpus["parquet"], task="embed", id_column="doc")  # fmt: skip
 
 
 @pytest.fixture

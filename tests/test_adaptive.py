@@ -23,6 +23,7 @@ from lmbatch.actors.predict import PredictorConfig
 from lmbatch.actors.predictor import Predictor
 from lmbatch.actors.tokenize import TokenizeConfig, tokenize_batch
 from lmbatch.errors import UserError
+from lmbatch.jobs.summary import Summary
 
 
 def tokenized(model: str, texts: list[str]) -> pa.Table:
@@ -175,6 +176,26 @@ def test_fixed_batch_tokens_are_kept(tiny_models):
     assert actor.budget.history == [100] and actor.stats.max_rows * 6 <= 100
 
 
+@pytest.fixture(scope="module")
+def bert64_job(ray_local, tiny_models, corpus, tmp_path_factory):
+    """precision -> (rows, summary) of the wide BERT's embed job on the corpus, each
+    precision run once for the module: the fp32 ("auto" on a CPU) reference every
+    precision is compared with, and the quantised-at-load rows a stored checkpoint
+    must equal. A job is most of a test's time (its actor's start-up)."""
+    root = tmp_path_factory.mktemp("bert64")
+    done: dict[str, tuple[dict, Summary]] = {}
+
+    def job(precision: str) -> tuple[dict, Summary]:
+        if precision not in done:
+            done[precision] = run_job(
+                root / precision, model=tiny_models["bert64"], task="embed",
+                inputs=corpus["parquet"], id_column="doc", precision=precision,
+            )  # fmt: skip
+        return done[precision]
+
+    return job
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize(
     "precision, min_cosine",
@@ -186,18 +207,10 @@ def test_fixed_batch_tokens_are_kept(tiny_models):
         ("cpu-int8", 0.98),
     ],
 )
-def test_every_precision_stays_close_to_fp32(
-    precision, min_cosine, tiny_models, corpus, tmp_path
-):
+def test_every_precision_stays_close_to_fp32(precision, min_cosine, bert64_job):
     """The bound per precision: mean cosine of embeddings to fp32 over 120 rows."""
-    args = dict(
-        model=tiny_models["bert64"],
-        inputs=corpus["parquet"],
-        task="embed",
-        id_column="doc",
-    )
-    full, _ = run_job(tmp_path / "fp32", **args)
-    low, summary = run_job(tmp_path / precision, precision=precision, **args)
+    full, _ = bert64_job("auto")
+    low, summary = bert64_job(precision)
     assert summary.errors == {}
     a = np.array([full[k]["embedding"] for k in full])
     b = np.array([low[k]["embedding"] for k in full])
@@ -241,7 +254,7 @@ def test_nf4_on_cpu_keeps_narrow_gpt2_conv1d_layers_in_full_precision(tiny_model
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_a_checkpoint_bitsandbytes_stored_runs_as_stored(
-    method, tiny_models, corpus, tmp_path
+    method, tiny_models, corpus, bert64_job, tmp_path
 ):
     """A plain checkpoint saved quantised (a hub's ``*-bnb-4bit``, no lmbatch.json)
     runs in its own precision, with the values quantising at load gives; another
@@ -263,6 +276,6 @@ def test_a_checkpoint_bitsandbytes_stored_runs_as_stored(
     args = dict(inputs=corpus["parquet"], task="embed", id_column="doc")
     got, summary = run_job(tmp_path / "as-stored", model=str(stored), **args)
     assert summary.ran == [f"cpu in {method}"] and summary.errors == {}
-    want, _ = run_job(tmp_path / "at-load", model=base, precision=method, **args)
+    want, _ = bert64_job(method)  # the same job with --precision at load
     for key in want:
         np.testing.assert_array_equal(got[key]["embedding"], want[key]["embedding"])

@@ -186,19 +186,18 @@ def test_a_star_stops_at_a_slash_and_two_cross_directories(tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_an_lmbatch_output_read_as_input_gives_its_data_only(
-    tiny_models, corpus, tmp_path
+    tiny_models, embedded_corpus, embedded_corpus_dir, tmp_path
 ):
+    """The session's reference job's output (its ids the corpus's docs), read as
+    the input of another job: its data files, not its checkpoint or summary."""
     from helpers import run_job
 
-    first, _ = run_job(
-        tmp_path / "first", model=tiny_models["bert"], inputs=corpus["parquet"],
-        task="embed", id_column="doc",
-    )  # fmt: skip
-    assert (tmp_path / "first" / "_checkpoint").is_dir()
-    got = resolve_inputs([str(tmp_path / "first")], None, "id", None)
+    first, _ = embedded_corpus
+    assert (embedded_corpus_dir / "_checkpoint").is_dir()
+    got = resolve_inputs([str(embedded_corpus_dir)], None, "id", None)
     assert got.paths and all("/_" not in p for p in got.paths)
     again, summary = run_job(
-        tmp_path / "again", model=tiny_models["bert"], inputs=str(tmp_path / "first"),
+        tmp_path / "again", model=tiny_models["bert"], inputs=str(embedded_corpus_dir),
         task="embed", text_column="id", id_column="id",
     )  # fmt: skip
     assert summary.rows == 120 and set(again) == set(first)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -63,6 +64,17 @@ def start_long_job(
         assert time.monotonic() < deadline, "no output files came"
         time.sleep(0.2)
     return args, out, driver
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_local, tiny_models, corpus, tmp_path_factory):
+    """(flags, output, rows) of one finished embed job, run once for the module:
+    tests resume a copy of it (an output moved whole is still resumable), since a
+    job is most of a test's time (its actor's start-up)."""
+    flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    out = tmp_path_factory.mktemp("finished") / "out"
+    rows, _ = run_job(out, **flags)
+    return flags, out, rows
 
 
 @pytest.mark.fault("the driver killed (SIGKILL) mid-job, then --resume")
@@ -145,11 +157,9 @@ def _runs(process: psutil.Process) -> bool:
         return False
 
 
-def test_resume_of_a_finished_job_computes_nothing(
-    ray_local, tiny_models, corpus, tmp_path
-):
-    flags = dict(model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
-    first, _ = run_job(tmp_path / "out", **flags)
+def test_resume_of_a_finished_job_computes_nothing(finished_job, tmp_path):
+    flags, done, first = finished_job
+    shutil.copytree(done, tmp_path / "out")
     again, summary = run_job(tmp_path / "out", resume=True, **flags)
     assert (summary.restored, summary.computed) == (120, 0)
     assert again.keys() == first.keys() and len(ids_in(tmp_path / "out")) == 120
@@ -213,7 +223,7 @@ def test_a_sample_with_limit_then_the_rest_with_resume(
 
 
 def test_a_dry_run_checks_and_plans_but_writes_nothing(
-    ray_local, tiny_models, corpus, tmp_path
+    tiny_models, corpus, finished_job, tmp_path
 ):
     from lmbatch.jobs.run import run_job as launch
     from lmbatch.jobs.spec import InferSpec
@@ -227,7 +237,7 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
     assert "inputs 1 parquet files, 120 rows; --limit 7 new rows at most" in lines
     assert f"output {out}: new" in lines and not out.exists()
     assert "columns id, embedding, error, truncated" in lines
-    run_job(out, model=tiny_models["bert"], inputs=corpus["parquet"], task="embed")
+    shutil.copytree(finished_job[1], out)  # the job those flags run, finished
     written = pads.dataset(out, format="parquet").schema.names
     assert written == ["id", "embedding", "error", "truncated"]  # as planned
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
@@ -268,18 +278,13 @@ def test_rows_out_against_rows_in_where_the_inputs_say():
     ]
 
 
-def test_resume_refuses_another_jobs_output(ray_local, tiny_models, corpus, tmp_path):
-    run_job(
-        tmp_path / "out",
-        model=tiny_models["bert"],
-        inputs=corpus["parquet"],
-        task="embed",
-    )
+def test_resume_refuses_another_jobs_output(tiny_models, finished_job, tmp_path):
+    flags, done, _ = finished_job
+    shutil.copytree(done, tmp_path / "out")
     with pytest.raises(UserError) as e:
         run_job(
-            tmp_path / "out", model=tiny_models["bert_st"], inputs=corpus["parquet"],
-            task="embed", resume=True,
-        )  # fmt: skip
+            tmp_path / "out", resume=True, **{**flags, "model": tiny_models["bert_st"]}
+        )
     assert e.value.where == "--resume" and "model" in e.value.message
 
 
