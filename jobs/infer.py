@@ -29,7 +29,12 @@ from lmbatch.jobs.lease import writer_lease
 from lmbatch.jobs.output import holds_output
 from lmbatch.jobs.pool import PoolPlan, plan_pool
 from lmbatch.jobs.progress import Pool, footer_rows, progress, quiet_ray_data
-from lmbatch.jobs.resume import begin_output, checkpoint_config, same_model
+from lmbatch.jobs.resume import (
+    begin_output,
+    checkpoint_config,
+    nothing_left,
+    same_model,
+)
 from lmbatch.jobs.session import ray_session, this_node
 from lmbatch.jobs.sources import Columns, read_rows
 from lmbatch.jobs.spec import InferPlan, InferSpec, ModelFlags
@@ -61,30 +66,62 @@ def run_infer(plan: InferPlan, address: str | None = None) -> Summary:
             replace_output(plan, tokenize)
         restored = begin_output(plan, pool.device)
         lease.enter_context(writer_lease(plan.output_fs, plan.output_path))
-        sink = start_sink()
         total = plan_total(plan)
-        started = time.time()
-        with (
-            data_context(checkpoint_config(plan)),
-            quiet_ray_data(plan.spec.verbose),
-            progress(
-                sink,
-                Pool(pool.min_actors, pool.gpus),
-                lambda: expected_rows(total(), restored, plan.spec.limit),
-                restored,
-            ),
-        ):
-            ds = build_dataset(plan, pool, tokenize, sink)
-            ds.write_parquet(
-                plan.output_path,
-                filesystem=plan.output_fs,
-                min_rows_per_file=plan.spec.rows_per_file,
-            )
-        summary = summarise(plan, ds, sink, (begun, up, started), restored, sized)
+        if nothing_left(plan, restored, total()):
+            summary = done_summary(plan, restored, (begun, up))
+        else:
+            times = (begun, up)
+            summary = run_rows(plan, pool, sized, tokenize, restored, total, times)
         summary.input_rows, summary.limit = total(), plan.spec.limit
         summary.max_length = plan.max_length
         summary.can_chunk = plan.spec.task in CHUNK_TASKS
         write_summary(plan.output_fs, plan.output_path, summary)
+    return summary
+
+
+def run_rows(
+    plan: InferPlan,
+    pool: PoolPlan,
+    sized: str,
+    tokenize: ray.ObjectRef,
+    restored: int,
+    total: Callable[[], int | None],
+    times: tuple[float, float],
+) -> Summary:
+    """Stream the rows not yet written through the pool into the output; ``times``:
+    (run_infer began, Ray was up)."""
+    sink = start_sink()
+    started = time.time()
+    with (
+        data_context(checkpoint_config(plan)),
+        quiet_ray_data(plan.spec.verbose),
+        progress(
+            sink,
+            Pool(pool.min_actors, pool.gpus),
+            lambda: expected_rows(total(), restored, plan.spec.limit),
+            restored,
+        ),
+    ):
+        ds = build_dataset(plan, pool, tokenize, sink)
+        ds.write_parquet(
+            plan.output_path,
+            filesystem=plan.output_fs,
+            min_rows_per_file=plan.spec.rows_per_file,
+        )
+    return summarise(plan, ds, sink, (*times, started), restored, sized)
+
+
+def done_summary(plan: InferPlan, restored: int, times: tuple[float, float]) -> Summary:
+    """The summary of a --resume that found every input row written: counted from
+    the output as a run's is, with no pool started and nothing computed."""
+    begun, up = times
+    own = set(plan.columns) - set(plan.keep)
+    pool = f"not started: the output holds all {restored:,} input rows"
+    summary = build_summary(
+        plan.output_fs, plan.output_path, 0.0, [], restored, pool, own
+    )
+    summary.startup_seconds = round(time.time() - begun, 3)
+    summary.ray_seconds = round(up - begun, 3)
     return summary
 
 
@@ -96,6 +133,7 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
     spec = plan.spec
     held = holds_output(plan.output_fs, plan.output_path)
     state = "--overwrite replaces the earlier job's output" if held else "new"
+    total = plan_total(plan)()
     with ray_session(address):
         tokenize = tokenize_config(plan)
         pool, sized = size_pool(plan)
@@ -103,7 +141,8 @@ def dry_run(plan: InferPlan, address: str | None = None) -> list[str]:
         if spec.resume and held:
             kept = begin_output(plan, pool.device)  # checks; writes nothing here
             state = f"--resume keeps its {kept} finished rows"
-    total = plan_total(plan)()
+            if nothing_left(plan, kept, total):
+                state += ", all the input's: the pool would not start"
     rows = "rows not known before reading" if total is None else f"{total} rows"
     limit = "" if spec.limit is None else f"; --limit {spec.limit} new rows at most"
     arch = ", ".join(plan.model.architectures) or "unknown architecture"

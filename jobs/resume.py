@@ -281,15 +281,35 @@ def committed_rows(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
     """Rows whose output file Ray Data committed. Not the data files themselves: a
     file the killed run was still writing is there, half written, until Ray Data's
     recovery deletes it when the resumed run starts."""
-    found = fs.get_file_info(pafs.FileSelector(checkpoint_dir, allow_not_found=True))
-    committed = [
-        f.path
-        for f in found
-        if f.path.endswith(".parquet") and not f.path.endswith(PENDING_SUFFIX)
-    ]
+    committed, _ = checkpoint_files(fs, checkpoint_dir)
     if not committed:
         return 0
     return pads.dataset(committed, filesystem=fs, format="parquet").count_rows()
+
+
+def checkpoint_files(
+    fs: pafs.FileSystem, checkpoint_dir: str
+) -> tuple[list[str], list[str]]:
+    """(committed, pending): the checkpoint's id files of written data files, and
+    those of files a killed run had not finished, which Ray Data's recovery deletes
+    with their data when the job runs again."""
+    found = fs.get_file_info(pafs.FileSelector(checkpoint_dir, allow_not_found=True))
+    ids = [f.path for f in found if f.path.endswith(".parquet")]
+    pending = [p for p in ids if p.endswith(PENDING_SUFFIX)]
+    return [p for p in ids if p not in pending], pending
+
+
+def nothing_left(plan: InferPlan, restored: int, input_rows: int | None) -> bool:
+    """Whether a --resume has no row to compute: the committed rows are as many as
+    the inputs hold (their footers say; not known, the job runs) and no killed run
+    left a file to recover. A retry loop that passes --resume every time then does
+    not start the pool only to find every row done (on a GPU node: each actor's
+    imports and model load). Ids that repeat cannot make it skip a row: a row of a
+    finished file is committed once, so missing rows leave the count short."""
+    if not plan.spec.resume or input_rows is None or restored < input_rows:
+        return False
+    checkpoint = f"{plan.output_path}/{CHECKPOINT_DIR}"
+    return not checkpoint_files(plan.output_fs, checkpoint)[1]
 
 
 def _write(fs: pafs.FileSystem, path: str, record: dict) -> None:

@@ -158,11 +158,18 @@ def _runs(process: psutil.Process) -> bool:
 
 
 def test_resume_of_a_finished_job_computes_nothing(finished_job, tmp_path):
+    """Nor starts the pool: the footers say 120 rows, all committed."""
     flags, done, first = finished_job
     shutil.copytree(done, tmp_path / "out")
     again, summary = run_job(tmp_path / "out", resume=True, **flags)
-    assert (summary.restored, summary.computed) == (120, 0)
+    assert (summary.restored, summary.computed, summary.missing()) == (120, 0, [])
     assert again.keys() == first.keys() and len(ids_in(tmp_path / "out")) == 120
+    assert summary.actors == [] and summary.errors == {}
+    assert "pool not started: the output holds all 120 input rows" in summary.lines()
+    written = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (written["restored"], written["computed"], written["input_rows"]) == (
+        120, 0, 120,
+    )  # fmt: skip
 
 
 def test_a_resume_that_skips_rows_of_repeated_ids_says_so(
@@ -242,7 +249,10 @@ def test_a_dry_run_checks_and_plans_but_writes_nothing(
     assert written == ["id", "embedding", "error", "truncated"]  # as planned
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     lines = launch("infer", InferSpec(dry_run=True, resume=True, **flags), None)
-    assert f"output {out}: --resume keeps its 120 finished rows" in lines
+    assert (
+        f"output {out}: --resume keeps its 120 finished rows, all the input's: the "
+        "pool would not start"
+    ) in lines
     lines = launch("infer", InferSpec(dry_run=True, overwrite=True, **flags), None)
     assert f"output {out}: --overwrite replaces the earlier job's output" in lines
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
